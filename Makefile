@@ -1,0 +1,29 @@
+# Each target sets up .venv on its own: torch first (pinned, CPU build), then the package.
+PY     := .venv/bin/python
+PIP    := .venv/bin/pip
+STAMP  := .venv/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/taskbalance demo kendall
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/speed.py
+
+clean:
+	rm -rf .venv runs .pytest_cache .ruff_cache .hypothesis
