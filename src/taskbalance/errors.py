@@ -1,0 +1,54 @@
+"""Exceptions raised by taskbalance.
+
+Every error names the task and the offending value, so a failing step in a long
+run can be traced without a debugger.
+"""
+
+from __future__ import annotations
+
+
+class TaskBalanceError(Exception):
+    """Base class of every error raised by taskbalance."""
+
+
+class TaskMismatchError(TaskBalanceError, ValueError):
+    """The losses given do not match the balancer's tasks (count or names)."""
+
+
+class NonFiniteLossError(TaskBalanceError, ValueError):
+    """A task loss is NaN or infinite."""
+
+    def __init__(self, task: str, value: float) -> None:
+        self.task = task
+        self.value = value
+        super().__init__(
+            f"loss of task {task!r} is not finite ({value}); "
+            "pass nonfinite='skip_step' to skip such steps instead of raising"
+        )
+
+
+class NonPositiveLossError(TaskBalanceError, ValueError):
+    """A method takes the log (or a ratio) of a loss that is zero or negative."""
+
+    def __init__(self, task: str, value: float, method: str) -> None:
+        self.task = task
+        self.value = value
+        super().__init__(
+            f"{method} needs strictly positive losses, but task {task!r} has loss {value}"
+        )
+
+
+class InvalidKPIError(TaskBalanceError, ValueError):
+    """A key performance indicator is outside (0, 1] or missing."""
+
+
+class NotScalarLossError(TaskBalanceError, ValueError):
+    """A task loss has more than one element."""
+
+
+class BalancerUsageError(TaskBalanceError, RuntimeError):
+    """The balancer is used in a way that would silently give wrong results."""
+
+
+class SolverError(TaskBalanceError, RuntimeError):
+    """A numerical solver failed and no documented fallback applies."""

@@ -1,0 +1,128 @@
+"""Learnable balancer parameters that can never miss an optimizer or get weight decay.
+
+The classic bug with uncertainty weighting (and GradNorm) is to create the learnable
+``log sigma^2`` but forget to hand it to the optimizer — the weights then never move — or
+to hand it to an optimizer with weight decay (AdamW's default is 0.01), which pulls every
+``s_i`` towards 0 and silently biases the weights. :class:`OwnedParameters` rules both out:
+
+* ``optimizer="own"`` (default): the balancer steps its parameters itself with its own
+  ``torch.optim.Adam(lr, weight_decay=0)``, right after their gradient is accumulated in
+  ``loss.backward()`` (a post-accumulate-grad hook). Nothing to register, nothing to forget.
+  Every backward through the balancer's loss is one step of its parameters.
+* ``optimizer="external"``: the user calls ``balancer.attach(optimizer)``, which adds the
+  parameters as a new param group with ``weight_decay=0``. Using the balancer before
+  ``attach`` raises :class:`~taskbalance.errors.BalancerUsageError`, and ``attach`` refuses an
+  optimizer that already holds them with a non-zero weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from taskbalance.errors import BalancerUsageError
+
+OptimizerMode = Literal["own", "external"]
+
+
+class OwnedParameters:
+    """A named set of learnable tensors and the rule that steps them (see module docs)."""
+
+    def __init__(
+        self,
+        owner: str,
+        params: dict[str, Tensor],
+        *,
+        optimizer: OptimizerMode = "own",
+        lr: float = 1e-3,
+    ) -> None:
+        if optimizer not in ("own", "external"):
+            raise ValueError(f"optimizer must be 'own' or 'external', got {optimizer!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.owner = owner
+        self.mode: OptimizerMode = optimizer
+        self.lr = lr
+        self.params = {n: nn.Parameter(t.detach().clone().float()) for n, t in params.items()}
+        self.attached = False
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        if optimizer == "own":
+            for name, p in self.params.items():
+                self._optimizers[name] = torch.optim.Adam([p], lr=lr, weight_decay=0.0)
+                p.register_post_accumulate_grad_hook(self._make_hook(name))
+
+    def _make_hook(self, name: str):
+        def hook(param: Tensor) -> None:
+            opt = self._optimizers[name]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return hook
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return self.params[name]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.params.values())
+
+    # ------------------------------------------------------------------ external mode
+    def attach(self, optimizer: torch.optim.Optimizer, lr: float | None = None) -> None:
+        """Add the parameters to ``optimizer`` as a param group with ``weight_decay=0``."""
+        if self.mode != "external":
+            raise BalancerUsageError(
+                f"{self.owner} steps its own parameters (optimizer='own'); construct it "
+                "with optimizer='external' to attach them to your optimizer instead"
+            )
+        ours = {id(p) for p in self.params.values()}
+        present = False
+        for group in optimizer.param_groups:
+            if ours & {id(p) for p in group["params"]}:
+                present = True
+                if group.get("weight_decay", 0.0) != 0.0:
+                    raise BalancerUsageError(
+                        f"{self.owner}'s parameters are in a param group with weight_decay="
+                        f"{group['weight_decay']}; weight decay pulls them to 0 and biases "
+                        "the task weights. Remove them from that group and call attach()."
+                    )
+        if not present:
+            optimizer.add_param_group(
+                {"params": self.parameters(), "weight_decay": 0.0, "lr": lr or self.lr}
+            )
+        self.attached = True
+
+    def check_ready(self) -> None:
+        if self.mode == "external" and not self.attached:
+            raise BalancerUsageError(
+                f"{self.owner} has learnable parameters that no optimizer steps: call "
+                "balancer.attach(optimizer) once (it adds them with weight_decay=0), or "
+                "construct the balancer with optimizer='own' to let it step them itself"
+            )
+
+    # ------------------------------------------------------------------ device and state
+    def to(self, device: torch.device | str) -> None:
+        for name, p in self.params.items():
+            if p.device == torch.device(device):
+                continue
+            p.data = p.data.to(device)
+            opt = self._optimizers.get(name)
+            if opt is not None:
+                for st in opt.state.values():
+                    for key, value in st.items():
+                        if isinstance(value, Tensor) and key != "step":
+                            st[key] = value.to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {n: p.detach().clone() for n, p in self.params.items()},
+            "optimizers": {n: opt.state_dict() for n, opt in self._optimizers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
+        for name, opt_state in state["optimizers"].items():
+            if name in self._optimizers:
+                self._optimizers[name].load_state_dict(opt_state)

@@ -1,0 +1,11 @@
+"""Loss-weighting methods: weights computed from loss values (and their history)."""
+
+from taskbalance.weighting.dtp import DTP
+from taskbalance.weighting.dwa import DWA
+from taskbalance.weighting.ew import EqualWeighting
+from taskbalance.weighting.gls import GLS
+from taskbalance.weighting.rlw import RLW
+from taskbalance.weighting.static import StaticWeighting
+from taskbalance.weighting.uncertainty import UncertaintyWeighting
+
+__all__ = ["DTP", "DWA", "GLS", "RLW", "EqualWeighting", "StaticWeighting", "UncertaintyWeighting"]

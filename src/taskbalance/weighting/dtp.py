@@ -1,0 +1,104 @@
+"""Dynamic Task Prioritization (DTP), task-level weights.
+
+Guo, Haque, Huang, Yeung, Fei-Fei, "Dynamic Task Prioritization for Multitask Learning",
+ECCV 2018. Each task has a key performance indicator ``k_i`` in (0, 1] (e.g. training
+accuracy), smoothed by an exponential moving average
+
+    kbar_i(t) = alpha k_i(t) + (1 - alpha) kbar_i(t-1),      kbar_i(first) = k_i(first)
+
+and weighted by the focal term
+
+    w_i(t) = -(1 - kbar_i(t))^gamma_i log kbar_i(t),
+
+so a task that is doing badly (small KPI) gets a large weight and a solved task (KPI 1)
+gets weight 0. ``gamma_i`` is the focusing parameter (per task or shared). The paper
+leaves ``alpha`` open; the default here is 0.1 (a slow average, as in common
+reimplementations).
+
+Pass the KPIs with the losses: ``balancer(losses, kpi={"seg": acc_seg, ...})`` (or a
+sequence in task order). A step without ``kpi`` reuses the current averages; the first
+step must have them. A KPI outside (0, 1] raises :class:`~taskbalance.errors.InvalidKPIError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from taskbalance.balancer import Balancer, Tasks
+from taskbalance.errors import InvalidKPIError, TaskMismatchError
+from taskbalance.registry import register
+
+
+def dtp_weights(kpi: Tensor, gamma: Tensor) -> Tensor:
+    """``-(1 - kpi)^gamma * log(kpi)`` elementwise, for ``kpi`` in (0, 1]."""
+    return -((1.0 - kpi) ** gamma) * torch.log(kpi)
+
+
+@register("dtp")
+class DTP(Balancer):
+    """Dynamic Task Prioritization; see the module docstring."""
+
+    def __init__(
+        self,
+        tasks: Tasks,
+        gamma: float | Sequence[float] = 1.0,
+        alpha: float = 0.1,
+        **kw: Any,
+    ) -> None:
+        super().__init__(tasks, **kw)
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        gammas = (
+            [float(gamma)] * self.num_tasks
+            if isinstance(gamma, (int, float))
+            else [float(g) for g in gamma]
+        )
+        if len(gammas) != self.num_tasks:
+            raise TaskMismatchError(f"{len(gammas)} gamma values given for {self.num_tasks} tasks")
+        if any(not (g >= 0 and math.isfinite(g)) for g in gammas):
+            raise ValueError(f"gamma must be finite and non-negative, got {gammas}")
+        self.alpha = float(alpha)
+        self.gamma = torch.tensor(gammas, dtype=torch.float64)
+        self.kpi: Tensor | None = None  # the moving averages kbar
+
+    def _kpi_vector(self, kpi: Mapping[str, float] | Sequence[float] | Tensor) -> Tensor:
+        if isinstance(kpi, Mapping):
+            missing = [t for t in self.tasks if t not in kpi]
+            if missing:
+                raise TaskMismatchError(f"KPI missing for tasks {missing}")
+            values = [float(kpi[t]) for t in self.tasks]
+        else:
+            values = [float(v) for v in (kpi.tolist() if isinstance(kpi, Tensor) else kpi)]
+            if len(values) != self.num_tasks:
+                raise TaskMismatchError(f"{len(values)} KPIs given for {self.num_tasks} tasks")
+        for task, value in zip(self.tasks, values):
+            if not (0.0 < value <= 1.0):
+                raise InvalidKPIError(f"KPI of task {task!r} must be in (0, 1], got {value}")
+        return torch.tensor(values, dtype=torch.float64)
+
+    def update_kpi(self, kpi: Mapping[str, float] | Sequence[float] | Tensor) -> Tensor:
+        """Fold new KPI values into the moving averages; return the averages."""
+        new = self._kpi_vector(kpi)
+        self.kpi = new if self.kpi is None else self.alpha * new + (1 - self.alpha) * self.kpi
+        return self.kpi
+
+    def compute_weights(self, losses: Tensor, kpi: Any = None, **context: Any) -> Tensor:
+        if kpi is not None:
+            self.update_kpi(kpi)
+        if self.kpi is None:
+            raise InvalidKPIError(
+                "DTP needs the tasks' KPIs: call balancer(losses, kpi=...) or "
+                "balancer.update_kpi(...) before the first step"
+            )
+        return dtp_weights(self.kpi, self.gamma).to(losses.device, losses.dtype)
+
+    def method_state(self) -> dict[str, Any]:
+        return {"kpi": self.kpi}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.kpi = state["kpi"]

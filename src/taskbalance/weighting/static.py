@@ -1,0 +1,53 @@
+"""Static weighting: ``L = sum_i w_i L_i`` with weights fixed by the user.
+
+Weights must be finite. Negative weights are allowed on purpose (gradient reversal for an
+adversarial task) but are logged once as a warning, since they are rarely intended.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from taskbalance.balancer import Balancer, Tasks
+from taskbalance.errors import TaskMismatchError
+from taskbalance.registry import register
+
+logger = logging.getLogger("taskbalance")
+
+
+@register("static", "fixed")
+class StaticWeighting(Balancer):
+    """Fixed weights given by position (a sequence) or by task name (a mapping)."""
+
+    def __init__(
+        self, tasks: Tasks, weights: Sequence[float] | Mapping[str, float], **kw: Any
+    ) -> None:
+        super().__init__(tasks, **kw)
+        if isinstance(weights, Mapping):
+            if set(map(str, weights)) != set(self.tasks):
+                raise TaskMismatchError(
+                    f"static weights are given for {sorted(map(str, weights))}, "
+                    f"the tasks are {list(self.tasks)}"
+                )
+            values = [float(weights[t]) for t in self.tasks]
+        else:
+            values = [float(w) for w in weights]
+            if len(values) != self.num_tasks:
+                raise TaskMismatchError(
+                    f"{len(values)} static weights given for {self.num_tasks} tasks"
+                )
+        for task, value in zip(self.tasks, values):
+            if not math.isfinite(value):
+                raise ValueError(f"static weight of task {task!r} is not finite: {value}")
+            if value < 0:
+                logger.warning("static weight of task %r is negative (%s)", task, value)
+        self.weights = torch.tensor(values, dtype=torch.float64)
+
+    def compute_weights(self, losses: Tensor, **context: Any) -> Tensor:
+        return self.weights.to(device=losses.device, dtype=losses.dtype)
