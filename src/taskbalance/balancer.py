@@ -105,11 +105,11 @@ class Balancer:
         return f"{type(self).__name__}(tasks={list(self.tasks)})"
 
     # ------------------------------------------------------------------ inputs
-    def stack_losses(self, losses: Losses) -> Tensor:
-        """Check ``losses`` against the tasks and return them as a ``(K,)`` tensor.
+    def split_losses(self, losses: Losses) -> list[Tensor]:
+        """Check ``losses`` against the tasks; return one scalar per task, in task order.
 
-        The result keeps the autograd graph; its dtype is the promoted dtype of the
-        losses, at least float32.
+        Each keeps its autograd graph; the dtype is the promoted dtype of the losses, at
+        least float32. A 1-D tensor of K losses is accepted as well.
         """
         k = self.num_tasks
         if isinstance(losses, Mapping):
@@ -127,7 +127,7 @@ class Balancer:
                 raise TaskMismatchError(
                     f"expected a 1-D tensor of {k} losses, got shape {tuple(losses.shape)}"
                 )
-            return self._check_finite(self._promote(losses))
+            items = list(losses.unbind(0))
         elif isinstance(losses, Iterable) and not isinstance(losses, str):
             items = list(losses)
             if len(items) != k:
@@ -147,8 +147,13 @@ class Balancer:
         dtype = torch.float32
         for item in items:
             dtype = torch.promote_types(dtype, item.dtype)
-        stacked = torch.stack([item.reshape(()).to(dtype) for item in items])
-        return self._check_finite(stacked)
+        return [item.reshape(()).to(dtype) for item in items]
+
+    def stack_losses(self, losses: Losses) -> Tensor:
+        """:meth:`split_losses` stacked into a ``(K,)`` tensor, checked to be finite."""
+        if isinstance(losses, Tensor) and losses.dim() == 1 and losses.numel() == self.num_tasks:
+            return self._check_finite(self._promote(losses))
+        return self._check_finite(torch.stack(self.split_losses(losses)))
 
     @staticmethod
     def _promote(losses: Tensor) -> Tensor:

@@ -1,0 +1,141 @@
+"""Base class of the gradient methods: weights (or a direction) from the task gradients.
+
+Most gradient methods (MGDA, CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad, PCGrad,
+GradVac) need only the Gramian ``G = J Jᵀ`` (K×K, ``G_ij = g_i·g_j``): they implement
+:meth:`GradientBalancer.weights_from_gramian` and the update is ``d = wᵀ J``, i.e. the
+gradient of ``sum_i w_i L_i`` with respect to the shared inputs. Methods that need the
+Jacobian itself (GradDrop, DB-MTL) set ``needs = "jacobian"`` and implement
+:meth:`GradientBalancer.aggregate`.
+
+``backward(losses, shared=..., features=None)``: see :mod:`taskbalance.gradients` for the
+exact and features modes and the rule for task-specific parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError
+from taskbalance.errors import BalancerUsageError, SolverError
+from taskbalance.gradients import (
+    apply_direction,
+    apply_task_specific,
+    resolve_tensors,
+    task_jacobian,
+)
+
+Mode = Literal["exact", "features"]
+
+
+class GradientBalancer(Balancer):
+    """A balancer that combines task gradients.
+
+    Args:
+        tasks: number of tasks or their names.
+        task_specific: ``"unweighted"`` (default) gives each task-specific parameter the
+            plain gradient of its own loss; ``"weighted"`` multiplies it by the task weight.
+        **kw: see :class:`~taskbalance.balancer.Balancer` (``nonfinite``, ``record``).
+    """
+
+    kind: ClassVar[str] = "gradient"
+    #: ``"gramian"``: the method needs G only; ``"jacobian"``: it needs J itself.
+    needs: ClassVar[str] = "gramian"
+    #: the modes in which the method is defined.
+    modes: ClassVar[tuple[Mode, ...]] = ("exact", "features")
+
+    def __init__(
+        self,
+        tasks: Tasks,
+        *,
+        task_specific: Literal["unweighted", "weighted"] = "unweighted",
+        **kw: Any,
+    ) -> None:
+        super().__init__(tasks, **kw)
+        if task_specific not in ("unweighted", "weighted"):
+            raise ValueError(
+                f"task_specific must be 'unweighted' or 'weighted', got {task_specific!r}"
+            )
+        self.task_specific = task_specific
+        self.mode: Mode | None = None
+
+    # ------------------------------------------------------------------ the method
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        """Task weights ``(K,)`` from the Gramian ``(K, K)`` (float64) and detached losses."""
+        raise NotImplementedError(f"{type(self).__name__} must implement weights_from_gramian")
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(direction (P,), weights (K,))`` from the Jacobian ``(K, P)``.
+
+        The default computes the weights from the Gramian and returns ``wᵀ J``.
+        """
+        gramian = (jacobian @ jacobian.T).double()
+        weights = self.weights_from_gramian(gramian, losses.double())
+        weights = weights.to(jacobian.dtype)
+        return weights @ jacobian, weights
+
+    # ------------------------------------------------------------------ the step
+    def backward(
+        self,
+        losses: Losses,
+        shared: Any = None,
+        features: Any = None,
+        **context: Any,
+    ) -> Tensor | None:
+        """Compute the task gradients, combine them, fill ``.grad``; return the weights."""
+        self.last_step_skipped = False
+        if isinstance(losses, Tensor):
+            raise BalancerUsageError(
+                f"{type(self).__name__} needs the task losses as a list or a dict (not one "
+                "stacked tensor) so that each task's graph can be told apart"
+            )
+        items = self.split_losses(losses)
+        try:
+            stacked = self._check_finite(torch.stack([item.detach() for item in items]))
+        except _SkipStepError as err:
+            self._skip(err)
+            return None
+        use_features = features is not None
+        mode: Mode = "features" if use_features else "exact"
+        if mode not in self.modes:
+            raise BalancerUsageError(
+                f"{type(self).__name__} is defined only in {self.modes} mode; "
+                + ("pass shared= without features=" if use_features else "pass features=")
+            )
+        if use_features:
+            inputs = [features] if isinstance(features, Tensor) else list(features)
+            for z in inputs:
+                if not isinstance(z, Tensor) or not z.requires_grad:
+                    raise BalancerUsageError(
+                        "features must be tensors that require grad (the shared body's "
+                        "output, computed with autograd enabled)"
+                    )
+        else:
+            if shared is None:
+                raise BalancerUsageError(
+                    f"{type(self).__name__} needs shared= (the shared parameters) or "
+                    "features= (the shared representation)"
+                )
+            inputs = resolve_tensors(shared)
+        self.mode = mode
+        grads = task_jacobian(items, inputs, self.tasks, features=use_features)
+        direction, weights = self.aggregate(grads.jacobian, stacked)
+        self._check_result(direction, weights)
+        apply_direction(direction, grads, features=use_features)
+        apply_task_specific(grads, weights if self.task_specific == "weighted" else None)
+        self.record_step(stacked, weights)
+        return self.last_weights
+
+    def _check_result(self, direction: Tensor, weights: Tensor) -> None:
+        if weights.shape != (self.num_tasks,):
+            raise SolverError(
+                f"{type(self).__name__} returned weights of shape {tuple(weights.shape)}, "
+                f"expected ({self.num_tasks},)"
+            )
+        if not bool(torch.isfinite(weights).all()) or not bool(torch.isfinite(direction).all()):
+            raise SolverError(
+                f"{type(self).__name__} produced a non-finite update (weights "
+                f"{weights.tolist()}); the task gradients may be non-finite"
+            )

@@ -1,0 +1,169 @@
+"""The gradient engine: per-task gradients, the Jacobian J and the Gramian G = J Jᵀ.
+
+Two modes, chosen by what the caller passes to ``balancer.backward``:
+
+* **exact** (``shared=`` only): row i of J is the gradient of L_i with respect to the
+  shared parameters, flattened. One ``autograd.grad`` call per task (the arithmetic floor
+  for exact per-task gradients); the last call frees the graph.
+* **features** (``features=`` given; MGDA-UB style "representation" mode): row i of J is
+  the gradient of L_i with respect to the shared features Z (what the shared body
+  outputs), so the K backward passes run through the heads only, and the body sees one
+  ordinary backward of ``Z.backward(sum_i w_i dL_i/dZ)``.
+
+Task-specific parameters (every parameter a loss reaches that is not shared, or, in
+features mode, that lies between Z and the loss) get their own task's gradient, taken in
+the same backward pass as the task's row of J. By default it is **unweighted**
+(``dL_i/dθ_i``, as in MGDA's and torchjd's treatment of task-specific parameters);
+``task_specific="weighted"`` gives ``w_i dL_i/dθ_i`` instead, i.e. exactly the gradient of
+``sum_i w_i L_i``. A parameter reached by two or more tasks that is not declared shared is
+an error: its gradient would otherwise be combined by no rule at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from taskbalance.errors import BalancerUsageError
+
+
+def resolve_tensors(shared: nn.Module | Tensor | Iterable[Tensor]) -> list[Tensor]:
+    """The distinct tensors requiring grad in ``shared`` (a module, a tensor or an iterable)."""
+    if isinstance(shared, nn.Module):
+        items: Iterable[Tensor] = shared.parameters()
+    elif isinstance(shared, Tensor):
+        items = [shared]
+    else:
+        items = shared
+    seen: set[int] = set()
+    out = []
+    for t in items:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"shared must hold tensors, got a {type(t).__name__}")
+        if t.requires_grad and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    if not out:
+        raise BalancerUsageError("shared holds no tensor that requires grad")
+    return out
+
+
+def _reachable_leaves(root: Tensor, stop: set[object]) -> list[Tensor]:
+    """Leaf tensors requiring grad that ``root`` depends on, not looking past ``stop`` nodes."""
+    if root.grad_fn is None:
+        return [root] if root.requires_grad else []
+    leaves: list[Tensor] = []
+    seen: set[object] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return leaves
+
+
+@dataclass
+class TaskGradients:
+    """Output of :func:`task_jacobian`."""
+
+    jacobian: Tensor  # (K, P): row i = flattened d L_i / d inputs
+    inputs: list[Tensor]  # the tensors differentiated against (shared params or features)
+    own: list[list[tuple[Tensor, Tensor]]] = field(default_factory=list)  # per task (param, grad)
+
+    def gramian(self) -> Tensor:
+        return self.jacobian @ self.jacobian.T
+
+
+def task_jacobian(
+    losses: Sequence[Tensor], inputs: Sequence[Tensor], tasks: Sequence[str], *, features: bool
+) -> TaskGradients:
+    """Per-task gradients of the K scalar ``losses`` w.r.t. ``inputs``, plus task-specific grads.
+
+    ``features=True`` keeps the graph for the body backward that follows; otherwise the
+    graph is freed by the last task's pass.
+    """
+    k = len(losses)
+    for i, task in enumerate(tasks):
+        if not losses[i].requires_grad:
+            raise BalancerUsageError(
+                f"loss of task {task!r} does not require grad: a gradient method needs "
+                "losses computed from the model with autograd enabled"
+            )
+    stop = {t.grad_fn for t in inputs if t.grad_fn is not None} if features else set()
+    input_ids = {id(t) for t in inputs}
+    owners: dict[int, int] = {}
+    own_params: list[list[Tensor]] = []
+    for i in range(k):
+        params = [p for p in _reachable_leaves(losses[i], stop) if id(p) not in input_ids]
+        for p in params:
+            if id(p) in owners and owners[id(p)] != i:
+                raise BalancerUsageError(
+                    f"a parameter of shape {tuple(p.shape)} is used by tasks "
+                    f"{tasks[owners[id(p)]]!r} and {tasks[i]!r} but is not in shared; "
+                    "pass it as shared (or give the features after it)"
+                )
+            owners[id(p)] = i
+        own_params.append(params)
+    total = sum(t.numel() for t in inputs)
+    ref = inputs[0]
+    jac = torch.zeros(k, total, dtype=ref.dtype, device=ref.device)
+    own: list[list[tuple[Tensor, Tensor]]] = []
+    for i in range(k):
+        targets = list(inputs) + own_params[i]
+        retain = features or i < k - 1
+        grads = torch.autograd.grad(losses[i], targets, retain_graph=retain, allow_unused=True)
+        shared_grads = grads[: len(inputs)]
+        if all(g is None for g in shared_grads):
+            what = "features" if features else "shared parameters"
+            raise BalancerUsageError(f"loss of task {tasks[i]!r} does not depend on the {what}")
+        offset = 0
+        for t, g in zip(inputs, shared_grads):
+            n = t.numel()
+            if g is not None:
+                jac[i, offset : offset + n] = g.reshape(-1)
+            offset += n
+        own.append([(p, g) for p, g in zip(own_params[i], grads[len(inputs) :]) if g is not None])
+    return TaskGradients(jac, list(inputs), own)
+
+
+def accumulate_grad(param: Tensor, grad: Tensor) -> None:
+    """``param.grad += grad`` (or set it), as ``backward`` would."""
+    if param.grad is None:
+        param.grad = grad.detach().clone()
+    else:
+        param.grad.add_(grad)
+
+
+def apply_direction(direction: Tensor, grads: TaskGradients, *, features: bool) -> None:
+    """Send the combined direction (P,) to the shared inputs.
+
+    Exact mode adds it to the shared parameters' ``.grad``; features mode backpropagates
+    it from the features through the body (one ordinary backward).
+    """
+    pieces = []
+    offset = 0
+    for t in grads.inputs:
+        n = t.numel()
+        pieces.append(direction[offset : offset + n].view_as(t))
+        offset += n
+    if features:
+        torch.autograd.backward(grads.inputs, grad_tensors=pieces)
+    else:
+        for t, piece in zip(grads.inputs, pieces):
+            accumulate_grad(t, piece)
+
+
+def apply_task_specific(grads: TaskGradients, weights: Tensor | None) -> None:
+    """Give each task-specific parameter its task's gradient (times ``weights[i]`` if given)."""
+    for i, pairs in enumerate(grads.own):
+        for p, g in pairs:
+            accumulate_grad(p, g if weights is None else g * weights[i].to(g.dtype))

@@ -1,0 +1,28 @@
+"""Reference problems with known answers, to check methods against published results."""
+
+from taskbalance.problems.kendall import (
+    PUBLISHED_SIGMA,
+    TRUE_SIGMA,
+    KendallNet,
+    KendallResult,
+    make_data,
+    plot_sigma,
+    run_kendall,
+)
+
+#: problem name -> one-line description (listed by ``taskbalance list``).
+PROBLEMS: dict[str, str] = {
+    "kendall": "Kendall et al. (CVPR 2018) toy: two regressions with noise 10 and 1, "
+    "uncertainty weighting must learn sigma near (8.59, 0.92)",
+}
+
+__all__ = [
+    "PROBLEMS",
+    "PUBLISHED_SIGMA",
+    "TRUE_SIGMA",
+    "KendallNet",
+    "KendallResult",
+    "make_data",
+    "plot_sigma",
+    "run_kendall",
+]

@@ -1,0 +1,113 @@
+"""Shared helpers for the taskbalance test suite: a tiny deterministic multi-task model,
+deterministic batches, a training loop that drives any loss-weighting balancer, and a
+save/load helper that goes through ``torch.save`` / ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+import taskbalance as tb
+
+
+class TinyNet(nn.Module):
+    """A shared linear body and one linear head per task."""
+
+    def __init__(self, num_tasks: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.shared = nn.Linear(4, 3)
+        self.heads = nn.ModuleList(nn.Linear(3, 1) for _ in range(num_tasks))
+        torch.random.set_rng_state(gen_state)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = torch.tanh(self.shared(x))
+        return [head(z).squeeze(-1) for head in self.heads]
+
+
+def batch(step: int, num_tasks: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Inputs ``(8, 4)`` and one target ``(8,)`` per task, a pure function of ``step``."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(8, 4, generator=gen)
+    targets = [
+        (i + 1) * x[:, i % 4] + 0.3 * torch.randn(8, generator=gen) + i for i in range(num_tasks)
+    ]
+    return x, targets
+
+
+def task_losses(model: TinyNet, step: int) -> list[torch.Tensor]:
+    x, targets = batch(step, len(model.heads))
+    return [((out - y) ** 2).mean() for out, y in zip(model(x), targets)]
+
+
+def kpi_from(losses: list[torch.Tensor]) -> list[float]:
+    """A deterministic KPI in (0, 1] derived from the losses (for DTP)."""
+    return [math.exp(-float(loss.detach())) for loss in losses]
+
+
+def train(
+    balancer: tb.Balancer,
+    model: TinyNet,
+    optimizer: torch.optim.Optimizer,
+    start: int,
+    stop: int,
+    *,
+    period: int = 0,
+    with_kpi: bool = False,
+    as_dict: bool = False,
+) -> list[torch.Tensor]:
+    """Train steps ``start..stop-1``; return the weights of every step.
+
+    ``period > 0`` calls ``balancer.end_period()`` after every ``period`` global steps.
+    """
+    weights = []
+    for step in range(start, stop):
+        optimizer.zero_grad(set_to_none=True)
+        losses = task_losses(model, step)
+        context: dict[str, Any] = {}
+        if with_kpi:
+            context["kpi"] = kpi_from(losses)
+        given: Any = dict(zip(balancer.tasks, losses)) if as_dict else losses
+        total = balancer(given, **context)
+        total.backward()
+        optimizer.step()
+        weights.append(balancer.last_weights.clone())
+        if period and (step + 1) % period == 0:
+            balancer.end_period()
+    return weights
+
+
+def save_load(obj: Any) -> Any:
+    """``torch.save`` into memory, then ``torch.load(weights_only=True)``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def const(*values: float, requires_grad: bool = False) -> list[torch.Tensor]:
+    """Scalar float32 tensors."""
+    return [torch.tensor(float(v), requires_grad=requires_grad) for v in values]
+
+
+def assert_same(a: Any, b: Any, path: str = "state") -> None:
+    """Recursive bit-exact equality of nested dicts / lists / tensors / plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{path}: tensor vs {type(b)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a} vs {b}"
+        assert torch.equal(a, b), f"{path}: {a} != {b}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {a} vs {b}"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: {a} vs {b}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
