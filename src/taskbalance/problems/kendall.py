@@ -110,7 +110,7 @@ def run_kendall(
         torch.manual_seed(seed)
         model = KendallNet(hidden)
     balancer = make("uncertainty", tasks=list(TASKS), lr=lr)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     data = ShuffledBatches(x, {"y1": y1, "y2": y2}, batch_size, seed + 1)
     mse = nn.functional.mse_loss
     sigmas: list[Tensor] = []

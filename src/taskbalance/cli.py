@@ -1,0 +1,108 @@
+"""The ``taskbalance`` command line.
+
+* ``taskbalance list``: the registered balancing methods and the reference problems.
+* ``taskbalance demo kendall``: the uncertainty-weighting toy of Kendall et al. (CVPR 2018),
+  printing the learned sigmas against the true noise and the published values, and writing
+  a figure and the per-step history CSV.
+
+``demo`` is a sub-command group: each reference problem adds one command to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="taskbalance",
+    help="Multi-task loss balancing for PyTorch: methods, demos and benchmarks.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+demo_app = typer.Typer(
+    help="Reproduce reference problems with known answers.",
+    no_args_is_help=True,
+)
+app.add_typer(demo_app, name="demo")
+
+console = Console()
+
+
+def _first_line(doc: str | None) -> str:
+    for line in (doc or "").strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+@app.command("list")
+def list_command() -> None:
+    """List the registered balancing methods and the reference problems."""
+    import taskbalance
+    from taskbalance.problems import PROBLEMS
+
+    methods = Table(title="methods")
+    methods.add_column("name", style="bold")
+    methods.add_column("kind")
+    methods.add_column("description")
+    for name in taskbalance.list_methods():
+        cls = taskbalance.get(name)
+        methods.add_row(name, cls.kind, _first_line(cls.__doc__))
+    console.print(methods)
+    problems = Table(title="problems (taskbalance demo <name>)")
+    problems.add_column("name", style="bold")
+    problems.add_column("description")
+    for name, text in PROBLEMS.items():
+        problems.add_row(name, text)
+    console.print(problems)
+
+
+@demo_app.command("kendall")
+def kendall_command(
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Mini-batch size.")] = 20,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the data, model and shuffling.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for the figure and the CSV.")] = Path(
+        "runs/kendall"
+    ),
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Kendall et al. (CVPR 2018) toy: uncertainty weighting learns each task's noise."""
+    from taskbalance.problems.kendall import (
+        PUBLISHED_SIGMA,
+        TASKS,
+        TRUE_SIGMA,
+        plot_sigma,
+        run_kendall,
+    )
+
+    if not lr > 0:
+        raise typer.BadParameter("must be positive", param_hint="--lr")
+    result = run_kendall(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    table = Table(title=f"Kendall toy: learned sigma after {epochs} epochs")
+    table.add_column("task", style="bold")
+    table.add_column("learned sigma", justify="right")
+    table.add_column("true noise", justify="right")
+    table.add_column("published", justify="right")
+    for i, task in enumerate(TASKS):
+        table.add_row(
+            task, f"{result.sigma[i]:.3f}", f"{TRUE_SIGMA[i]:g}", f"{PUBLISHED_SIGMA[i]:g}"
+        )
+    console.print(table)
+    figure = plot_sigma(result, out / "sigma.png")
+    csv = None
+    if result.history is not None:
+        csv = result.history.to_csv(out / "history.csv")
+    console.print(f"training time {result.seconds:.1f} s")
+    console.print(f"figure: {figure}")
+    if csv is not None:
+        console.print(f"history: {csv}")
+
+
+if __name__ == "__main__":
+    app()
