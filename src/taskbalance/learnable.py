@@ -92,6 +92,28 @@ class OwnedParameters:
             )
         self.attached = True
 
+    def step_with(self, grads: dict[str, Tensor]) -> None:
+        """Apply gradients computed outside autograd (e.g. analytically) to named parameters.
+
+        ``optimizer="own"``: one step of the parameter's own Adam (weight decay 0) with
+        exactly ``grad``; the gradient is cleared afterwards. ``optimizer="external"``:
+        ``grad`` is added to ``.grad`` for the user's optimizer to apply at its next step.
+        Setting ``.grad`` directly does not fire the post-accumulate-grad hook, so this is
+        exactly one step, never two.
+        """
+        for name, grad in grads.items():
+            p = self.params[name]
+            g = grad.detach().to(device=p.device, dtype=p.dtype)
+            if self.mode == "own":
+                opt = self._optimizers[name]
+                p.grad = g.clone()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            elif p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+
     def check_ready(self) -> None:
         if self.mode == "external" and not self.attached:
             raise BalancerUsageError(

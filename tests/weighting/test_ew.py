@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import taskbalance as tb
@@ -63,6 +63,7 @@ def test_weights_do_not_change_over_steps() -> None:
     assert torch.equal(bal.history.weights, torch.ones(3, 2, dtype=torch.float64))
 
 
+@settings(deadline=None)
 @given(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=8))
 def test_sum_and_mean_property(values: list[float]) -> None:
     k = len(values)

@@ -157,6 +157,9 @@ def plot_sigma(result: KendallResult, path: str | Path) -> Path:
         ax.plot(epochs, result.sigma_history[:, i], label=f"learned sigma ({task})")
         ax.axhline(PUBLISHED_SIGMA[i], ls="--", color="k", label=f"published {PUBLISHED_SIGMA[i]}")
         ax.axhline(TRUE_SIGMA[i], ls=":", color="gray", label=f"true noise {TRUE_SIGMA[i]:g}")
+        history = result.sigma_history[:, i]
+        top = max(float(history.max()) if len(history) else 0.0, TRUE_SIGMA[i])
+        ax.set_ylim(0.0, 1.15 * top)
         ax.set_xlabel("epoch")
         ax.set_ylabel("sigma")
         ax.set_title(task)

@@ -1,0 +1,160 @@
+"""GradNorm: gradient normalisation for adaptive loss balancing.
+
+Chen, Badrinarayanan, Lee, Rabinovich, "GradNorm: Gradient Normalization for Adaptive Loss
+Balancing in Deep Multitask Networks", ICML 2018 (Algorithm 1). Learnable weights w_i
+(init 1) and, on W = the last shared layer,
+
+    G_i = ||grad_W (w_i L_i)||_2 = w_i ||grad_W L_i||,    Gbar = mean_i G_i,
+    Ltilde_i = L_i(t) / L_i(0),    r_i = Ltilde_i / mean_j Ltilde_j,
+    L_grad = sum_i | G_i − Gbar r_i^alpha |    (the target Gbar r_i^alpha held constant).
+
+Hence ``dL_grad/dw_i = sign(G_i − target_i) ||grad_W L_i||``: K first-order backward passes
+to W (the graph kept), no second-order graph. L_grad updates only the w_i; the network gets
+the ordinary backward of ``sum_i w_i(t) L_i`` with the weights *before* this step's update
+(task-specific parameters therefore receive ``w_i``-weighted gradients, as in the paper).
+After each step the weights are clamped at ``1e-8`` (never negative or zero) and renormalised
+to ``sum_i w_i = K``. ``alpha = 1.5`` by default (the paper's typical value; 0.12 for its
+synthetic problem). L(0) is the first step's losses; every loss must be positive.
+
+The weights take their own Adam step (lr 0.025 by default, LibMTL's setting; weight decay 0)
+inside :meth:`GradNorm.backward`; with ``optimizer="external"`` their gradient is added to
+``.grad`` for an optimizer given to :meth:`GradNorm.attach`, and the renormalisation happens
+at the start of the next call. ``last_shared=`` names W (a tensor, tensors or a module);
+otherwise W is the last tensor of ``shared`` with at least 2 dimensions (the last layer's
+weight matrix for a module's parameters in definition order). With ``features=Z`` instead,
+``G_i = w_i ||dL_i/dZ||`` on the shared representation: a cheaper variant (K passes through
+the heads only), not the paper's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError
+from taskbalance.errors import BalancerUsageError, NonPositiveLossError
+from taskbalance.gradients import resolve_tensors
+from taskbalance.learnable import OptimizerMode, OwnedParameters
+from taskbalance.registry import register
+
+#: floor of a weight before renormalisation.
+MIN_WEIGHT = 1e-8
+
+
+def gradnorm_weight_grad(
+    weights: Tensor, grad_norms: Tensor, loss_ratios: Tensor, alpha: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dL_grad/dw, G, target)`` from ``w``, ``||grad_W L_i||`` and ``L_i(t)/L_i(0)``."""
+    g = weights * grad_norms
+    r = loss_ratios / loss_ratios.mean()
+    target = g.mean() * r**alpha
+    return torch.sign(g - target) * grad_norms, g, target
+
+
+@register("gradnorm")
+class GradNorm(Balancer):
+    """GradNorm; see the module docstring."""
+
+    kind = "gradient"
+
+    def __init__(
+        self,
+        tasks: Tasks,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        optimizer: OptimizerMode = "own",
+        **kw: Any,
+    ) -> None:
+        super().__init__(tasks, **kw)
+        self.alpha = float(alpha)
+        self.learnable = OwnedParameters(
+            "GradNorm", {"weights": torch.ones(self.num_tasks)}, optimizer=optimizer, lr=lr
+        )
+        self.initial_losses: Tensor | None = None
+        self._extras: dict[str, Tensor] = {}
+
+    @property
+    def weights(self) -> Tensor:
+        """The current task weights (detached)."""
+        return self.learnable["weights"].detach()
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.learnable.parameters()
+
+    def attach(self, optimizer: torch.optim.Optimizer, lr: float | None = None) -> None:
+        """Hand the weights to ``optimizer`` (``optimizer='external'`` only), weight decay 0."""
+        self.learnable.attach(optimizer, lr)
+
+    def renormalise(self) -> None:
+        """Clamp the weights at :data:`MIN_WEIGHT` and rescale them to sum to K."""
+        w = self.learnable["weights"]
+        with torch.no_grad():
+            clamped = w.clamp(min=MIN_WEIGHT)
+            w.copy_(clamped * (self.num_tasks / clamped.sum()))
+
+    def _layer(self, shared: Any, features: Any, last_shared: Any) -> list[Tensor]:
+        if features is not None:
+            return [features] if isinstance(features, Tensor) else list(features)
+        if last_shared is not None:
+            return resolve_tensors(last_shared)
+        if shared is None:
+            raise BalancerUsageError("GradNorm needs last_shared=, shared= or features=")
+        matrices = [t for t in resolve_tensors(shared) if t.dim() >= 2]
+        if not matrices:
+            raise BalancerUsageError("shared has no tensor with >= 2 dims; pass last_shared=")
+        return matrices[-1:]
+
+    def backward(
+        self,
+        losses: Losses,
+        shared: Any = None,
+        features: Any = None,
+        last_shared: Any = None,
+        **context: Any,
+    ) -> Tensor | None:
+        """Backpropagate ``sum_i w_i L_i``, step the weights by L_grad; return the weights used."""
+        self.last_step_skipped = False
+        items = self.split_losses(losses)
+        try:
+            stacked = self._check_finite(torch.stack([item.detach() for item in items]))
+        except _SkipStepError as err:
+            self._skip(err)
+            return None
+        if not bool((stacked > 0).all()):
+            bad = int((stacked <= 0).nonzero()[0])
+            raise NonPositiveLossError(self.tasks[bad], float(stacked[bad]), "GradNorm")
+        self.learnable.check_ready()
+        self.learnable.to(stacked.device)
+        if self.learnable.mode == "external":
+            self.renormalise()  # after the user's optimizer stepped the weights
+        layer = self._layer(shared, features, last_shared)
+        norms = []
+        for task, item in zip(self.tasks, items):
+            grads = torch.autograd.grad(item, layer, retain_graph=True, allow_unused=True)
+            if all(g is None for g in grads):
+                raise BalancerUsageError(f"loss of task {task!r} does not reach the layer W")
+            norms.append(torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None)))
+        if self.initial_losses is None:
+            self.initial_losses = stacked.double().clone()
+        used = self.weights.clone()
+        (used.to(stacked.dtype) * torch.stack(items)).sum().backward()
+        ratios = stacked.double() / self.initial_losses.to(stacked.device)
+        grad, g, _ = gradnorm_weight_grad(used.double(), torch.stack(norms), ratios, self.alpha)
+        self.learnable.step_with({"weights": grad})
+        if self.learnable.mode == "own":
+            self.renormalise()
+        self._extras = {"loss_ratio": ratios, "grad_norm": g}
+        self.record_step(stacked, used)
+        return self.last_weights
+
+    def extras(self) -> dict[str, Tensor]:
+        return self._extras
+
+    def method_state(self) -> dict[str, Any]:
+        return {"learnable": self.learnable.state_dict(), "initial_losses": self.initial_losses}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.learnable.load_state_dict(state["learnable"])
+        self.initial_losses = state["initial_losses"]

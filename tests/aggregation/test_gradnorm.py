@@ -1,0 +1,184 @@
+"""GradNorm (Chen et al., ICML 2018): weights driven by gradient norms on the last shared layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyNet, assert_same, const, save_load, task_losses
+from torch import nn
+
+import taskbalance as tb
+from taskbalance import registry
+from taskbalance.aggregation.gradnorm import GradNorm, gradnorm_weight_grad
+
+
+def layer_norms(model: TinyNet, losses: list[torch.Tensor]) -> torch.Tensor:
+    w = model.shared.weight
+    return torch.stack([torch.autograd.grad(l, w, retain_graph=True)[0].norm() for l in losses])
+
+
+def train(bal: GradNorm, model: TinyNet, opt: torch.optim.Optimizer, steps: range) -> list:
+    out = []
+    for step in steps:
+        opt.zero_grad()
+        used = bal.backward(task_losses(model, step), shared=model.shared.parameters())
+        out += [used, bal.weights.clone()] + [p.grad.clone() for p in model.parameters()]
+        opt.step()
+    return out
+
+
+# ---------------------------------------------------------------------- the weight gradient
+def test_analytic_weight_gradient_matches_autograd_with_a_constant_target() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4)
+    heads = [nn.Linear(4, 1) for _ in range(3)]
+    x = torch.randn(5, 3)
+    z = torch.tanh(layer(x))
+    losses = [(h(z) ** 2).mean() + 0.1 * i for i, h in enumerate(heads)]
+    w = torch.tensor([0.7, 1.3, 1.0], requires_grad=True)
+    ratios = torch.tensor([0.9, 0.5, 0.7])
+    g = torch.stack(
+        [
+            torch.autograd.grad(w[i] * loss, layer.weight, create_graph=True)[0].norm()
+            for i, loss in enumerate(losses)
+        ]
+    )
+    r = ratios / ratios.mean()
+    target = g.mean() * r**1.5
+    constant = torch.autograd.grad((g - target.detach()).abs().sum(), w, retain_graph=True)[0]
+    moving = torch.autograd.grad((g - target).abs().sum(), w)[0]
+    norms = torch.stack([t.detach() / wi for t, wi in zip(g, w.detach())])
+    ours, g_ours, target_ours = gradnorm_weight_grad(w.detach(), norms, ratios, 1.5)
+    torch.testing.assert_close(ours, constant)
+    torch.testing.assert_close(g_ours, g.detach())
+    torch.testing.assert_close(target_ours, target.detach())
+    # a target that moved with w would give a different gradient: the test can tell them apart
+    assert not torch.allclose(ours, moving, rtol=1e-3)
+
+
+def test_first_step_by_hand() -> None:
+    # step 0: every ratio is 1, so target = mean G; the larger-gradient task is above it and
+    # Adam's first step moves each weight by lr against the sign: (1 - lr, 1 + lr), sum 2.
+    model = TinyNet(2)
+    losses = task_losses(model, 0)
+    norms = layer_norms(model, losses)
+    bal = GradNorm(2, lr=0.025)
+    used = bal.backward(losses, shared=model.shared.parameters())
+    assert used.tolist() == [1.0, 1.0]
+    big = int(norms.argmax())
+    expected = torch.full((2,), 1.025)
+    expected[big] = 0.975
+    torch.testing.assert_close(bal.weights, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(bal.history.extra("grad_norm")[0], norms.double(), rtol=1e-5, atol=0)
+    assert bal.history.extra("loss_ratio")[0].tolist() == [1.0, 1.0]
+
+
+def test_larger_gradient_task_loses_weight() -> None:
+    model = TinyNet(2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    bal = GradNorm(2, alpha=1.5, lr=0.025)
+    trajectory = []
+    for step in range(30):
+        opt.zero_grad()
+        small, large = task_losses(model, step)
+        bal.backward([small, 100.0 * large], shared=model.shared.parameters())
+        opt.step()
+        trajectory.append(bal.weights.clone())
+    assert trajectory[-1][1] < 0.5 * trajectory[-1][0]
+    assert trajectory[-1][1] < trajectory[10][1] < trajectory[0][1]
+
+
+def test_weights_sum_to_k_and_stay_positive() -> None:
+    model = TinyNet(3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    bal = GradNorm(3, lr=2.0)  # steps big enough to push weights below zero before the clamp
+    for step in range(15):
+        opt.zero_grad()
+        losses = task_losses(model, step)
+        bal.backward([losses[0], 50.0 * losses[1], losses[2]], shared=model.shared.parameters())
+        opt.step()
+        w = bal.weights
+        assert float(w.sum()) == pytest.approx(3.0, rel=1e-6)
+        assert bool((w > 0).all())
+    assert float(bal.weights.min()) < 1e-6  # the clamp was needed
+
+
+def test_network_gets_the_weights_before_the_update() -> None:
+    model = TinyNet(2)
+    bal = GradNorm(2, lr=0.1)
+    bal.backward(task_losses(model, 0), shared=model.shared.parameters())
+    model.zero_grad()
+    before = bal.weights.clone()
+    losses = task_losses(model, 1)
+    expected = torch.autograd.grad(
+        (before * torch.stack(losses)).sum(), list(model.parameters()), retain_graph=True
+    )
+    used = bal.backward(losses, shared=model.shared.parameters())
+    assert torch.equal(used, before) and not torch.equal(bal.weights, before)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_layer_choice_and_features_mode() -> None:
+    model = TinyNet(2)
+    x = torch.randn(8, 4)
+    z = torch.tanh(model.shared(x))
+    losses = [(h(z) ** 2).mean() for h in model.heads]
+    bal = GradNorm(2)
+    bal.backward(losses, features=z)
+    expected = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].norm() for l in losses])
+    torch.testing.assert_close(bal.history.extra("grad_norm")[0], expected.double())
+    assert model.shared.weight.grad is not None  # the body got the ordinary backward
+    # default W: the last >= 2-dim tensor of shared; last_shared= overrides it
+    nets = [TinyNet(2), TinyNet(2)]
+    for net, kw in zip(nets, [{"shared": None}, {"last_shared": None}]):
+        kw = {k: net.shared.parameters() for k in kw}
+        GradNorm(2).backward(task_losses(net, 0), **kw)
+    assert torch.equal(nets[0].shared.weight.grad, nets[1].shared.weight.grad)
+    with pytest.raises(tb.BalancerUsageError, match="2 dims"):
+        GradNorm(2).backward(task_losses(nets[0], 0), shared=[nets[0].shared.bias])
+
+
+def test_external_optimizer_and_renormalisation() -> None:
+    model = TinyNet(2)
+    bal = GradNorm(2, optimizer="external")
+    with pytest.raises(tb.BalancerUsageError):
+        bal.backward(task_losses(model, 0), shared=model.shared.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    bal.attach(opt)
+    losses = task_losses(model, 1)
+    norms = layer_norms(model, losses)
+    bal.backward(losses, shared=model.shared.parameters())
+    sign = torch.sign(norms - norms.mean())
+    torch.testing.assert_close(bal.parameters()[0].grad, sign * norms)
+    opt.step()
+    bal.backward(task_losses(model, 2), shared=model.shared.parameters())
+    assert float(bal.weights.sum()) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_losses_must_be_positive() -> None:
+    bal = GradNorm(["a", "b"])
+    with pytest.raises(tb.NonPositiveLossError, match="'b'"):
+        bal.backward(const(1.0, 0.0, requires_grad=True), shared=[torch.ones(2, 2)])
+
+
+def test_state_round_trip_is_bit_exact() -> None:
+    model = TinyNet(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    bal = GradNorm(3, alpha=0.12)
+    train(bal, model, opt, range(3))
+    saved = [save_load(x.state_dict()) for x in (bal, model, opt)]
+    expected = train(bal, model, opt, range(3, 7))
+    bal2, model2 = GradNorm(3, alpha=0.12), TinyNet(3, seed=1)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
+    for obj, state in zip((bal2, model2, opt2), saved):
+        obj.load_state_dict(state)
+    assert bal2.initial_losses is not None
+    assert_same(expected, train(bal2, model2, opt2, range(3, 7)))
+    assert_same(bal.state_dict(), bal2.state_dict())
+
+
+def test_registered() -> None:
+    assert registry.get("gradnorm") is GradNorm
+    with pytest.raises(tb.BalancerUsageError):
+        GradNorm(2)(const(1.0, 2.0))  # a gradient method: backward(...) only
