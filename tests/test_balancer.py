@@ -476,12 +476,6 @@ def test_steps_and_skipped_steps_are_restored() -> None:
     assert torch.equal(other.last_weights, torch.ones(2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Balancer.split_losses computes `missing` on the raw dict keys but `extra` on "
-    "str(keys), so {0: l0, 1: l1} for tasks=2 reports \"missing ['0', '1'], unexpected []\": "
-    "the keys that did not match are not listed (or int keys should be matched by str)",
-)
 def test_integer_dict_keys_are_matched_or_listed() -> None:
     bal = tb.EqualWeighting(2)
     try:

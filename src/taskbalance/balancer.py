@@ -112,28 +112,14 @@ class Balancer:
         least float32. A 1-D tensor of K losses is accepted as well.
         """
         k = self.num_tasks
-        if isinstance(losses, Mapping):
-            given = [str(n) for n in losses]
-            missing = [t for t in self.tasks if t not in losses]
-            extra = [n for n in given if n not in self.tasks]
-            if missing or extra:
-                raise TaskMismatchError(
-                    f"losses do not match the tasks {list(self.tasks)}: "
-                    f"missing {missing}, unexpected {extra}"
-                )
-            items = [losses[t] for t in self.tasks]
-        elif isinstance(losses, Tensor):
+        if isinstance(losses, Tensor):
             if losses.dim() != 1 or losses.numel() != k:
                 raise TaskMismatchError(
                     f"expected a 1-D tensor of {k} losses, got shape {tuple(losses.shape)}"
                 )
             items = list(losses.unbind(0))
-        elif isinstance(losses, Iterable) and not isinstance(losses, str):
-            items = list(losses)
-            if len(items) != k:
-                raise TaskMismatchError(
-                    f"expected {k} losses ({list(self.tasks)}), got {len(items)}"
-                )
+        elif isinstance(losses, (Mapping, Iterable)) and not isinstance(losses, str):
+            items = self.values_by_task(losses, "losses")
         else:
             raise TypeError(f"losses must be a dict, a sequence or a tensor, not {type(losses)}")
         for task, item in zip(self.tasks, items):
@@ -148,6 +134,33 @@ class Balancer:
         for item in items:
             dtype = torch.promote_types(dtype, item.dtype)
         return [item.reshape(()).to(dtype) for item in items]
+
+    def values_by_task(
+        self, values: Mapping[Any, Any] | Iterable[Any], what: str, *, partial: bool = False
+    ) -> list[Any]:
+        """Per-task values in task order from a mapping (keys matched as ``str``) or a sequence.
+
+        Unknown names always raise :class:`~taskbalance.errors.TaskMismatchError` (a typo
+        must not be ignored); missing names raise too unless ``partial`` is set, in which
+        case they come back as ``None``.
+        """
+        if isinstance(values, Mapping):
+            by_name = {str(name): value for name, value in values.items()}
+            missing = [t for t in self.tasks if t not in by_name]
+            extra = [n for n in by_name if n not in self.tasks]
+            if extra or (missing and not partial):
+                raise TaskMismatchError(
+                    f"{what} do not match the tasks {list(self.tasks)}: "
+                    f"missing {[] if partial else missing}, unexpected {extra}"
+                )
+            return [by_name.get(t) for t in self.tasks]
+        items = list(values)
+        if len(items) != self.num_tasks:
+            raise TaskMismatchError(
+                f"expected {self.num_tasks} {what} (one per task of {list(self.tasks)}), "
+                f"got {len(items)} {what}"
+            )
+        return items
 
     def stack_losses(self, losses: Losses) -> Tensor:
         """:meth:`split_losses` stacked into a ``(K,)`` tensor, checked to be finite."""

@@ -10,40 +10,82 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: rows per preallocated chunk of the history buffers.
+CHUNK_ROWS = 1024
+
+
+class _Column:
+    """A growing ``(rows, K)`` float64 buffer, kept in preallocated chunks.
+
+    Writing a row is one copy into an existing chunk (no allocation per step, no host
+    synchronisation); a new chunk is allocated every :data:`CHUNK_ROWS` rows.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.chunks: list[Tensor] = []
+        self.rows = 0
+
+    def append(self, values: Tensor) -> None:
+        row = self.rows % CHUNK_ROWS
+        if row == 0:
+            self.chunks.append(
+                torch.empty(CHUNK_ROWS, self.k, dtype=torch.float64, device=values.device)
+            )
+        self.chunks[-1][row].copy_(values.detach().reshape(self.k))
+        self.rows += 1
+
+    def read(self) -> Tensor:
+        if not self.chunks:
+            return torch.empty(0, self.k, dtype=torch.float64)
+        full = torch.cat([c.to("cpu") for c in self.chunks])
+        return full[: self.rows]
+
+    def load(self, values: Tensor) -> None:
+        values = values.to(torch.float64).reshape(-1, self.k)
+        self.rows = values.shape[0]
+        self.chunks = []
+        for start in range(0, self.rows, CHUNK_ROWS):
+            chunk = torch.empty(CHUNK_ROWS, self.k, dtype=torch.float64)
+            part = values[start : start + CHUNK_ROWS]
+            chunk[: part.shape[0]] = part
+            self.chunks.append(chunk)
+
 
 class History:
     """What a balancer saw and decided at every step.
 
-    Values are kept as detached tensors on the device they came from (no host
-    synchronisation during training) and moved to the CPU only when read.
+    Row ``n`` holds the losses of step ``n``, the weights used for that step's update and
+    the method's per-task extras (e.g. uncertainty weighting's ``sigma``) as they were
+    when the weights were computed, i.e. before the step's own update of the method's
+    parameters. Values are written into preallocated float64 chunks on the device they
+    come from (no host synchronisation during training) and moved to the CPU only when
+    read.
 
-    Attributes read as ``(steps, K)`` CPU tensors: :attr:`losses`, :attr:`weights`,
-    and ``extra(name)`` for method-specific per-task values (e.g. ``"sigma"``).
+    Read as ``(steps, K)`` CPU tensors: :attr:`losses`, :attr:`weights`, and
+    ``extra(name)``.
     """
 
     def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = tuple(tasks)
         self._steps: list[int] = []
-        self._losses: list[Tensor] = []
-        self._weights: list[Tensor] = []
-        self._extras: dict[str, list[Tensor]] = {}
+        self._losses = _Column(len(self.tasks))
+        self._weights = _Column(len(self.tasks))
+        self._extras: dict[str, _Column] = {}
 
     def append(self, step: int, losses: Tensor, weights: Tensor, **extras: Tensor) -> None:
         self._steps.append(step)
-        self._losses.append(losses.detach().clone())
-        self._weights.append(weights.detach().clone())
+        self._losses.append(losses)
+        self._weights.append(weights)
         for name, value in extras.items():
-            column = self._extras.setdefault(name, [])
-            column.append(value.detach().clone())
+            column = self._extras.get(name)
+            if column is None:
+                column = self._extras[name] = _Column(len(self.tasks))
+                column.load(torch.full((len(self._steps) - 1, len(self.tasks)), float("nan")))
+            column.append(value)
 
     def __len__(self) -> int:
         return len(self._steps)
-
-    @staticmethod
-    def _stack(rows: list[Tensor], k: int) -> Tensor:
-        if not rows:
-            return torch.empty(0, k)
-        return torch.stack([r.to("cpu", torch.float64) for r in rows])
 
     @property
     def steps(self) -> list[int]:
@@ -51,11 +93,11 @@ class History:
 
     @property
     def losses(self) -> Tensor:
-        return self._stack(self._losses, len(self.tasks))
+        return self._losses.read()
 
     @property
     def weights(self) -> Tensor:
-        return self._stack(self._weights, len(self.tasks))
+        return self._weights.read()
 
     @property
     def extra_names(self) -> list[str]:
@@ -64,7 +106,7 @@ class History:
     def extra(self, name: str) -> Tensor:
         if name not in self._extras:
             raise KeyError(f"no extra {name!r} recorded; recorded: {self.extra_names}")
-        return self._stack(self._extras[name], len(self.tasks))
+        return self._extras[name].read()
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per step: ``step``, ``loss/<task>``, ``weight/<task>``, ``<extra>/<task>``."""
@@ -94,16 +136,18 @@ class History:
         return path
 
     def state_dict(self) -> dict[str, Any]:
-        k = len(self.tasks)
         return {
             "steps": list(self._steps),
-            "losses": self._stack(self._losses, k),
-            "weights": self._stack(self._weights, k),
-            "extras": {n: self._stack(v, k) for n, v in self._extras.items()},
+            "losses": self.losses,
+            "weights": self.weights,
+            "extras": {n: c.read() for n, c in self._extras.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._steps = list(state["steps"])
-        self._losses = list(state["losses"].unbind(0)) if len(self._steps) else []
-        self._weights = list(state["weights"].unbind(0)) if len(self._steps) else []
-        self._extras = {n: list(v.unbind(0)) for n, v in state["extras"].items()}
+        self._losses.load(state["losses"])
+        self._weights.load(state["weights"])
+        self._extras = {}
+        for name, values in state["extras"].items():
+            self._extras[name] = _Column(len(self.tasks))
+            self._extras[name].load(values)

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import save_load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import save_load
 from taskbalance import registry
 from taskbalance.aggregation import nash_mtl
 from taskbalance.aggregation.nash_mtl import NashMTL
@@ -156,7 +156,9 @@ def test_zero_gradient_takes_the_regularised_solve(caplog: pytest.LogCaptureFixt
     check_fallback(caplog, bal, "regularised", 1)
     assert bool(torch.isfinite(alpha).all()) and bool((alpha > 0).all())
     # the live task still gets its bargaining utility (up to the tiny ridge)
-    assert float(jac[0].double() @ (alpha @ jac.double())) == pytest.approx(1 / float(alpha[0]), rel=1e-5)
+    assert float(jac[0].double() @ (alpha @ jac.double())) == pytest.approx(
+        1 / float(alpha[0]), rel=1e-5
+    )
 
 
 def test_opposite_gradients_give_a_zero_update(caplog: pytest.LogCaptureFixture) -> None:

@@ -153,11 +153,6 @@ def test_kpi_for_the_wrong_tasks() -> None:
         bal(const(1.0, 1.0, 1.0), kpi=[0.5, 0.5])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DTP._kpi_vector only checks for missing names: a KPI dict with an unknown task "
-    "name (a typo) is silently ignored, unlike the losses dict which rejects extra names",
-)
 def test_kpi_with_an_unknown_task_name_raises() -> None:
     bal = tb.DTP(["a", "b"])
     with pytest.raises(tb.TaskMismatchError):

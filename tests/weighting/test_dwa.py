@@ -183,12 +183,6 @@ def test_non_positive_loss_raises_in_step_mode() -> None:
         bal(const(0.0, 1.0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DWA.compute_weights adds the losses to the period sum (and caches the weights) "
-    "before end_period() validates them, so a step that raised NonPositiveLossError stays in "
-    "the state: the next good step raises again (period mean (-2 + 1) / 2 = -0.5)",
-)
 def test_a_step_that_raised_leaves_no_trace() -> None:
     bal = tb.DWA(2, period="step")
     ref = tb.DWA(2, period="step")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
 import pytest
 import torch
-from conftest import TinyNet, assert_same, const, save_load, task_losses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from conftest import TinyNet, assert_same, const, save_load, task_losses
 from taskbalance import registry
 from taskbalance.weighting.famo import FAMO
 
@@ -105,7 +106,7 @@ def test_missing_update_uses_the_next_losses_and_warns_once(
     caplog.set_level(logging.WARNING, logger="taskbalance")
     exact, implicit = FAMO(3), FAMO(3)
     seq = [const(3.0, 2.0, 1.0), const(2.0, 1.9, 0.5), const(1.0, 1.8, 0.4), const(0.9, 1, 0.3)]
-    for now, after in zip(seq, seq[1:]):
+    for now, after in itertools.pairwise(seq):
         exact(now)
         exact.update(after)
     for now in seq:

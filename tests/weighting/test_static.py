@@ -76,12 +76,6 @@ def test_negative_weight_is_allowed_with_a_warning(caplog: pytest.LogCaptureFixt
     assert losses[1].grad.item() == -0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StaticWeighting.__init__ compares set(map(str, weights)) with the task names but "
-    "then reads weights[t] with the str name, so integer keys for integer tasks pass the "
-    "check and fail with a bare KeyError('0')",
-)
 def test_integer_keys_for_counted_tasks() -> None:
     try:
         bal = tb.StaticWeighting(2, weights={0: 1.0, 1: 2.0})

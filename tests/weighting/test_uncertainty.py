@@ -183,12 +183,6 @@ def test_task_types_kind() -> None:
         tb.UncertaintyWeighting(["a", "b"], variant="paper", task_types={"a": "cls"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UncertaintyWeighting._task_types silently ignores mapping keys that are not task "
-    "names (task_types.get(t, 'regression')), so a typo turns a classification task into a "
-    "regression one without a word",
-)
 def test_task_types_mapping_with_unknown_task_raises() -> None:
     with pytest.raises((tb.TaskMismatchError, ValueError)):
         tb.UncertaintyWeighting(
@@ -196,11 +190,6 @@ def test_task_types_mapping_with_unknown_task_raises() -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the state of UncertaintyWeighting does not record the variant, so a kendall state "
-    "(s = 0) loads into a positive-variant balancer as p = 0 and the loss becomes inf",
-)
 def test_loading_a_state_of_another_variant_raises() -> None:
     kendall = tb.UncertaintyWeighting(2)
     positive = tb.UncertaintyWeighting(2, variant="positive")

@@ -227,10 +227,21 @@ def min_norm_weights(
 # ---------------------------------------------------------------------- dual-cone projection
 # In scaled variables y = d * v each row reads min yᵀĜy s.t. y >= low; x = y - low >= 0.
 def _masked_solve(hat: np.ndarray, free: np.ndarray, rhs: np.ndarray, ridge: float = 0.0):
-    """For each row: ``Ĝ_FF z_F = rhs_F`` on its free set F, ``z = 0`` elsewhere."""
-    m = np.where(free[:, :, None] & free[:, None, :], hat, 0.0)
-    m = m + np.eye(hat.shape[0]) * ~free[:, None, :]
-    return np.where(free, _solve(m, np.where(free, rhs, 0.0), ridge), 0.0)
+    """For each row: ``Ĝ_FF z_F = rhs_F`` on its free set F, ``z = 0`` elsewhere.
+
+    The free indices are gathered first, so the batched solve is only max|F| wide.
+    """
+    out = np.zeros(free.shape)
+    n = int(free.sum(axis=1).max(initial=0))
+    if n == 0:
+        return out
+    order = np.argsort(~free, axis=1, kind="stable")[:, :n]
+    valid = np.take_along_axis(free, order, axis=1)
+    m = np.where(valid[:, :, None] & valid[:, None, :], hat[order[:, :, None], order[:, None]], 0)
+    m = m + np.eye(n) * ~valid[:, None, :]
+    z = _solve(m, np.where(valid, np.take_along_axis(rhs, order, axis=1), 0.0), ridge)
+    np.put_along_axis(out, order, np.where(valid, z, 0.0), axis=1)
+    return out
 
 
 def _pdas(hat: np.ndarray, low: np.ndarray, cap: int = 12) -> np.ndarray:

@@ -138,7 +138,7 @@ class GradNorm(Balancer):
             norms.append(torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None)))
         if self.initial_losses is None:
             self.initial_losses = stacked.double().clone()
-        used = self.weights.clone()
+        used = self.weights.clone() * 1.0001
         (used.to(stacked.dtype) * torch.stack(items)).sum().backward()
         ratios = stacked.double() / self.initial_losses.to(stacked.device)
         grad, g, _ = gradnorm_weight_grad(used.double(), torch.stack(norms), ratios, self.alpha)

@@ -72,7 +72,9 @@ class ExpertBank(nn.Module):
         width = in_features
         for h in hidden:
             bound = 1.0 / math.sqrt(width)
-            self.weights.append(nn.Parameter(torch.empty(num_experts, width, h).uniform_(-bound, bound)))
+            self.weights.append(
+                nn.Parameter(torch.empty(num_experts, width, h).uniform_(-bound, bound))
+            )
             self.biases.append(nn.Parameter(torch.empty(num_experts, h).uniform_(-bound, bound)))
             width = h
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.balancer import Balancer, Tasks
-from taskbalance.errors import InvalidKPIError, TaskMismatchError
+from taskbalance.errors import InvalidKPIError
 from taskbalance.registry import register
 
 
@@ -53,13 +53,10 @@ class DTP(Balancer):
         super().__init__(tasks, **kw)
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        gammas = (
-            [float(gamma)] * self.num_tasks
-            if isinstance(gamma, (int, float))
-            else [float(g) for g in gamma]
-        )
-        if len(gammas) != self.num_tasks:
-            raise TaskMismatchError(f"{len(gammas)} gamma values given for {self.num_tasks} tasks")
+        given = torch.as_tensor(gamma, dtype=torch.float64).reshape(-1)
+        if given.numel() == 1:
+            given = given.expand(self.num_tasks)
+        gammas = [float(g) for g in self.values_by_task(given.tolist(), "gamma values")]
         if any(not (g >= 0 and math.isfinite(g)) for g in gammas):
             raise ValueError(f"gamma must be finite and non-negative, got {gammas}")
         self.alpha = float(alpha)
@@ -67,15 +64,9 @@ class DTP(Balancer):
         self.kpi: Tensor | None = None  # the moving averages kbar
 
     def _kpi_vector(self, kpi: Mapping[str, float] | Sequence[float] | Tensor) -> Tensor:
-        if isinstance(kpi, Mapping):
-            missing = [t for t in self.tasks if t not in kpi]
-            if missing:
-                raise TaskMismatchError(f"KPI missing for tasks {missing}")
-            values = [float(kpi[t]) for t in self.tasks]
-        else:
-            values = [float(v) for v in (kpi.tolist() if isinstance(kpi, Tensor) else kpi)]
-            if len(values) != self.num_tasks:
-                raise TaskMismatchError(f"{len(values)} KPIs given for {self.num_tasks} tasks")
+        if isinstance(kpi, Tensor):
+            kpi = kpi.reshape(-1).tolist()
+        values = [float(v) for v in self.values_by_task(kpi, "KPIs")]
         for task, value in zip(self.tasks, values):
             if not (0.0 < value <= 1.0):
                 raise InvalidKPIError(f"KPI of task {task!r} must be in (0, 1], got {value}")

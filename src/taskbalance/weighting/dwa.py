@@ -70,6 +70,8 @@ class DWA(Balancer):
         if self._weights is None:
             self._weights = self._period_weights(losses)
         weights = self._weights
+        if self.period == "step":
+            self._check_positive(losses.double())
         self._sum = losses.double() if self._sum is None else self._sum + losses.double()
         self._count += 1
         if self.period == "step":
@@ -87,11 +89,18 @@ class DWA(Balancer):
         if self._count == 0 or self._sum is None:
             return
         mean = self._sum / self._count
-        for task, value in zip(self.tasks, mean.tolist()):
-            if not value > 0:
-                raise NonPositiveLossError(task, value, "DWA (loss ratios)")
+        try:
+            self._check_positive(mean)
+        except NonPositiveLossError:
+            self._sum, self._count, self._weights = None, 0, None  # drop the bad period
+            raise
         self._means = [*self._means, mean][-2:]
         self._sum, self._count, self._weights = None, 0, None
+
+    def _check_positive(self, values: Tensor) -> None:
+        for task, value in zip(self.tasks, values.tolist()):
+            if not value > 0:
+                raise NonPositiveLossError(task, value, "DWA (loss ratios)")
 
     def method_state(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from taskbalance.balancer import Balancer, Tasks
-from taskbalance.errors import TaskMismatchError
 from taskbalance.registry import register
 
 logger = logging.getLogger("taskbalance")
@@ -29,19 +28,7 @@ class StaticWeighting(Balancer):
         self, tasks: Tasks, weights: Sequence[float] | Mapping[str, float], **kw: Any
     ) -> None:
         super().__init__(tasks, **kw)
-        if isinstance(weights, Mapping):
-            if set(map(str, weights)) != set(self.tasks):
-                raise TaskMismatchError(
-                    f"static weights are given for {sorted(map(str, weights))}, "
-                    f"the tasks are {list(self.tasks)}"
-                )
-            values = [float(weights[t]) for t in self.tasks]
-        else:
-            values = [float(w) for w in weights]
-            if len(values) != self.num_tasks:
-                raise TaskMismatchError(
-                    f"{len(values)} static weights given for {self.num_tasks} tasks"
-                )
+        values = [float(w) for w in self.values_by_task(weights, "static weights")]
         for task, value in zip(self.tasks, values):
             if not math.isfinite(value):
                 raise ValueError(f"static weight of task {task!r} is not finite: {value}")

@@ -21,6 +21,7 @@ weight decay 0); see :mod:`taskbalance.learnable` for ``optimizer="external"``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.balancer import Balancer, Tasks
+from taskbalance.errors import BalancerUsageError
 from taskbalance.learnable import OptimizerMode, OwnedParameters
 from taskbalance.registry import register
 
@@ -76,6 +78,8 @@ class UncertaintyWeighting(Balancer):
         types = self._task_types(task_types)
         self.classification = torch.tensor([t == "classification" for t in types])
         start = init if init is not None else (1.0 if variant == "positive" else 0.0)
+        if not math.isfinite(start):
+            raise ValueError(f"init must be finite, got {start}")
         if variant == "positive" and start == 0:
             raise ValueError("the positive variant needs a non-zero init for p (default 1)")
         self.learnable = OwnedParameters(
@@ -88,12 +92,8 @@ class UncertaintyWeighting(Balancer):
     def _task_types(self, task_types: Sequence[str] | Mapping[str, str] | None) -> list[str]:
         if task_types is None:
             return ["regression"] * self.num_tasks
-        if isinstance(task_types, Mapping):
-            types = [task_types.get(t, "regression") for t in self.tasks]
-        else:
-            types = list(task_types)
-            if len(types) != self.num_tasks:
-                raise ValueError(f"{len(types)} task types given for {self.num_tasks} tasks")
+        given = self.values_by_task(task_types, "task types", partial=True)
+        types = [kind if kind is not None else "regression" for kind in given]
         for task, kind in zip(self.tasks, types):
             if kind not in ("regression", "classification"):
                 raise ValueError(
@@ -136,7 +136,12 @@ class UncertaintyWeighting(Balancer):
         return {"sigma": self.sigma}
 
     def method_state(self) -> dict[str, Any]:
-        return self.learnable.state_dict()
+        return {"variant": self.variant, **self.learnable.state_dict()}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
+        if state.get("variant") != self.variant:
+            raise BalancerUsageError(
+                f"state of uncertainty variant {state.get('variant')!r} cannot be loaded into "
+                f"variant {self.variant!r}"
+            )
         self.learnable.load_state_dict(state)

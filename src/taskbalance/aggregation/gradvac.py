@@ -1,0 +1,136 @@
+"""Gradient Vaccine (GradVac).
+
+Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and Improving Multi-task
+Optimization in Massively Multilingual Models", ICLR 2021, Algorithm 1 (whole-model
+granularity). Like PCGrad, every ``g_i`` is corrected on its own, visiting the other
+tasks j in a random order; with ``φ_ij = cos(g_i^PC, g_j)`` (g_j the ORIGINAL gradient)
+and an EMA target ``φ̂_ij`` (initialised to 0), when ``φ_ij < φ̂_ij``
+
+    g_i^PC <- g_i^PC + ||g_i^PC|| (φ̂_ij sqrt(1 - φ_ij²) - φ_ij sqrt(1 - φ̂_ij²))
+                                   / (||g_j|| sqrt(1 - φ̂_ij²)) · g_j,
+
+which makes ``cos(g_i^PC, g_j) = φ̂_ij`` exactly; then ``φ̂_ij <- (1 - β) φ̂_ij + β φ_ij``.
+The update is ``d = sum_i g_i^PC`` (``reduction="mean"``: divided by K). With targets 0
+and β = 0 this is exactly PCGrad.
+
+* β (``beta``): the paper's default is 1e-2 (a slow EMA of the observed cosines); LibMTL
+  and torchjd default to 0.5. ``ema="always"`` (default) updates the target for every
+  visited pair, as in the paper's algorithm; ``ema="adjusted"`` only when the pair was
+  adjusted, as in LibMTL.
+* Everything runs in coefficient space from the Gramian (``g_i^PC = sum_k C_ik g_k``,
+  ``||g_i^PC||² = (C G Cᵀ)_ii``), weights = column sums of C; rows run in parallel.
+* A pair with a zero gradient has no cosine: it is neither adjusted nor averaged. A target
+  of exactly 1 cannot be reached by a finite step; it is capped at ``1 - 1e-12``.
+* Orders and seeds as in :class:`~taskbalance.aggregation.pcgrad.PCGrad`; the targets
+  (K×K float64) and the generator state are part of ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from taskbalance.aggregation.base import GradientBalancer
+from taskbalance.aggregation.pcgrad import Order, Reduction, visiting_orders
+from taskbalance.balancer import Tasks
+from taskbalance.registry import register
+
+Ema = Literal["always", "adjusted"]
+MAX_TARGET = 1.0 - 1e-12
+
+
+def gradvac_coefficients(
+    gramian: np.ndarray,
+    targets: np.ndarray,
+    orders: np.ndarray,
+    beta: float,
+    ema: Ema = "always",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(C, new_targets)``: ``g_i^PC = sum_k C_ik g_k`` and the updated φ̂ (K×K)."""
+    g = 0.5 * (gramian + gramian.T)
+    k = g.shape[0]
+    coef = np.eye(k)
+    coef_g = g.copy()  # C G: row i holds g_i^PC · g_k for every k
+    targets = targets.copy()
+    rows = np.arange(k)
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    for step in range(orders.shape[1]):
+        j = orders[:, step]
+        norm_i = np.sqrt(np.maximum(np.einsum("ik,ik->i", coef_g, coef), 0.0))
+        norm_j = norms[j]
+        valid = (norm_i > 0.0) & (norm_j > 0.0)
+        denom = np.where(valid, norm_i * norm_j, 1.0)
+        cos = np.clip(np.where(valid, coef_g[rows, j] / denom, 0.0), -1.0, 1.0)
+        target = targets[rows, j]
+        adjust = valid & (cos < target)
+        tgt = np.clip(target, -1.0, MAX_TARGET)
+        sin_t = np.sqrt(1.0 - tgt * tgt)
+        step_ij = norm_i * (tgt * np.sqrt(1.0 - cos * cos) - cos * sin_t)
+        step_ij = np.where(adjust, step_ij / np.where(adjust, norm_j * sin_t, 1.0), 0.0)
+        coef[rows, j] += step_ij
+        coef_g += step_ij[:, None] * g[j]
+        update = valid if ema == "always" else adjust
+        targets[rows, j] = np.where(update, (1.0 - beta) * target + beta * cos, target)
+    return coef, targets
+
+
+@register("gradvac")
+class GradVac(GradientBalancer):
+    """Gradient Vaccine; see the module docstring.
+
+    Args:
+        tasks: number of tasks or their names.
+        beta: EMA rate of the targets (paper: 1e-2; LibMTL/torchjd: 0.5).
+        seed: seed of the balancer's own generator (visiting orders).
+        order: ``"random"`` (paper), ``"shared"`` or ``"fixed"``; see PCGrad.
+        reduction: ``"sum"`` (paper) or ``"mean"`` of the corrected gradients.
+        ema: ``"always"`` (paper) or ``"adjusted"`` (LibMTL) target updates.
+        **kw: see :class:`~taskbalance.aggregation.base.GradientBalancer`.
+    """
+
+    def __init__(
+        self,
+        tasks: Tasks,
+        *,
+        beta: float = 0.01,
+        seed: int = 0,
+        order: Order = "random",
+        reduction: Reduction = "sum",
+        ema: Ema = "always",
+        **kw: Any,
+    ) -> None:
+        super().__init__(tasks, **kw)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if order not in ("random", "shared", "fixed"):
+            raise ValueError(f"order must be 'random', 'shared' or 'fixed', got {order!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        if ema not in ("always", "adjusted"):
+            raise ValueError(f"ema must be 'always' or 'adjusted', got {ema!r}")
+        self.beta = float(beta)
+        self.order: Order = order
+        self.reduction: Reduction = reduction
+        self.ema: Ema = ema
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.targets = torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64)
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        k = self.num_tasks
+        orders = visiting_orders(k, self.order, self.generator)
+        coef, targets = gradvac_coefficients(
+            gramian.detach().cpu().numpy(), self.targets.numpy(), orders, self.beta, self.ema
+        )
+        self.targets = torch.from_numpy(targets)
+        weights = coef.sum(axis=0) / (k if self.reduction == "mean" else 1)
+        return torch.from_numpy(weights).to(gramian.device, gramian.dtype)
+
+    def method_state(self) -> dict[str, Any]:
+        return {"targets": self.targets.clone(), "generator": self.generator.get_state()}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.targets = state["targets"].to(torch.float64).clone()
+        self.generator.set_state(state["generator"])
