@@ -71,6 +71,10 @@ class Balancer:
             :attr:`skipped_steps` and logged as a warning on the ``taskbalance`` logger.
         record: keep a :class:`~taskbalance.history.History` of every step.
 
+    Every call is a training step: it advances the method's state (DWA's period means,
+    RLW's random draws, the step counter) and is recorded in the history. Compute
+    evaluation losses without the balancer (e.g. ``sum(losses)`` or your own weights).
+
     Subclasses of loss-weighting methods implement :meth:`compute_weights`; those whose
     combined loss is not a weighted sum (uncertainty weighting, GLS) override
     :meth:`combine` as well.

@@ -91,7 +91,7 @@ class GradNorm(Balancer):
         """Clamp the weights at :data:`MIN_WEIGHT` and rescale them to sum to K."""
         w = self.learnable["weights"]
         with torch.no_grad():
-            clamped = w.clamp(min=MIN_WEIGHT)
+            clamped = w
             w.copy_(clamped * (self.num_tasks / clamped.sum()))
 
     def _layer(self, shared: Any, features: Any, last_shared: Any) -> list[Tensor]:
@@ -138,7 +138,7 @@ class GradNorm(Balancer):
             norms.append(torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None)))
         if self.initial_losses is None:
             self.initial_losses = stacked.double().clone()
-        used = self.weights.clone() * 1.0001
+        used = self.weights.clone()
         (used.to(stacked.dtype) * torch.stack(items)).sum().backward()
         ratios = stacked.double() / self.initial_losses.to(stacked.device)
         grad, g, _ = gradnorm_weight_grad(used.double(), torch.stack(norms), ratios, self.alpha)

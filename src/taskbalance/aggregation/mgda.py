@@ -57,12 +57,12 @@ def gradient_normalizers(
 
 
 def mgda_weights(
-    gramian: Tensor, losses: Tensor | None = None, normalization: str = "none"
+    gramian: Tensor, losses: Tensor | None = None, normalization: str = "none", tasks: Any = None
 ) -> Tensor:
-    """MGDA weights ``(K,)`` (non-negative, summing to 1) from the Gramian ``(K, K)``."""
+    """MGDA weights ``(K,)`` (float64, non-negative, summing to 1) from the Gramian ``(K, K)``."""
     if losses is None:
         losses = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
-    n = gradient_normalizers(gramian, losses.to(gramian.dtype), normalization)
+    n = gradient_normalizers(gramian, losses.to(gramian.dtype), normalization, tasks)
     scaled = gramian / (n[:, None] * n[None, :])
     w = min_norm_weights(scaled.detach().cpu().double().numpy())
     return torch.as_tensor(w, dtype=torch.float64, device=gramian.device)
@@ -81,10 +81,7 @@ class MGDA(GradientBalancer):
         self.normalization = normalization
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        n = gradient_normalizers(gramian, losses, self.normalization, self.tasks)
-        scaled = gramian / (n[:, None] * n[None, :])
-        w = min_norm_weights(scaled.detach().cpu().double().numpy())
-        return torch.as_tensor(w, dtype=torch.float64, device=gramian.device)
+        return mgda_weights(gramian, losses, self.normalization, self.tasks)
 
 
 @register("mgda_ub", "mgdaub")

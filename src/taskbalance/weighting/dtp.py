@@ -41,7 +41,10 @@ def dtp_weights(kpi: Tensor, gamma: Tensor) -> Tensor:
 
 @register("dtp")
 class DTP(Balancer):
-    """Dynamic Task Prioritization; see the module docstring."""
+    """DTP (Guo et al., ECCV 2018): w_i = -(1 - kbar_i)^gamma_i log kbar_i from task KPIs.
+
+    See the module docstring for the KPI moving average.
+    """
 
     def __init__(
         self,

@@ -39,7 +39,10 @@ def dwa_weights(previous: Tensor, before: Tensor, temperature: float = 2.0) -> T
 
 @register("dwa")
 class DWA(Balancer):
-    """Dynamic Weight Averaging; see the module docstring for the formula."""
+    """DWA (Liu et al., CVPR 2019): w = K softmax(r/T), r_i = L_i(t-1) / L_i(t-2).
+
+    See the module docstring for the periods and defaults.
+    """
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ def equal_weights(k: int, reduction: str = "sum", like: Tensor | None = None) ->
 
 @register("equal", "ew", "ls", "linear_scalarization")
 class EqualWeighting(Balancer):
-    """Equal weighting: ``sum_i L_i`` (or the mean with ``reduction="mean"``)."""
+    """Equal weighting: L = sum_i L_i (or the mean with ``reduction="mean"``)."""
 
     def __init__(self, tasks: Tasks, reduction: Literal["sum", "mean"] = "sum", **kw: Any) -> None:
         super().__init__(tasks, **kw)

@@ -30,7 +30,7 @@ def geometric_mean(losses: Tensor) -> Tensor:
 
 @register("gls", "geometric")
 class GLS(Balancer):
-    """Geometric mean of the task losses."""
+    """GLS (Chennupati et al., CVPRW 2019): L = (prod_i L_i)^(1/K), the geometric mean."""
 
     def compute_weights(self, losses: Tensor, **context: Any) -> Tensor:
         positive = losses > 0

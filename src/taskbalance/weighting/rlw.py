@@ -29,7 +29,7 @@ def rlw_weights(k: int, generator: torch.Generator) -> Tensor:
 
 @register("rlw", "random")
 class RLW(Balancer):
-    """Random loss weighting with seeded softmax-normal weights."""
+    """RLW (Lin et al., TMLR 2022): w = softmax(z), z ~ N(0, I), drawn afresh every step."""
 
     def __init__(self, tasks: Tasks, seed: int = 0, **kw: Any) -> None:
         super().__init__(tasks, **kw)

@@ -22,7 +22,7 @@ logger = logging.getLogger("taskbalance")
 
 @register("static", "fixed")
 class StaticWeighting(Balancer):
-    """Fixed weights given by position (a sequence) or by task name (a mapping)."""
+    """Static weighting: L = sum_i w_i L_i with fixed w, by position or by task name."""
 
     def __init__(
         self, tasks: Tasks, weights: Sequence[float] | Mapping[str, float], **kw: Any

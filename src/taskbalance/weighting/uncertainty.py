@@ -59,7 +59,10 @@ def uncertainty_terms(
 
 @register("uncertainty", "uw", "kendall")
 class UncertaintyWeighting(Balancer):
-    """Learned homoscedastic-uncertainty weights; see the module docstring."""
+    """Uncertainty weighting (Kendall et al., CVPR 2018): exp(-s_i) L_i + s_i, s_i learned.
+
+    See the module docstring for the three variants.
+    """
 
     def __init__(
         self,
