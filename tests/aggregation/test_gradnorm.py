@@ -194,3 +194,12 @@ def test_registered() -> None:
     assert registry.get("gradnorm") is GradNorm
     with pytest.raises(tb.BalancerUsageError):
         GradNorm(2)(const(1.0, 2.0))  # a gradient method: backward(...) only
+
+
+def test_non_finite_loss_under_skip_step() -> None:
+    model = TinyNet(2)
+    bal = GradNorm(2, nonfinite="skip_step")
+    a, b = task_losses(model, 0)
+    assert bal.backward([a, b * float("inf")], shared=model.shared.parameters()) is None
+    assert bal.skipped_steps == 1 and bal.initial_losses is None
+    assert torch.equal(bal.weights, torch.ones(2)) and model.shared.weight.grad is None

@@ -184,3 +184,13 @@ def test_state_round_trip_is_bit_exact(pending: bool) -> None:
 
 def test_registered() -> None:
     assert registry.get("famo") is FAMO
+
+
+def test_non_finite_losses_under_skip_step() -> None:
+    famo = FAMO(2, nonfinite="skip_step")
+    famo(const(2.0, 1.0))
+    famo.update(const(float("nan"), 1.0))  # the logit step is skipped, not poisoned
+    assert famo.skipped_steps == 1 and torch.equal(famo.logits.detach(), torch.zeros(2))
+    famo(const(2.0, 1.0))
+    famo.update(const(1.0, 1.0))
+    assert bool(torch.isfinite(famo.logits).all()) and famo.logits[0] < 0

@@ -17,15 +17,19 @@ two-objective toy). The official code divides d by ``1 + c²`` (its ``rescale=1`
 ``rescale="1+c^2"`` does that, ``"1+c"`` its other option; the default ``"none"`` keeps the
 paper's d, for which the conflict-averse property ``min_i g_i·d >= min_i g_i·g0`` holds.
 
-Solver: a primal-dual interior-point method (Mehrotra predictor-corrector) in NumPy
-float64 on G normalised by its mean diagonal, with ``||g_w||`` smoothed to
-``sqrt(||g_w||² + ε²)``, ε = 1e-4 · rms ||g_i|| (the official code adds 1e-8; the
-smoothing bounds λ when 0 is (nearly) in the convex hull of the gradients and changes
-nothing measurable otherwise). It stops on the Frank-Wolfe duality gap
-``wᵀ∇F - min_i ∇F_i <= tol`` (a certificate: F(w) - F* <= gap). If that is not reached in
-``max_iter`` iterations (in practice only for exactly Pareto-stationary gradients), a
-warning is logged on the ``taskbalance`` logger and the best iterate is used if its gap is
-below 1e-4, else the mean gradient (the ``c = 0`` update). The result is never NaN.
+Solver: the primal problem is a small second-order-cone program in the span of the
+gradients. With ``G/mean(diag G) = MᵀM`` (eigendecomposition; directions with eigenvalue
+below 1e-8 λ_max, the rounding level of a float32 Gramian, are dropped) it reads
+``max_{||u|| <= 1} min_i (b_i + s a_i·u)`` (``a_i`` = columns of M, ``b = G 1/K``) and is
+solved by a primal-dual interior-point method in NumPy float64; its multipliers of the K
+linear constraints are the dual weights w. The iterate is always feasible, so the returned
+``d = g0 + s u`` is always in the ball; the solve stops when the duality gap
+``F(w) - min_i g_i·d`` (F the dual objective) is below ``tol`` (relative to the mean
+``||g_i||²``), which certifies ``min_i g_i·d >= max-min optimum - tol``. Unlike the dual
+form it has no kink at ``g_w = 0`` (gradients whose convex hull contains 0). If the gap is
+not reached in ``max_iter`` iterations, or a linear solve fails, the best iterate is used
+(its worst task improvement is never below the mean gradient's) and a warning is logged on
+the ``taskbalance`` logger. The result is never NaN.
 """
 
 from __future__ import annotations
@@ -43,76 +47,105 @@ from taskbalance.registry import register
 
 logger = logging.getLogger("taskbalance")
 Rescale = Literal["none", "1+c^2", "1+c"]
-SMOOTHING = 1e-8  # ε² relative to the mean squared gradient norm
-FALLBACK_GAP = 1e-4
+RANK_TOL = 1e-8  #: eigenvalues below RANK_TOL * λ_max of the normalised Gramian are dropped
+SIGMA_MIN = 0.1  #: lower bound of the centring parameter (the plain Mehrotra one oscillates)
 
 
-def _newton(system: tuple, comp: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Newton step of the KKT system with complementarity right-hand side ``comp``."""
-    inv, inv_one, w, z, dual_res, primal_res = system
-    a = inv @ (comp / w - dual_res)
-    d_lam = (-primal_res - a.sum()) / inv_one.sum()
-    d_w = a + d_lam * inv_one
-    return d_w, (comp - z * d_w) / w, d_lam
+def _newton(state: tuple, comp: np.ndarray, comp0: float) -> tuple:
+    """Newton step of the perturbed KKT system for complementarity targets ``comp, comp0``."""
+    inv, coords, s, u, y, eta, slack, ball, res_u, res_t = state
+    rhs = np.append(s * (coords @ (comp / slack)) - res_u - 2.0 * u * (comp0 / ball), 0.0)
+    rhs[-1] = -res_t - (comp / slack).sum()
+    dx = inv @ rhs
+    du, dt = dx[:-1], dx[-1]
+    d_slack, d_ball = s * (du @ coords) - dt, -2.0 * float(u @ du)
+    return du, dt, (comp - y * d_slack) / slack, (comp0 - eta * d_ball) / ball, d_slack, d_ball
 
 
-def _max_step(v: np.ndarray, dv: np.ndarray) -> float:
-    neg = dv < 0
-    return min(1.0, float(np.min(-v[neg] / dv[neg]))) if neg.any() else 1.0
+def _max_step(state: tuple, du: np.ndarray, dy: np.ndarray, deta: float, d_slack) -> float:
+    """Largest step in [0, 1] keeping slacks, multipliers and ``1 - ||u||²`` non-negative."""
+    _, _, _, u, y, eta, slack, ball, _, _ = state
+    ratio = 1.0
+    for v, dv in ((slack, d_slack), (y, dy)):
+        neg = dv < 0
+        if neg.any():
+            ratio = min(ratio, float(np.min(-v[neg] / dv[neg])))
+    if deta < 0:
+        ratio = min(ratio, -eta / deta)
+    quad, lin = float(du @ du), float(u @ du)
+    if quad > 0:
+        ratio = min(ratio, (-lin + np.sqrt(lin * lin + quad * ball)) / quad)
+    return ratio
 
 
-def cagrad_dual(
+def cagrad_solve(
     gramian: np.ndarray, c: float, *, tol: float = 1e-8, max_iter: int = 50
-) -> tuple[np.ndarray, float, float]:
-    """Solve the dual on the normalised Gramian; return ``(w, λ, gap)`` (gap in those units)."""
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Return ``(boost, w, gap)``: the update is ``d = sum_i (1/K + boost_i) g_i``.
+
+    ``w`` are the dual (simplex) weights and ``gap`` the certified duality gap, in units of
+    the mean ``||g_i||²``.
+    """
     k = gramian.shape[0]
     scale = float(np.mean(np.diag(gramian)))
-    w = np.full(k, 1.0 / k)
+    uniform = np.full(k, 1.0 / k)
     if c == 0.0 or not scale > 0.0 or not np.isfinite(gramian).all():
-        return w, 0.0, 0.0
-    gn = 0.5 * (gramian + gramian.T) / scale
-    b = gn.mean(axis=1)  # ∇ of g_wᵀ g0
+        return np.zeros(k), uniform, 0.0
+    eigval, eigvec = np.linalg.eigh(0.5 * (gramian + gramian.T) / scale)
+    keep = eigval > RANK_TOL * eigval[-1]
+    root = np.sqrt(eigval[keep])
+    coords, back = (eigvec[:, keep] * root).T, eigvec[:, keep] / root  # M (m, K), M⁺ (K, m)
+    b = coords.T @ coords.mean(axis=1)
     s = c * float(np.sqrt(max(b.mean(), 0.0)))
-    z, lam, diag = np.ones(k), 0.0, np.diag_indices(k)
-    best_w, best_gap = w, np.inf
+    m = coords.shape[0]
+    u, t, y, eta = np.zeros(m), float(b.min()) - 1.0, uniform.copy(), 1.0
+    best_u, best_t, best_w, best_f = u, -np.inf, uniform, np.inf
     for it in range(max_iter + 1):
-        gw = gn @ w
-        r = float(np.sqrt(max(w @ gw, 0.0) + SMOOTHING))
-        grad = b + (s / r) * gw
-        gap = float(grad @ w - grad.min())
-        if gap < best_gap:
-            best_w, best_gap = w, gap
-        if gap <= tol or it == max_iter:
+        margins = b + s * (u @ coords)
+        slack, ball = margins - t, 1.0 - float(u @ u)
+        w = y / y.sum()
+        dual = float(b @ w) + s * float(np.linalg.norm(coords @ w))
+        if dual < best_f:
+            best_w, best_f = w, dual
+        if margins.min() > best_t:
+            best_u, best_t = u, float(margins.min())
+        if best_f - best_t <= tol or it == max_iter:
             break
-        if it == 0:
-            lam = float(grad.min()) - 1.0
-        hess = (s / r) * (gn - np.outer(gw, gw) / (r * r))
-        hess[diag] += z / w
+        ratio = y / slack
+        weighted = coords * ratio
+        system = np.empty((m + 1, m + 1))
+        system[:m, :m] = (s * s) * weighted @ coords.T + (4.0 * eta / ball) * np.outer(u, u)
+        system[np.arange(m), np.arange(m)] += 2.0 * eta
+        system[:m, m] = system[m, :m] = -s * weighted.sum(axis=1)
+        system[m, m] = ratio.sum()
         try:
-            inv = np.linalg.inv(hess)
+            inv = np.linalg.inv(system)
         except np.linalg.LinAlgError:
             break
-        system = (inv, inv.sum(axis=1), w, z, grad - z - lam, w.sum() - 1.0)
-        mu = float(w @ z) / k
-        d_w, d_z, _ = _newton(system, -w * z)
-        a_w, a_z = _max_step(w, d_w), _max_step(z, d_z)
-        sigma = (float((w + a_w * d_w) @ (z + a_z * d_z)) / k / mu) ** 3
-        d_w, d_z, d_lam = _newton(system, sigma * mu - w * z - d_w * d_z)
-        a_w, a_z = 0.99 * _max_step(w, d_w), 0.99 * _max_step(z, d_z)
-        w, z, lam = w + a_w * d_w, z + a_z * d_z, lam + a_z * d_lam
-    if best_gap > tol:
-        use_best = best_gap <= FALLBACK_GAP
-        logger.warning(
-            "CAGrad: the inner solver stopped at duality gap %.3g > tol %.3g; using %s",
-            best_gap,
-            tol,
-            "its best iterate" if use_best else "the mean gradient",
+        res_u, res_t = 2.0 * eta * u - s * (coords @ y), float(y.sum()) - 1.0
+        state = (inv, coords, s, u, y, eta, slack, ball, res_u, res_t)
+        mu = (float(y @ slack) + eta * ball) / (k + 1)
+        du, _, dy, deta, d_slack, d_ball = _newton(state, -y * slack, -eta * ball)
+        a = _max_step(state, du, dy, deta, d_slack)
+        mu_aff = float((y + a * dy) @ (slack + a * d_slack)) + (eta + a * deta) * (
+            ball + a * d_ball
         )
-        if not use_best:
-            return np.full(k, 1.0 / k), 0.0, best_gap
-    w = np.maximum(best_w, 0.0)
-    w = w / w.sum()
-    return w, s / float(np.sqrt(max(w @ gn @ w, 0.0) + SMOOTHING)), best_gap
+        sigma = max((mu_aff / (k + 1) / mu) ** 3, SIGMA_MIN)
+        du, dt, dy, deta, d_slack, _ = _newton(
+            state, sigma * mu - y * slack, sigma * mu - eta * ball
+        )
+        a = 0.99 * _max_step(state, du, dy, deta, d_slack)
+        u, t, y, eta = u + a * du, t + a * dt, y + a * dy, eta + a * deta
+    gap = best_f - best_t
+    if not gap <= tol:
+        logger.warning(
+            "CAGrad: the inner solver stopped at duality gap %.3g > tol %.3g (K=%d); using its "
+            "best iterate, whose worst task improvement is never below the mean gradient's",
+            gap,
+            tol,
+            k,
+        )
+    return s * (back @ best_u), best_w, gap
 
 
 def cagrad_weights(
@@ -120,10 +153,9 @@ def cagrad_weights(
 ) -> np.ndarray:
     """Task weights ``(K,)``: ``d = sum_i w_i g_i`` is the CAGrad update."""
     k = gramian.shape[0]
-    w, lam, _ = cagrad_dual(gramian, c, **solver)
-    weights = np.full(k, 1.0 / k) + lam * w
+    boost, _, _ = cagrad_solve(gramian, c, **solver)
     divisor = {"none": 1.0, "1+c^2": 1.0 + c * c, "1+c": 1.0 + c}[rescale]
-    return weights / divisor
+    return (1.0 / k + boost) / divisor
 
 
 @register("cagrad")

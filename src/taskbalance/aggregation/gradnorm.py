@@ -16,8 +16,10 @@ After each step the weights are clamped at ``1e-8`` (never negative or zero) and
 to ``sum_i w_i = K``. ``alpha = 1.5`` by default (the paper's typical value; 0.12 for its
 synthetic problem). L(0) is the first step's losses; every loss must be positive.
 
-The weights take their own Adam step (lr 0.025 by default, LibMTL's setting; weight decay 0)
-inside :meth:`GradNorm.backward`; with ``optimizer="external"`` their gradient is added to
+The weights take their own Adam step (weight decay 0) inside :meth:`GradNorm.backward`;
+lr 0.025 by default (the learning rate of weighting parameters in the Nash-MTL/FAMO
+benchmark code; the paper gives none, and public runs of its synthetic problem use
+1e-4..5e-4); with ``optimizer="external"`` their gradient is added to
 ``.grad`` for an optimizer given to :meth:`GradNorm.attach`, and the renormalisation happens
 at the start of the next call. ``last_shared=`` names W (a tensor, tensors or a module);
 otherwise W is the last tensor of ``shared`` with at least 2 dimensions (the last layer's
@@ -91,7 +93,7 @@ class GradNorm(Balancer):
         """Clamp the weights at :data:`MIN_WEIGHT` and rescale them to sum to K."""
         w = self.learnable["weights"]
         with torch.no_grad():
-            clamped = w
+            clamped = w.clamp(min=MIN_WEIGHT)
             w.copy_(clamped * (self.num_tasks / clamped.sum()))
 
     def _layer(self, shared: Any, features: Any, last_shared: Any) -> list[Tensor]:

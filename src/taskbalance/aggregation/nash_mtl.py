@@ -59,10 +59,6 @@ def _objective(G: np.ndarray, a: np.ndarray) -> float:
     return float(0.5 * a @ G @ a - np.log(a).sum())
 
 
-def _residual(G: np.ndarray, a: np.ndarray) -> float:
-    return float(np.max(np.abs(a * (G @ a) - 1.0)))
-
-
 def _rescaled(G: np.ndarray, a: np.ndarray) -> np.ndarray | None:
     """``s·a`` with the s minimising f along a, or None if a is not a usable direction."""
     q = float(a @ G @ a)
@@ -80,14 +76,14 @@ def nash_solve(G: np.ndarray, start: np.ndarray, max_iter: int = 100) -> tuple[n
     eye = np.eye(G.shape[0])
     a = start
     best, best_r, stalled, local = a, np.inf, 0, False
-    for _ in range(max_iter + 1):
+    for i in range(max_iter + 1):
         aGa = a * (G @ a)
         r = float(np.max(np.abs(aGa - 1.0)))
         if r < best_r:
             best, best_r, stalled = a, r, 0
         elif local:
             stalled += 1
-        if not np.isfinite(r) or r < 1e-13 or stalled >= 3:
+        if not np.isfinite(r) or r < 1e-13 or stalled >= 3 or i == max_iter:
             break
         rhs = 1.0 - aGa
         u = np.linalg.solve(a[:, None] * G * a[None, :] + eye, rhs)

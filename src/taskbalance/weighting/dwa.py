@@ -39,7 +39,7 @@ def dwa_weights(previous: Tensor, before: Tensor, temperature: float = 2.0) -> T
 
 @register("dwa")
 class DWA(Balancer):
-    """DWA (Liu et al., CVPR 2019): w = K softmax(r/T), r_i = L_i(t-1) / L_i(t-2).
+    """Dynamic Weight Averaging (Liu et al., CVPR 2019): w = K softmax(L(t-1) / L(t-2) / T).
 
     See the module docstring for the periods and defaults.
     """

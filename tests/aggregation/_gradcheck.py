@@ -1,0 +1,147 @@
+"""Helpers shared by the gradient-method tests: an end-to-end check through the engine,
+brute-force references, and the numerical scale used by the "no conflict" assertions."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from conftest import TinyNet, batch
+
+
+def losses_and_features(num_tasks: int, seed: int) -> tuple[TinyNet, Tensor, list[Tensor]]:
+    """A fresh TinyNet (shared body + linear heads), its features z and the K task losses."""
+    model = TinyNet(num_tasks, seed)
+    x, ys = batch(seed, num_tasks)
+    z = torch.tanh(model.shared(x))
+    losses = [((h(z).squeeze(-1) - y) ** 2).mean() for h, y in zip(model.heads, ys)]
+    return model, z, losses
+
+
+def check_engine(
+    balancer,
+    weight_fn: Callable[[Tensor], Tensor],
+    *,
+    features: bool,
+    num_tasks: int = 3,
+    seed: int = 0,
+) -> Tensor:
+    """``balancer.backward`` on a TinyNet must fill the body's ``.grad`` with ``wᵀJ`` where
+    ``w = weight_fn(G)``, computed here by hand with ``torch.autograd.grad``; each head gets
+    its own loss's plain gradient. Returns the weights."""
+    model, z, losses = losses_and_features(num_tasks, seed)
+    body = list(model.shared.parameters())
+    if features:
+        rows = [torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses]
+    else:
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, body, retain_graph=True)])
+            for loss in losses
+        ]
+    jac = torch.stack(rows)
+    expected_w = weight_fn((jac @ jac.T).double())
+    direction = expected_w.to(jac.dtype) @ jac
+    if features:
+        expected = torch.autograd.grad(z, body, direction.view_as(z), retain_graph=True)
+    else:
+        sizes = [p.numel() for p in body]
+        expected = [g.view_as(p) for g, p in zip(direction.split(sizes), body)]
+    heads = [
+        torch.autograd.grad(loss, list(h.parameters()), retain_graph=True)
+        for loss, h in zip(losses, model.heads)
+    ]
+
+    model2, z2, losses2 = losses_and_features(num_tasks, seed)
+    if features:
+        weights = balancer.backward(losses2, shared=model2.shared, features=z2)
+    else:
+        weights = balancer.backward(losses2, shared=model2.shared)
+    assert weights is not None
+    torch.testing.assert_close(weights.double(), expected_w, rtol=1e-4, atol=1e-6)
+    for p, e in zip(model2.shared.parameters(), expected):
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all())
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+    for h, grads in zip(model2.heads, heads):
+        for p, e in zip(h.parameters(), grads):
+            torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+    return weights
+
+
+def conflict_scale(jac: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``||g_j|| (Σ_k |w_k| ||g_k|| + K eps max ||g||)``: the rounding floor of ``g_j · d``."""
+    n = np.linalg.norm(jac, axis=1)
+    k = jac.shape[0]
+    return n * (n @ np.abs(w) + k * np.finfo(float).eps * n.max())
+
+
+def brute_min_norm(gram: np.ndarray) -> tuple[float, np.ndarray]:
+    """min over the simplex of wᵀGw by enumerating every support and solving its KKT system."""
+    k = gram.shape[0]
+    best: tuple[float, np.ndarray] | None = None
+    for r in range(1, k + 1):
+        for support in itertools.combinations(range(k), r):
+            s = list(support)
+            m = np.zeros((r + 1, r + 1))
+            m[:r, :r] = gram[np.ix_(s, s)]
+            m[:r, r] = m[r, :r] = 1.0
+            rhs = np.zeros(r + 1)
+            rhs[r] = 1.0
+            sol = np.linalg.lstsq(m, rhs, rcond=None)[0][:r]
+            if (sol < -1e-12).any() or abs(sol.sum() - 1) > 1e-9:
+                continue
+            w = np.zeros(k)
+            w[s] = np.clip(sol, 0, None)
+            w /= w.sum()
+            value = float(w @ gram @ w)
+            if best is None or value < best[0]:
+                best = (value, w)
+    assert best is not None
+    return best
+
+
+def brute_box(gram: np.ndarray, u: np.ndarray) -> tuple[float, np.ndarray]:
+    """min over v >= u of vᵀGv by enumerating the free set F: G_FF x_F = -(Gu)_F, x >= 0."""
+    k = gram.shape[0]
+    best: tuple[float, np.ndarray] | None = None
+    for r in range(k + 1):
+        for support in itertools.combinations(range(k), r):
+            s = list(support)
+            v = u.astype(float).copy()
+            if s:
+                x = np.linalg.lstsq(gram[np.ix_(s, s)], -(gram @ u)[s], rcond=None)[0]
+                if (x < -1e-12).any():
+                    continue
+                v[s] += np.clip(x, 0, None)
+            value = float(v @ gram @ v)
+            if best is None or value < best[0]:
+                best = (value, v)
+    assert best is not None
+    return best
+
+
+def adversarial_jacobians(seed: int = 0) -> list[np.ndarray]:
+    """Random and adversarial Jacobians (K, P): nearly collinear, opposite, zero rows,
+    duplicated rows, rank-deficient and wildly different norms (1e-6..1e6)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(6):
+        k, p = int(rng.integers(2, 6)), int(rng.integers(2, 6))
+        base = rng.normal(size=(k, p))
+        out.append(base)
+        out.append(base[:1] + 1e-7 * rng.normal(size=(k, p)))  # nearly collinear
+        opposite = base.copy()
+        opposite[1] = -3.0 * opposite[0]
+        out.append(opposite)
+        zero = base.copy()
+        zero[-1] = 0.0
+        out.append(zero)
+        dup = base.copy()
+        dup[-1] = dup[0]
+        out.append(dup)
+        out.append(rng.normal(size=(k, 1)) @ rng.normal(size=(1, p)))  # rank one
+        out.append(base * 10.0 ** rng.uniform(-6, 6, size=(k, 1)))  # norms 1e-6..1e6
+    return out
