@@ -4,6 +4,22 @@
 >>> bal = tb.make("dwa", tasks=["seg", "depth"])
 """
 
+from taskbalance.aggregation import (
+    DBMTL,
+    IMTL,
+    IMTLL,
+    MGDA,
+    MGDAUB,
+    AlignedMTL,
+    CAGrad,
+    GradDrop,
+    GradientBalancer,
+    GradNorm,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    UPGrad,
+)
 from taskbalance.balancer import Balancer
 from taskbalance.errors import (
     BalancerUsageError,
@@ -17,9 +33,11 @@ from taskbalance.errors import (
 )
 from taskbalance.history import History
 from taskbalance.registry import get, list_methods, make, register
+from taskbalance.training import train_alternating, train_joint
 from taskbalance.weighting import (
     DTP,
     DWA,
+    FAMO,
     GLS,
     RLW,
     EqualWeighting,
@@ -30,25 +48,42 @@ from taskbalance.weighting import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DBMTL",
     "DTP",
     "DWA",
+    "FAMO",
     "GLS",
+    "IMTL",
+    "IMTLL",
+    "MGDA",
+    "MGDAUB",
     "RLW",
+    "AlignedMTL",
     "Balancer",
     "BalancerUsageError",
+    "CAGrad",
     "EqualWeighting",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "GradientBalancer",
     "History",
     "InvalidKPIError",
+    "NashMTL",
     "NonFiniteLossError",
     "NonPositiveLossError",
     "NotScalarLossError",
+    "PCGrad",
     "SolverError",
     "StaticWeighting",
     "TaskBalanceError",
     "TaskMismatchError",
+    "UPGrad",
     "UncertaintyWeighting",
     "get",
     "list_methods",
     "make",
     "register",
+    "train_alternating",
+    "train_joint",
 ]

@@ -7,9 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from _gradcheck import (
     adversarial_jacobians,
     brute_min_norm,
@@ -17,6 +14,9 @@ from _gradcheck import (
     conflict_scale,
     losses_and_features,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from taskbalance import registry
 from taskbalance.aggregation.mgda import MGDA, MGDAUB, gradient_normalizers, mgda_weights
 from taskbalance.errors import BalancerUsageError, NonPositiveLossError
@@ -103,10 +103,12 @@ def test_normalizations() -> None:
     # loss+: g/(L |g|) = (1/4, 0), (0, 2) -> w ∝ (16, 1/4)
     np.testing.assert_allclose(mgda_weights(gram, losses, "loss+").numpy(), [64 / 65, 1 / 65])
     np.testing.assert_allclose(
-        gradient_normalizers(gram, losses, "loss+").numpy(), [8.0, 0.5], atol=1e-15
+        gradient_normalizers(gram.numpy(), losses.numpy(), "loss+"), [8.0, 0.5], atol=1e-15
     )
     with pytest.raises(NonPositiveLossError, match="'b'"):
-        gradient_normalizers(gram, torch.tensor([1.0, 0.0]).double(), "loss", ["a", "b"])
+        gradient_normalizers(gram.numpy(), np.array([1.0, 0.0]), "loss", ["a", "b"])
+    with pytest.raises(NonPositiveLossError, match="'1'"):
+        MGDA(2, normalization="loss").weights_from_gramian(gram, torch.tensor([1.0, -2.0]))
     with pytest.raises(ValueError):
         MGDA(2, normalization="l1")  # type: ignore[arg-type]
 

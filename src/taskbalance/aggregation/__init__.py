@@ -1,5 +1,34 @@
-"""Gradient methods: weights (or a direction) computed from the task gradients."""
+"""Gradient methods: weights (or a direction) computed from the task gradients.
 
+Importing this package registers every method; adding one is one file plus one import here.
+"""
+
+from taskbalance.aggregation.aligned_mtl import AlignedMTL
 from taskbalance.aggregation.base import GradientBalancer
+from taskbalance.aggregation.cagrad import CAGrad
+from taskbalance.aggregation.db_mtl import DBMTL
+from taskbalance.aggregation.graddrop import GradDrop
+from taskbalance.aggregation.gradnorm import GradNorm
+from taskbalance.aggregation.gradvac import GradVac
+from taskbalance.aggregation.imtl import IMTL, IMTLL
+from taskbalance.aggregation.mgda import MGDA, MGDAUB
+from taskbalance.aggregation.nash_mtl import NashMTL
+from taskbalance.aggregation.pcgrad import PCGrad
+from taskbalance.aggregation.upgrad import UPGrad
 
-__all__ = ["GradientBalancer"]
+__all__ = [
+    "DBMTL",
+    "IMTL",
+    "IMTLL",
+    "MGDA",
+    "MGDAUB",
+    "AlignedMTL",
+    "CAGrad",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "GradientBalancer",
+    "NashMTL",
+    "PCGrad",
+    "UPGrad",
+]

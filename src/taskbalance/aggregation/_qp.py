@@ -229,18 +229,23 @@ def min_norm_weights(
 def _masked_solve(hat: np.ndarray, free: np.ndarray, rhs: np.ndarray, ridge: float = 0.0):
     """For each row: ``Ĝ_FF z_F = rhs_F`` on its free set F, ``z = 0`` elsewhere.
 
-    The free indices are gathered first, so the batched solve is only max|F| wide.
+    Rows with an empty F are skipped and the free indices are gathered first, so the
+    batched solve is only max|F| wide.
     """
     out = np.zeros(free.shape)
-    n = int(free.sum(axis=1).max(initial=0))
-    if n == 0:
+    rows = np.flatnonzero(free.any(axis=1))
+    if rows.size == 0:
         return out
+    free, rhs = free[rows], rhs[rows]
+    n = int(free.sum(axis=1).max())
     order = np.argsort(~free, axis=1, kind="stable")[:, :n]
     valid = np.take_along_axis(free, order, axis=1)
     m = np.where(valid[:, :, None] & valid[:, None, :], hat[order[:, :, None], order[:, None]], 0)
     m = m + np.eye(n) * ~valid[:, None, :]
     z = _solve(m, np.where(valid, np.take_along_axis(rhs, order, axis=1), 0.0), ridge)
-    np.put_along_axis(out, order, np.where(valid, z, 0.0), axis=1)
+    sub = np.zeros((rows.size, free.shape[1]))
+    np.put_along_axis(sub, order, np.where(valid, z, 0.0), axis=1)
+    out[rows] = sub
     return out
 
 
@@ -341,4 +346,4 @@ def project_dual_cone(
             start,
             lambda t: float(np.einsum("bi,ij,bj->", t, hat, t)),
         )
-    return (x + low) / d
+    return np.where(x > 0, (x + low) / d, u)  # exactly u on the active constraints

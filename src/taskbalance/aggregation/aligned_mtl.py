@@ -43,8 +43,12 @@ def balance_transformation(
 ) -> Tensor:
     """The balance matrix ``B`` ``(K, K)`` (float64) of the module docstring."""
     g = gramian.detach().cpu().double().numpy()
+    g = 0.5 * (g + g.T)
     k = g.shape[0]
-    lam, vec = np.linalg.eigh(0.5 * (g + g.T))
+    # eigenvectors by SVD: LAPACK's eigh stalls for ~20 ms on busy multi-threaded CPUs; the
+    # Rayleigh quotients restore the signs of the eigenvalues
+    vec = np.linalg.svd(g)[0]
+    lam = np.einsum("ij,ik,kj->j", vec, g, vec)
     tol = lam.max() * k * _EPS32 if rank_tol is None else rank_tol * max(lam.max(), 0.0)
     keep = lam > max(tol, 0.0)
     if not keep.any():

@@ -2,34 +2,28 @@
 
 Liu, Liu, Jin, Stone, Liu, "Conflict-Averse Gradient Descent for Multi-task Learning",
 NeurIPS 2021. The update maximises the worst task improvement in a ball around the mean
-gradient ``g0 = (1/K) sum_i g_i``:
+gradient ``g0 = (1/K) sum_i g_i``; with ``s = c ||g0||`` and ``g_w = sum_i w_i g_i``:
 
-    max_d min_i g_i · d   s.t.  ||d - g0|| <= c ||g0||,
+    max_d min_i g_i·d  s.t. ||d - g0|| <= s    (dual: min_{w in simplex} g_w·g0 + s ||g_w||)
+    d = g0 + (s / ||g_w*||) g_w* = sum_i (1/K + λ w*_i) g_i,    λ = s / ||g_w*||.
 
-solved through its dual over the simplex (``g_w = sum_i w_i g_i``, ``s = c ||g0||``):
+Only the Gramian is needed. ``c = 0`` gives the mean gradient exactly; c = 0.4 (default) is
+the paper's value on its image benchmarks, 0.5 on its two-objective toy. The official code
+divides d by ``1 + c²`` (``rescale="1+c^2"``; ``"1+c"`` is its other option); the default
+``"none"`` keeps the paper's d, which has the conflict-averse property
+``min_i g_i·d >= min_i g_i·g0``.
 
-    w* = argmin_{w in simplex}  g_wᵀ g0 + s ||g_w||,       d = g0 + (s / ||g_w*||) g_w*.
-
-So ``d = sum_i (1/K + λ w*_i) g_i`` with ``λ = s / ||g_w*||``: only the Gramian is needed
-(``g_wᵀ g0 = wᵀ G 1 / K``, ``||g_w||² = wᵀ G w``). ``c = 0`` is the mean gradient exactly.
-``c`` defaults to 0.4, the paper's value for its image benchmarks (it uses 0.5 on the
-two-objective toy). The official code divides d by ``1 + c²`` (its ``rescale=1`` default);
-``rescale="1+c^2"`` does that, ``"1+c"`` its other option; the default ``"none"`` keeps the
-paper's d, for which the conflict-averse property ``min_i g_i·d >= min_i g_i·g0`` holds.
-
-Solver: the primal problem is a small second-order-cone program in the span of the
-gradients. With ``G/mean(diag G) = MᵀM`` (eigendecomposition; directions with eigenvalue
-below 1e-8 λ_max, the rounding level of a float32 Gramian, are dropped) it reads
-``max_{||u|| <= 1} min_i (b_i + s a_i·u)`` (``a_i`` = columns of M, ``b = G 1/K``) and is
-solved by a primal-dual interior-point method in NumPy float64; its multipliers of the K
-linear constraints are the dual weights w. The iterate is always feasible, so the returned
-``d = g0 + s u`` is always in the ball; the solve stops when the duality gap
-``F(w) - min_i g_i·d`` (F the dual objective) is below ``tol`` (relative to the mean
-``||g_i||²``), which certifies ``min_i g_i·d >= max-min optimum - tol``. Unlike the dual
-form it has no kink at ``g_w = 0`` (gradients whose convex hull contains 0). If the gap is
-not reached in ``max_iter`` iterations, or a linear solve fails, the best iterate is used
-(its worst task improvement is never below the mean gradient's) and a warning is logged on
-the ``taskbalance`` logger. The result is never NaN.
+Solver (NumPy float64): the primal ``max_{||u|| <= 1} min_i (g_i·g0 + s a_i·u)`` in the span
+of the gradients (``a_i`` = coordinates of g_i from an eigendecomposition of the Jacobi-scaled
+Gramian, so norms from 1e-6 to 1e6 mix safely; directions of eigenvalue below 1e-12 λ_max,
+exactly dependent gradients, are dropped), solved by a primal-dual interior-point method
+(Mehrotra's centring, kept >= 0.1) whose multipliers are the dual weights w.
+Unlike the dual it has no kink where 0 is in the convex hull of the gradients, and its
+iterate ``d = g0 + s u`` is always in the ball. It stops when the duality gap
+``F(w) - min_i g_i·d`` is at most ``tol`` (relative to the mean ``||g_i||²``), certifying
+that d is within tol of the max-min optimum. Otherwise (``max_iter`` iterations, or a
+singular system) it logs a warning on the ``taskbalance`` logger and keeps its best iterate,
+whose worst task improvement is never below the mean gradient's. Never NaN.
 """
 
 from __future__ import annotations
@@ -47,34 +41,48 @@ from taskbalance.registry import register
 
 logger = logging.getLogger("taskbalance")
 Rescale = Literal["none", "1+c^2", "1+c"]
-RANK_TOL = 1e-8  #: eigenvalues below RANK_TOL * λ_max of the normalised Gramian are dropped
+RANK_TOL = 1e-12  #: directions of the unit-diagonal Gramian below RANK_TOL λ_max are dropped
 SIGMA_MIN = 0.1  #: lower bound of the centring parameter (the plain Mehrotra one oscillates)
 
 
-def _newton(state: tuple, comp: np.ndarray, comp0: float) -> tuple:
-    """Newton step of the perturbed KKT system for complementarity targets ``comp, comp0``."""
-    inv, coords, s, u, y, eta, slack, ball, res_u, res_t = state
-    rhs = np.append(s * (coords @ (comp / slack)) - res_u - 2.0 * u * (comp0 / ball), 0.0)
-    rhs[-1] = -res_t - (comp / slack).sum()
-    dx = inv @ rhs
-    du, dt = dx[:-1], dx[-1]
-    d_slack, d_ball = s * (du @ coords) - dt, -2.0 * float(u @ du)
-    return du, dt, (comp - y * d_slack) / slack, (comp0 - eta * d_ball) / ball, d_slack, d_ball
+def _newton_pair(coords: np.ndarray, s: float, x: np.ndarray, slack: np.ndarray) -> np.ndarray:
+    """Newton directions for ``max t`` s.t. ``b + s Mᵀu - t >= 0`` and ``||u|| <= 1``.
+
+    ``x = (u, t, multipliers)`` and ``slack`` (K linear slacks, then ``1 - ||u||²``). Returns
+    rows ``(du, dt, d_multipliers, d_slack)``; column 0 is the affine step (complementarity
+    target 0), column 1 the change per unit of target (centring): the system is linear in
+    the target, so the step for target ``σμ`` is ``col0 + σμ col1``.
+    """
+    m, k = coords.shape
+    u, mult = x[:m], x[m + 1 :]
+    ratio = mult[:k] / slack[:k]
+    weighted = coords * ratio
+    eta, ball = mult[k], slack[k]
+    system = np.empty((m + 1, m + 1))
+    system[:m, :m] = (s * s) * weighted @ coords.T + (4.0 * eta / ball) * np.outer(u, u)
+    system[np.arange(m), np.arange(m)] += 2.0 * eta
+    system[:m, m] = system[m, :m] = -s * weighted.sum(axis=1)
+    system[m, m] = ratio.sum()
+    comp = np.stack((-slack * mult, np.ones(k + 1)), axis=1)
+    scaled = comp[:k] / slack[:k, None]
+    rhs = np.empty((m + 1, 2))
+    rhs[:m] = s * (coords @ scaled) - np.outer(u, 2.0 * comp[k] / ball)
+    rhs[m] = -scaled.sum(axis=0)
+    rhs[:m, 0] -= 2.0 * eta * u - s * (coords @ mult[:k])  # dual residuals
+    rhs[m, 0] -= mult[:k].sum() - 1.0
+    dx = np.linalg.solve(system, rhs)
+    d_slack = np.vstack((s * (coords.T @ dx[:m]) - dx[m], -2.0 * (u @ dx[:m])))
+    d_mult = (comp - mult[:, None] * d_slack) / slack[:, None]
+    return np.vstack((dx, d_mult, d_slack))
 
 
-def _max_step(state: tuple, du: np.ndarray, dy: np.ndarray, deta: float, d_slack) -> float:
-    """Largest step in [0, 1] keeping slacks, multipliers and ``1 - ||u||²`` non-negative."""
-    _, _, _, u, y, eta, slack, ball, _, _ = state
-    ratio = 1.0
-    for v, dv in ((slack, d_slack), (y, dy)):
-        neg = dv < 0
-        if neg.any():
-            ratio = min(ratio, float(np.min(-v[neg] / dv[neg])))
-    if deta < 0:
-        ratio = min(ratio, -eta / deta)
+def _max_step(z: np.ndarray, dz: np.ndarray, u: np.ndarray, du: np.ndarray) -> float:
+    """Largest step in [0, 1] keeping ``z`` (multipliers, slacks) >= 0 and ``||u|| <= 1``."""
+    neg = dz < 0
+    ratio = min(1.0, float(np.min(-z[neg] / dz[neg]))) if neg.any() else 1.0
     quad, lin = float(du @ du), float(u @ du)
-    if quad > 0:
-        ratio = min(ratio, (-lin + np.sqrt(lin * lin + quad * ball)) / quad)
+    if quad > 0:  # exact root of ||u + a du||² = 1 (the linearised ball slack is in z)
+        ratio = min(ratio, (-lin + np.sqrt(lin * lin + quad * (1.0 - float(u @ u)))) / quad)
     return ratio
 
 
@@ -91,51 +99,42 @@ def cagrad_solve(
     uniform = np.full(k, 1.0 / k)
     if c == 0.0 or not scale > 0.0 or not np.isfinite(gramian).all():
         return np.zeros(k), uniform, 0.0
-    eigval, eigvec = np.linalg.eigh(0.5 * (gramian + gramian.T) / scale)
+    norms = np.sqrt(np.maximum(np.diag(gramian), 0.0))
+    unit = np.where(norms > 0, norms, 1.0)  # Jacobi scaling: any mix of norms is safe
+    eigval, eigvec = np.linalg.eigh(0.5 * (gramian + gramian.T) / np.outer(unit, unit))
     keep = eigval > RANK_TOL * eigval[-1]
-    root = np.sqrt(eigval[keep])
-    coords, back = (eigvec[:, keep] * root).T, eigvec[:, keep] / root  # M (m, K), M⁺ (K, m)
-    b = coords.T @ coords.mean(axis=1)
-    s = c * float(np.sqrt(max(b.mean(), 0.0)))
+    root, sizes = np.sqrt(eigval[keep]), norms / np.sqrt(scale)
+    coords = (eigvec[:, keep] * root).T * sizes  # M (m, K): a_i·a_j = G_ij / scale
+    back = (eigvec[:, keep] / root) * np.where(norms > 0, 1.0 / unit, 0.0)[:, None] * np.sqrt(scale)
+    b = coords.T @ coords.mean(axis=1)  # g_i · g0
+    s = c * float(np.sqrt(max(b.mean(), 0.0)))  # c ||g0||
     m = coords.shape[0]
-    u, t, y, eta = np.zeros(m), float(b.min()) - 1.0, uniform.copy(), 1.0
-    best_u, best_t, best_w, best_f = u, -np.inf, uniform, np.inf
+    x = np.concatenate((np.zeros(m), [b.min() - 1.0], uniform, [1.0]))  # (u, t, mult)
+    best_u, best_t, best_w, best_f = x[:m], -np.inf, uniform, np.inf
     for it in range(max_iter + 1):
-        margins = b + s * (u @ coords)
-        slack, ball = margins - t, 1.0 - float(u @ u)
-        w = y / y.sum()
-        dual = float(b @ w) + s * float(np.linalg.norm(coords @ w))
+        u, mult = x[:m], x[m + 1 :]
+        margins = b + s * (u @ coords)  # g_i · d for d = g0 + s u
+        w = mult[:k] / mult[:k].sum()
+        dual = float(b @ w) + s * float(np.linalg.norm(coords @ w))  # F(w) >= max-min value
         if dual < best_f:
             best_w, best_f = w, dual
         if margins.min() > best_t:
             best_u, best_t = u, float(margins.min())
         if best_f - best_t <= tol or it == max_iter:
             break
-        ratio = y / slack
-        weighted = coords * ratio
-        system = np.empty((m + 1, m + 1))
-        system[:m, :m] = (s * s) * weighted @ coords.T + (4.0 * eta / ball) * np.outer(u, u)
-        system[np.arange(m), np.arange(m)] += 2.0 * eta
-        system[:m, m] = system[m, :m] = -s * weighted.sum(axis=1)
-        system[m, m] = ratio.sum()
+        slack = np.append(margins - x[m], 1.0 - float(u @ u))
         try:
-            inv = np.linalg.inv(system)
+            dirs = _newton_pair(coords, s, x, slack)
         except np.linalg.LinAlgError:
             break
-        res_u, res_t = 2.0 * eta * u - s * (coords @ y), float(y.sum()) - 1.0
-        state = (inv, coords, s, u, y, eta, slack, ball, res_u, res_t)
-        mu = (float(y @ slack) + eta * ball) / (k + 1)
-        du, _, dy, deta, d_slack, d_ball = _newton(state, -y * slack, -eta * ball)
-        a = _max_step(state, du, dy, deta, d_slack)
-        mu_aff = float((y + a * dy) @ (slack + a * d_slack)) + (eta + a * deta) * (
-            ball + a * d_ball
-        )
-        sigma = max((mu_aff / (k + 1) / mu) ** 3, SIGMA_MIN)
-        du, dt, dy, deta, d_slack, _ = _newton(
-            state, sigma * mu - y * slack, sigma * mu - eta * ball
-        )
-        a = 0.99 * _max_step(state, du, dy, deta, d_slack)
-        u, t, y, eta = u + a * du, t + a * dt, y + a * dy, eta + a * deta
+        z = np.concatenate((mult, slack))
+        mu = float(slack @ mult) / (k + 1)
+        a = _max_step(z, dirs[m + 1 :, 0], u, dirs[:m, 0])
+        z_aff = z + a * dirs[m + 1 :, 0]
+        sigma = max((float(z_aff[: k + 1] @ z_aff[k + 1 :]) / (k + 1) / mu) ** 3, SIGMA_MIN)
+        step = dirs[:, 0] + sigma * mu * dirs[:, 1]
+        a = 0.99 * _max_step(z, step[m + 1 :], u, step[:m])
+        x = x + a * step[: m + k + 2]
     gap = best_f - best_t
     if not gap <= tol:
         logger.warning(
@@ -182,8 +181,8 @@ class CAGrad(GradientBalancer):
         **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
-        if not c >= 0.0:
-            raise ValueError(f"c must be non-negative, got {c}")
+        if not 0.0 <= c < float("inf"):
+            raise ValueError(f"c must be a finite non-negative number, got {c}")
         if rescale not in ("none", "1+c^2", "1+c"):
             raise ValueError(f"rescale must be 'none', '1+c^2' or '1+c', got {rescale!r}")
         self.c, self.rescale, self.tol, self.max_iter = float(c), rescale, tol, int(max_iter)

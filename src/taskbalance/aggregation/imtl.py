@@ -3,30 +3,26 @@
 Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards Impartial Multi-task Learning",
 ICLR 2021.
 
-* **IMTL-G** (gradient balance): the update ``d = Σ_i α_i g_i`` (``Σ α_i = 1``) has the same
-  projection on every unit gradient ``u_i = g_i / ||g_i||``. With ``D = [g_1 - g_i]_{i>=2}``
-  and ``U = [u_1 - u_i]_{i>=2}`` (rows), the closed form is
+* **IMTL-G** (gradient balance): ``d = Σ_i α_i g_i`` with ``Σ α_i = 1`` has equal projections
+  on all unit gradients ``u_i = g_i / ||g_i||``. With the rows ``D = [g_1 - g_i]_{i>=2}`` and
+  ``U = [u_1 - u_i]_{i>=2}``: ``α_{2:K} = g_1 Uᵀ (D Uᵀ)⁻¹``, ``α_1 = 1 - Σ_{i>=2} α_i``; every
+  product is an entry of G (``g_i·u_j = G_ij / sqrt(G_jj)``). The weights may be negative.
+  Fallback (K=1 aside: α = 1), when ``D Uᵀ`` is singular (duplicated, zero or dependent
+  gradients) or the result fails the equal-projection check, with a warning: the
+  pseudo-inverse generalisation of Quinton & Rey (2024, torchjd), ``α ∝ N⁻¹ Ĝ⁺ 1`` with
+  ``Ĝ = N⁻¹GN⁻¹``, ``N = diag ||g_i||`` (eigenvalues below ``K eps_float32 λ_max`` count as
+  zero; zero gradients get weight 0) — the least-squares solution of ``Gα ∝ (||g_i||)_i``.
+  If its sum vanishes (only ``d = 0`` balances the tasks), α is the null vector ``(I-G⁺G)1``
+  of G, rescaled to sum 1; as a last resort ``1/K``.
+* **IMTL-L** (loss balance): learnable ``s_i`` (init 0), scaled losses ``e^{s_i} L_i - s_i``;
+  stationarity in ``s_i`` gives ``e^{s_i} L_i = 1`` for every task. The balancer steps ``s``
+  with its own Adam (weight decay 0; see :mod:`taskbalance.learnable`). ``"imtl_l"``
+  (:class:`IMTLL`) is the loss-only method for ``loss = balancer(losses)``.
+* **hybrid** (the paper's full IMTL, Alg. 1): IMTL-G on the scaled gradients ``e^{s_i} g_i``;
+  the weights of the raw losses are ``w_i = α_i e^{s_i}``, and ``s`` is stepped as in IMTL-L.
 
-      α_{2:K} = g_1 Uᵀ (D Uᵀ)⁻¹,    α_1 = 1 - Σ_{i>=2} α_i,
-
-  and every product in it is an entry of G (``g_i·u_j = G_ij / sqrt(G_jj)``). The weights
-  may be negative. If ``D Uᵀ`` is singular (K=1, duplicated, zero or dependent gradients)
-  or the result fails the equal-projection check, the fallback is the pseudo-inverse
-  generalisation of Quinton & Rey (2024, torchjd): ``α ∝ N⁻¹ Ĝ⁺ 1`` with
-  ``Ĝ = N⁻¹GN⁻¹``, ``N = diag ||g_i||`` (zero gradients get weight 0), i.e. the
-  least-squares solution of ``Gα = c (||g_i||)_i``; when its sum vanishes (no direction
-  but 0 balances the tasks) ``α`` is the least-norm null vector of G summing to 1
-  (so ``d = 0``), and as a last resort the uniform ``1/K``. Each fallback logs a warning.
-* **IMTL-L** (loss balance): learnable ``s_i`` (init 0) scale the losses, ``e^{s_i} L_i - s_i``;
-  stationarity in ``s_i`` gives ``e^{s_i} L_i = 1``, so all scaled losses become equal. The
-  ``s_i`` are stepped by the balancer's own Adam (weight decay 0, see
-  :mod:`taskbalance.learnable`). :class:`IMTLL` (``"imtl_l"``) is the loss-only method for
-  ``loss = balancer(losses)``.
-* **hybrid** (the paper's full IMTL, Alg. 1): IMTL-G on the scaled gradients ``e^{s_i} g_i``,
-  so the weights of the raw losses are ``w_i = α_i e^{s_i}``; ``s`` is stepped as in IMTL-L.
-
-Task-specific parameters follow the engine's rule (``task_specific=``); the paper updates
-them with the scaled loss ``e^{s_i} L_i``.
+Task-specific parameters follow the engine's ``task_specific=`` rule; the paper updates them
+with the scaled losses ``e^{s_i} L_i``.
 """
 
 from __future__ import annotations
@@ -73,11 +69,12 @@ def imtl_g_weights(gramian: Tensor) -> Tensor:
     if k > 1 and not _balanced(g, n, alpha):
         logger.warning("IMTL-G: D Uᵀ is singular or ill-conditioned; using the pseudo-inverse")
         safe = np.where(n > 0, n, 1.0)
+        rcond = k * float(np.finfo(np.float32).eps)  # G is rarely known better than float32
         hat = g / np.outer(safe, safe)
-        y = np.linalg.pinv(hat, rcond=1e-10, hermitian=True) @ (n > 0).astype(float)
+        y = np.linalg.pinv(hat, rcond=rcond) @ (n > 0).astype(float)
         alpha = y / safe
         if not abs(alpha.sum()) > 1e-9 * np.abs(alpha).sum():
-            null = np.eye(k) - np.linalg.pinv(g, rcond=1e-10, hermitian=True) @ g
+            null = np.eye(k) - np.linalg.pinv(g, rcond=rcond) @ g
             alpha = null @ np.ones(k)
             if not abs(alpha.sum()) > 1e-6 * k:
                 logger.warning("IMTL-G: no balancing combination; using uniform weights")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,17 +39,17 @@ Normalization = Literal["none", "l2", "loss", "loss+"]
 
 
 def gradient_normalizers(
-    gramian: Tensor, losses: Tensor, normalization: str = "none", tasks: Any = None
-) -> Tensor:
+    gramian: np.ndarray, losses: np.ndarray, normalization: str = "none", tasks: Any = None
+) -> np.ndarray:
     """The per-task divisors ``n_i`` of the authors' code (a zero gradient norm counts as 1)."""
-    norms = gramian.diagonal().clamp_min(0).sqrt()
-    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
+    norms = np.where(norms > 0, norms, 1.0)
     if normalization == "none":
-        return torch.ones_like(norms)
+        return np.ones_like(norms)
     if normalization == "l2":
         return norms
     if normalization in ("loss", "loss+"):
-        for i, value in enumerate(losses.tolist()):
+        for i, value in enumerate(np.asarray(losses, dtype=np.float64).tolist()):
             if not value > 0:
                 task = tasks[i] if tasks is not None else str(i)
                 raise NonPositiveLossError(task, value, f"MGDA(normalization={normalization!r})")
@@ -60,11 +61,12 @@ def mgda_weights(
     gramian: Tensor, losses: Tensor | None = None, normalization: str = "none", tasks: Any = None
 ) -> Tensor:
     """MGDA weights ``(K,)`` (float64, non-negative, summing to 1) from the Gramian ``(K, K)``."""
-    if losses is None:
-        losses = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
-    n = gradient_normalizers(gramian, losses.to(gramian.dtype), normalization, tasks)
-    scaled = gramian / (n[:, None] * n[None, :])
-    w = min_norm_weights(scaled.detach().cpu().double().numpy())
+    g = gramian.detach().cpu().double().numpy()
+    if normalization != "none":
+        values = np.ones(g.shape[0]) if losses is None else losses.detach().cpu().double().numpy()
+        n = gradient_normalizers(g, values, normalization, tasks)
+        g = g / np.outer(n, n)
+    w = min_norm_weights(g)
     return torch.as_tensor(w, dtype=torch.float64, device=gramian.device)
 
 

@@ -1,6 +1,22 @@
-"""Multi-task architectures as plain :class:`torch.nn.Module` s."""
+"""Multi-task architectures as plain :class:`torch.nn.Module` s.
 
+Every model maps an input to ``{task: output}``, takes ``tasks`` (a count or names) and
+exposes ``shared_parameters()`` and ``task_parameters(task)``, which partition its
+parameters so that ``balancer.backward(losses, shared=model.shared_parameters())`` works
+for gradient methods. Models with a shared representation also offer ``features(x)`` and
+``heads(z[, x])`` for ``features=z`` (see each class).
+
+* :class:`HardParameterSharing`: shared bottom MLP + towers (Caruana 1997).
+* :class:`MMoE` / :class:`OMoE`: multi-/one-gate mixture of experts (Ma et al., KDD 2018).
+* :class:`PLE` / :class:`CGC`: progressive layered extraction (Tang et al., RecSys 2020).
+* :class:`MTAN`: multi-task attention network (Liu, Johns, Davison, CVPR 2019).
+* :class:`CrossStitchNetwork`: cross-stitch units (Misra et al., CVPR 2016).
+"""
+
+from taskbalance.models.cross_stitch import CrossStitchNetwork
 from taskbalance.models.hps import HardParameterSharing
 from taskbalance.models.mmoe import MMoE, OMoE
+from taskbalance.models.mtan import MTAN
+from taskbalance.models.ple import CGC, PLE
 
-__all__ = ["HardParameterSharing", "MMoE", "OMoE"]
+__all__ = ["CGC", "MTAN", "PLE", "CrossStitchNetwork", "HardParameterSharing", "MMoE", "OMoE"]

@@ -32,7 +32,7 @@ class HardParameterSharing(nn.Module):
         out_features: output width, for all tasks or per task name.
 
     ``shared_parameters()`` is the bottom; ``task_parameters(t)`` is tower ``t``. For
-    feature-level gradient methods use ``z = model.features(x)``, ``out = model.heads(z)``
+    feature-level gradient methods use ``z = model.features(x)``, ``out = model.heads(z, x)``
     and pass ``features=z``.
     """
 
@@ -58,8 +58,8 @@ class HardParameterSharing(nn.Module):
         """The shared representation ``(B, shared_hidden[-1])``."""
         return self.bottom(x)
 
-    def heads(self, z: Tensor) -> dict[str, Tensor]:
-        """Task outputs from the shared representation."""
+    def heads(self, z: Tensor, x: Tensor | None = None) -> dict[str, Tensor]:
+        """Task outputs from the shared representation (``x`` is accepted and unused)."""
         return {t: tower(z) for t, tower in self.towers.items()}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

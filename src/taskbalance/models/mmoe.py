@@ -13,6 +13,7 @@ What is shared: MMoE: the experts (``shared_parameters()``); the gates and tower
 task-specific. ``features(x)`` is the expert output ``(B, E, D)`` and the heads need the
 input again for the gates: ``out = model.heads(z, x)``. OMoE: experts and the single gate
 are shared and ``features(x)`` is the mixture ``(B, D)``; ``heads(z)`` needs no ``x``.
+Either way ``out = model.heads(model.features(x), x)`` is ``model(x)``.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class MMoE(nn.Module):
         return mix(self.gates["shared"](x), experts) if self.shared_gate else experts
 
     def heads(self, z: Tensor, x: Tensor | None = None) -> dict[str, Tensor]:
-        """Task outputs from :meth:`features`; MMoE needs the input ``x`` for its gates."""
+        """Task outputs from :meth:`features`; MMoE needs the input ``x`` for its gates
+        (OMoE ignores it)."""
         if self.shared_gate:
             return {t: tower(z) for t, tower in self.towers.items()}
         if x is None:

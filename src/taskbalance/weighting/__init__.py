@@ -3,9 +3,19 @@
 from taskbalance.weighting.dtp import DTP
 from taskbalance.weighting.dwa import DWA
 from taskbalance.weighting.ew import EqualWeighting
+from taskbalance.weighting.famo import FAMO
 from taskbalance.weighting.gls import GLS
 from taskbalance.weighting.rlw import RLW
 from taskbalance.weighting.static import StaticWeighting
 from taskbalance.weighting.uncertainty import UncertaintyWeighting
 
-__all__ = ["DTP", "DWA", "GLS", "RLW", "EqualWeighting", "StaticWeighting", "UncertaintyWeighting"]
+__all__ = [
+    "DTP",
+    "DWA",
+    "FAMO",
+    "GLS",
+    "RLW",
+    "EqualWeighting",
+    "StaticWeighting",
+    "UncertaintyWeighting",
+]

@@ -1,0 +1,199 @@
+"""Gradient Vaccine (Wang et al., ICLR 2021): EMA cosine targets, coefficient space."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _gradcheck import check_engine
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import TinyNet, assert_same, save_load, task_losses
+from taskbalance import registry
+from taskbalance.aggregation.gradvac import GradVac, gradvac_coefficients
+from taskbalance.aggregation.pcgrad import pcgrad_coefficients
+
+ONES = torch.ones(8, dtype=torch.float64)
+
+
+def direct_gradvac(jac: np.ndarray, targets: np.ndarray, orders: np.ndarray, beta: float):
+    """Algorithm 1 of the paper on the vectors themselves (EMA updated for every pair)."""
+    out, targets = jac.astype(np.float64).copy(), targets.copy()
+    for i in range(jac.shape[0]):
+        for j in orders[i]:
+            ni, nj = np.linalg.norm(out[i]), np.linalg.norm(jac[j])
+            cos = out[i] @ jac[j] / (ni * nj)
+            tgt = targets[i, j]
+            if cos < tgt:
+                num = tgt * math.sqrt(1 - cos**2) - cos * math.sqrt(1 - tgt**2)
+                out[i] = out[i] + ni * num / (nj * math.sqrt(1 - tgt**2)) * jac[j]
+            targets[i, j] = (1 - beta) * tgt + beta * cos
+    return out, targets
+
+
+def random_orders(rng: np.random.Generator, k: int) -> np.ndarray:
+    rows = [rng.permutation([j for j in range(k) if j != i]) for i in range(k)]
+    return np.array(rows, dtype=np.int64).reshape(k, k - 1)
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_hand_computed_two_tasks() -> None:
+    # g1 = (1, 0), g2 = (0, 1): cos = 0 < target ½. Step: ||g1|| (½·1 - 0) / (1·sqrt(3)/2)
+    # = 1/sqrt(3), so g1' = (1, 1/sqrt(3)) and cos(g1', g2) = (1/sqrt(3)) / sqrt(4/3) = ½.
+    jac = np.eye(2)
+    targets = np.full((2, 2), 0.5)
+    coef, new = gradvac_coefficients(jac, targets, np.array([[1], [0]]), beta=0.25)
+    r = 1 / math.sqrt(3)
+    np.testing.assert_allclose(coef, [[1, r], [r, 1]], atol=1e-15)
+    assert cos(coef[0] @ jac, jac[1]) == pytest.approx(0.5, abs=1e-15)
+    # the EMA moves towards the cosine observed BEFORE the adjustment: 0.75·½ + 0.25·0
+    np.testing.assert_allclose(new[[0, 1], [1, 0]], [0.375, 0.375], atol=1e-15)
+    _, kept = gradvac_coefficients(jac, targets, np.array([[1], [0]]), 0.25, ema="adjusted")
+    np.testing.assert_allclose(kept[[0, 1], [1, 0]], [0.375, 0.375], atol=1e-15)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 8))
+def test_zero_targets_and_beta_zero_is_pcgrad(seed: int, k: int, p: int) -> None:
+    rng = np.random.default_rng(seed)
+    jac = rng.normal(size=(k, p)) * 10.0 ** rng.uniform(-2, 2, size=(k, 1))
+    orders = random_orders(rng, k)
+    gram = jac @ jac.T
+    coef, targets = gradvac_coefficients(gram, np.zeros((k, k)), orders, beta=0.0)
+    np.testing.assert_allclose(coef, pcgrad_coefficients(gram, orders), rtol=1e-9, atol=1e-9)
+    assert not targets.any()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(2, 6))
+def test_coefficient_space_equals_the_vector_algorithm(seed: int, k: int, p: int) -> None:
+    # (p >= 2: in one dimension an adjustment can cancel g_i exactly, and the cosine of the
+    # rounding residue is noise in both implementations; that case is in the finite test)
+    rng = np.random.default_rng(seed)
+    jac = rng.normal(size=(k, p))
+    targets = rng.uniform(-0.9, 0.9, size=(k, k))
+    orders = random_orders(rng, k)
+    coef, new = gradvac_coefficients(jac @ jac.T, targets, orders, beta=0.3)
+    expected, expected_targets = direct_gradvac(jac, targets, orders, beta=0.3)
+    np.testing.assert_allclose(coef @ jac, expected, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(new, expected_targets, rtol=1e-9, atol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 6), st.floats(-0.95, 0.95))
+def test_an_adjusted_pair_reaches_its_target_exactly(seed: int, p: int, target: float) -> None:
+    rng = np.random.default_rng(seed)
+    jac = rng.normal(size=(2, p))
+    before = cos(jac[0], jac[1])
+    coef, _ = gradvac_coefficients(jac @ jac.T, np.full((2, 2), target), np.array([[1], [0]]), 0.0)
+    after = coef @ jac
+    for i, j in ((0, 1), (1, 0)):
+        expected = target if before < target else before
+        assert cos(after[i], jac[j]) == pytest.approx(expected, abs=1e-9)
+
+
+def test_ema_over_steps_through_the_balancer() -> None:
+    bal = GradVac(2, beta=0.3, order="fixed")
+    j1, j2 = np.array([[1.0, 0.0], [1.0, 1.0]]), np.array([[1.0, 0.0], [-1.0, 1.0]])
+    c1, c2 = cos(*j1), cos(*j2)
+    bal.weights_from_gramian(torch.from_numpy(j1 @ j1.T), ONES[:2])
+    np.testing.assert_allclose(bal.targets.numpy(), [[0, 0.3 * c1], [0.3 * c1, 0]], atol=1e-15)
+    w = bal.weights_from_gramian(torch.from_numpy(j2 @ j2.T), ONES[:2]).numpy()
+    t2 = 0.7 * 0.3 * c1 + 0.3 * c2
+    np.testing.assert_allclose(bal.targets.numpy(), [[0, t2], [t2, 0]], atol=1e-15)
+    # step 2 adjusted both (cos -1/sqrt(2) < 0.3 c1 > 0): both reach the old target
+    d = w @ j2
+    assert cos(d, j2[0]) > c2 and cos(d, j2[1]) > c2
+    adjusted_only = GradVac(2, beta=0.3, ema="adjusted")
+    adjusted_only.weights_from_gramian(torch.from_numpy(j1 @ j1.T), ONES[:2])
+    assert not adjusted_only.targets.any()  # cos > 0 = target: no adjustment, no update
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 6))
+def test_permuting_tasks_permutes_the_weights(seed: int, k: int) -> None:
+    rng = np.random.default_rng(seed)
+    jac = rng.normal(size=(k, 4))
+    targets = rng.uniform(-0.5, 0.5, size=(k, k))
+    orders = random_orders(rng, k)
+    perm = rng.permutation(k)
+    inverse = np.argsort(perm)
+    coef, new = gradvac_coefficients(jac @ jac.T, targets, orders, 0.2)
+    jp = jac[perm]
+    coef_p, new_p = gradvac_coefficients(
+        jp @ jp.T, targets[np.ix_(perm, perm)], inverse[orders[perm]], 0.2
+    )
+    np.testing.assert_allclose(coef_p.sum(axis=0), coef.sum(axis=0)[perm], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(new_p, new[np.ix_(perm, perm)], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "jac",
+    [
+        np.array([[2.0, -1.0]]),
+        np.array([[1.0, 2.0], [1.0, 2.0]]),
+        np.array([[1.0, 2.0], [-1.0, -2.0]]),
+        np.array([[1.0, 2.0], [0.0, 0.0]]),
+        np.zeros((3, 2)),
+    ],
+)
+def test_degenerate_gradients_give_finite_weights(jac: np.ndarray) -> None:
+    bal = GradVac(jac.shape[0], beta=0.5)
+    bal.targets.fill_(0.99)
+    for _ in range(3):
+        w = bal.weights_from_gramian(torch.from_numpy(jac @ jac.T), ONES[: jac.shape[0]])
+        assert bool(torch.isfinite(w).all()) and bool(torch.isfinite(bal.targets).all())
+        assert np.isfinite(w.numpy() @ jac).all()
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_end_to_end_through_the_engine(features: bool) -> None:
+    twin, bal = GradVac(3, beta=0.5, seed=4), GradVac(3, beta=0.5, seed=4)
+    twin.targets.fill_(0.2)
+    bal.targets.fill_(0.2)
+    check_engine(bal, lambda g: twin.weights_from_gramian(g, ONES[:3]), features=features)
+    assert torch.equal(bal.targets, twin.targets)
+
+
+def run(bal: GradVac, model: TinyNet, opt: torch.optim.Optimizer, start: int, stop: int) -> list:
+    out = []
+    for step in range(start, stop):
+        opt.zero_grad(set_to_none=True)
+        out.append(bal.backward(task_losses(model, step), shared=model.shared).clone())
+        opt.step()
+    return out
+
+
+def test_state_dict_round_trip_is_bit_exact() -> None:
+    def fresh() -> tuple[GradVac, TinyNet, torch.optim.Optimizer]:
+        model = TinyNet(4, seed=5)
+        return GradVac(4, beta=0.4, seed=2), model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+    straight_bal, straight_model, opt = fresh()
+    straight = run(straight_bal, straight_model, opt, 0, 8)
+    bal, model, opt = fresh()
+    first = run(bal, model, opt, 0, 5)
+    saved = save_load({"bal": bal.state_dict(), "model": model.state_dict()})
+    assert saved["bal"]["state"]["targets"].abs().sum() > 0
+    bal2, model2, opt2 = fresh()
+    model2.load_state_dict(saved["model"])
+    bal2.load_state_dict(saved["bal"])
+    resumed = first + run(bal2, model2, opt2, 5, 8)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+    assert_same(straight_model.state_dict(), model2.state_dict())
+    assert_same(straight_bal.state_dict()["state"], bal2.state_dict()["state"])
+
+
+def test_registered_and_validated() -> None:
+    assert registry.get("gradvac") is GradVac
+    assert registry.make("gradvac", 3).beta == 0.01
+    for kw in ({"beta": 1.5}, {"order": "x"}, {"reduction": "x"}, {"ema": "x"}):
+        with pytest.raises(ValueError):
+            GradVac(2, **kw)

@@ -1,0 +1,106 @@
+"""The MMoE paper's synthetic experiment (Ma et al., KDD 2018): generator and runner."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from rich.console import Console
+
+from taskbalance.problems import mmoe_synthetic as ms
+
+
+@pytest.mark.parametrize("p", [1.0, 0.9, 0.5, 0.0, -0.3])
+def test_task_weights_have_cosine_exactly_p(p: float) -> None:
+    w1, w2 = ms.task_weights(p, seed=4, c=2.5)
+    assert w1.dtype == torch.float64 and w1.shape == (100,)
+    assert float(w1.norm()) == pytest.approx(2.5, abs=1e-12)
+    assert float(w2.norm()) == pytest.approx(2.5, abs=1e-12)
+    cosine = float(w1 @ w2 / (w1.norm() * w2.norm()))
+    assert cosine == pytest.approx(p, abs=1e-12)
+
+
+def test_task_weights_depend_on_the_seed_only() -> None:
+    a1, _ = ms.task_weights(0.5, seed=1)
+    b1, _ = ms.task_weights(0.9, seed=1)
+    c1, _ = ms.task_weights(0.5, seed=2)
+    assert torch.equal(a1, b1) and not torch.equal(a1, c1)
+    with pytest.raises(ValueError, match="p must lie"):
+        ms.task_weights(1.5)
+
+
+def test_labels_follow_the_formula() -> None:
+    x, y = ms.make_data(0.9, 2000, seed=3)
+    assert x.shape == (2000, 100) and y.shape == (2000, 2)
+    k = ms.AUTHORS
+    assert (k.c, len(k.alphas), k.alphas[:3], k.betas[:4]) == (1.0, 10, (1, 2, 3), (0, 1, 4, 9))
+    for w, target in zip(ms.task_weights(0.9, seed=3), y.T):
+        z = x.double() @ w
+        clean = z + sum(torch.sin(a * z + b) for a, b in zip(k.alphas, k.betas))
+        residual = target.double() - clean
+        assert float(residual.std()) == pytest.approx(0.01, rel=0.1)  # the noise
+    x2, y2 = ms.make_data(0.9, 2000, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(y, ms.make_data(0.9, 2000, seed=4)[1])
+
+
+@pytest.mark.parametrize(
+    ("p", "constants"),
+    [(1.0, ms.AUTHORS), (0.9, ms.AUTHORS), (0.5, ms.AUTHORS), (0.5, ms.keras_constants(1))],
+)
+def test_exact_label_correlation_matches_the_data(p: float, constants: ms.Constants) -> None:
+    _, y = ms.make_data(p, 20_000, seed=0, constants=constants)
+    empirical = float(torch.corrcoef(y.T.double())[0, 1])  # standard error below 0.007
+    assert ms.label_correlation(p, constants) == pytest.approx(empirical, abs=0.025)
+    assert float(y[:, 0].double().var()) == pytest.approx(ms.label_variance(constants), rel=0.05)
+
+
+def test_documented_label_correlations() -> None:
+    got = [round(ms.label_correlation(p), 3) for p in (1.0, 0.9, 0.5)]
+    assert got == [1.0, 0.458, 0.218]
+    assert ms.label_variance() == pytest.approx(7.057, abs=1e-3)
+    keras = ms.keras_constants(0)
+    assert keras.c == 0.3 and len(keras.alphas) == len(keras.betas) == 5
+    assert round(ms.label_correlation(0.5, keras), 3) == 0.466
+
+
+def test_models_follow_the_paper() -> None:
+    sizes = {m: sum(p.numel() for p in ms.build_model(m).parameters()) for m in ms.MODELS}
+    # 113 shared units were chosen to match the MoE models' size
+    assert sizes["shared_bottom"] == 101 * 113 + 2 * (114 * 8 + 9)
+    assert abs(sizes["shared_bottom"] / sizes["mmoe"] - 1) < 0.15
+    mmoe = ms.build_model("mmoe")
+    assert mmoe.experts.weights[0].shape == (8, 100, 16)
+    with pytest.raises(ValueError, match="unknown model"):
+        ms.build_model("cgc")
+
+
+def test_short_run_table_and_plot(tmp_path) -> None:
+    config = ms.Config(steps=30, batch_size=64, n_train=512, n_test=256)
+    threads = torch.get_num_threads()
+    res = ms.run_mmoe_synthetic((1.0, 0.5), seeds=2, config=config, workers=1, progress=False)
+    assert torch.get_num_threads() == threads
+    assert len(res.runs) == 2 * 2 * 3
+    assert {(r.p, r.model, r.seed) for r in res.runs} == {
+        (p, m, s) for p in (1.0, 0.5) for m in ms.MODELS for s in (0, 1)
+    }
+    assert all(math.isfinite(r.test_loss) and set(r.test_mse) == set(ms.TASKS) for r in res.runs)
+    mean, std = res.summary()[(0.5, "mmoe")]
+    values = res.losses(0.5, "mmoe")
+    assert mean == pytest.approx(sum(values) / 2) and std == pytest.approx(
+        abs(values[0] - values[1]) / math.sqrt(2)
+    )
+    assert ms.gap(res, 0.5) == pytest.approx(res.summary()[(0.5, "shared_bottom")][0] - mean)
+    again = ms.train_one(0.5, "mmoe", 1, config)
+    assert again.test_mse == next(
+        r.test_mse for r in res.runs if (r.p, r.model, r.seed) == (0.5, "mmoe", 1)
+    )
+    console = Console(record=True, width=150)
+    console.print(ms.results_table(res))
+    text = console.export_text()
+    assert "0.218" in text and "shared_bottom − mmoe" in text and "±" in text
+    png = ms.plot_results(res, tmp_path / "mmoe.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="unknown model"):
+        ms.run_mmoe_synthetic(models=("ple",), progress=False)
