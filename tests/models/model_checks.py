@@ -35,6 +35,8 @@ def ids(params: Any) -> list[int]:
 
 def check_partition(model: nn.Module, tasks: Sequence[str]) -> None:
     """shared + every task's parameters = all parameters, each exactly once."""
+    assert isinstance(model.shared_parameters(), list)  # reusable at every step
+    assert all(isinstance(model.task_parameters(t), list) for t in tasks)
     shared = ids(model.shared_parameters())
     own = [ids(model.task_parameters(t)) for t in tasks]
     listed = shared + [i for group in own for i in group]

@@ -26,8 +26,10 @@ same rule per parameter. ``needs = "jacobian"``.
 
 There are no task weights: the recorded weight of task i is the fraction of its gradient
 mass kept, ``||(ℓ_i + (1 - ℓ_i) M_i) ∘ g_i||_1 / ||g_i||_1`` (1 for a zero gradient), in
-[0, 1]. The uniforms come from the balancer's own seeded CPU generator (state in
-``state_dict()``); they are drawn in J's dtype and moved to J's device.
+[0, 1]; keep the default ``task_specific="unweighted"`` (GradDrop acts on shared gradients
+only; "weighted" would scale each head by that fraction). The uniforms come from the
+balancer's own seeded CPU generator (state in ``state_dict()``), drawn in J's dtype and
+moved to J's device.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ and β = 0 this is exactly PCGrad.
   of exactly 1 cannot be reached by a finite step; it is capped at ``1 - 1e-12``.
 * Orders and seeds as in :class:`~taskbalance.aggregation.pcgrad.PCGrad`; the targets
   (K×K float64) and the generator state are part of ``state_dict()``.
+* The paper works on parameter gradients (``shared=``). The features mode is allowed too,
+  but its targets then average cosines of gradients w.r.t. each batch's features.
 """
 
 from __future__ import annotations

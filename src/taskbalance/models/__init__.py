@@ -1,10 +1,12 @@
 """Multi-task architectures as plain :class:`torch.nn.Module` s.
 
 Every model maps an input to ``{task: output}``, takes ``tasks`` (a count or names) and
-exposes ``shared_parameters()`` and ``task_parameters(task)``, which partition its
+exposes ``shared_parameters()`` and ``task_parameters(task)`` (lists), which partition its
 parameters so that ``balancer.backward(losses, shared=model.shared_parameters())`` works
-for gradient methods. Models with a shared representation also offer ``features(x)`` and
-``heads(z[, x])`` for ``features=z`` (see each class).
+for gradient methods: a parameter that two task losses reach is shared. Models with a
+shared representation (all but the cross-stitch network) also offer ``z = features(x)``
+and ``heads(z, x)`` (``== forward(x)``) for ``balancer.backward(losses, features=z)``;
+see each class for what ``z`` is.
 
 * :class:`HardParameterSharing`: shared bottom MLP + towers (Caruana 1997).
 * :class:`MMoE` / :class:`OMoE`: multi-/one-gate mixture of experts (Ma et al., KDD 2018).

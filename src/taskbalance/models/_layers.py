@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +79,11 @@ class ExpertBank(nn.Module):
             width = h
 
     def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(torch.einsum("bi,eio->beo", x, self.weights[0]) + self.biases[0])
+        w, b = self.weights[0], self.biases[0]
+        e, i, o = w.shape
+        # one (B, in) @ (in, E*out) matmul: faster than a batched einsum on CPU
+        h = torch.relu(torch.addmm(b.reshape(-1), x, w.permute(1, 0, 2).reshape(i, e * o)))
+        h = h.view(-1, e, o)
         for w, b in zip(list(self.weights)[1:], list(self.biases)[1:]):
             h = torch.relu(torch.einsum("bei,eio->beo", h, w) + b)
         return h
@@ -87,10 +91,9 @@ class ExpertBank(nn.Module):
 
 def mix(gate_logits: Tensor, experts: Tensor) -> Tensor:
     """Softmax the gate logits ``(B, E)`` and mix the experts ``(B, E, D)`` into ``(B, D)``."""
-    return torch.einsum("be,bed->bd", torch.softmax(gate_logits, dim=-1), experts)
+    return (torch.softmax(gate_logits, dim=-1).unsqueeze(-1) * experts).sum(1)
 
 
-def module_params(*modules: nn.Module) -> Iterator[Tensor]:
-    """Every parameter of the given modules, in order."""
-    for m in modules:
-        yield from m.parameters()
+def module_params(*modules: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of the given modules, in order, as a list (safe to reuse every step)."""
+    return [p for m in modules for p in m.parameters()]

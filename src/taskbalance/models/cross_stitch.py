@@ -22,7 +22,7 @@ no single shared representation (each task reads its own stitched activation), s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -81,18 +81,18 @@ class CrossStitchNetwork(nn.Module):
             hs = list(torch.einsum("ij,jbh->ibh", alpha, acts).unbind(0))
         return {t: self.outputs[t](h) for t, h in zip(self.tasks, hs)}
 
-    def stitch_parameters(self) -> Iterator[nn.Parameter]:
+    def stitch_parameters(self) -> list[nn.Parameter]:
         """The cross-stitch matrices α, one ``(K, K)`` per hidden layer."""
-        return iter(self.stitches)
+        return list(self.stitches)
 
-    def column_parameters(self, task: str) -> Iterator[nn.Parameter]:
+    def column_parameters(self, task: str) -> list[nn.Parameter]:
         """Column ``task``'s hidden layers (shared in the gradient sense: see the module doc)."""
-        return self.columns[task].parameters()
+        return list(self.columns[task].parameters())
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
+    def shared_parameters(self) -> list[nn.Parameter]:
         """Every column's hidden layers and every stitch unit."""
         return module_params(self.columns, self.stitches)
 
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Column ``task``'s output layer."""
-        return self.outputs[task].parameters()
+        return list(self.outputs[task].parameters())

@@ -11,7 +11,7 @@ shape ``(B, shared_hidden[-1])``; output ``{task: (B, out_features[task])}``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -65,10 +65,10 @@ class HardParameterSharing(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.heads(self.features(x))
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
+    def shared_parameters(self) -> list[nn.Parameter]:
         """The shared bottom's parameters."""
-        return self.bottom.parameters()
+        return list(self.bottom.parameters())
 
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Tower ``task``'s parameters."""
-        return self.towers[task].parameters()
+        return list(self.towers[task].parameters())

@@ -18,7 +18,7 @@ Either way ``out = model.heads(model.features(x), x)`` is ``model(x)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -87,16 +87,16 @@ class MMoE(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.heads(self.features(x), x)
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
+    def shared_parameters(self) -> list[nn.Parameter]:
         """The experts (and, for OMoE, the single gate)."""
         if self.shared_gate:
             return module_params(self.experts, self.gates["shared"])
-        return self.experts.parameters()
+        return list(self.experts.parameters())
 
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Task ``task``'s tower (and, for MMoE, its gate)."""
         if self.shared_gate:
-            return self.towers[task].parameters()
+            return list(self.towers[task].parameters())
         return module_params(self.gates[task], self.towers[task])
 
 

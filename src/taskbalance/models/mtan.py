@@ -28,7 +28,7 @@ build with ``share_f=False`` (one ``f`` per task) for it, or use
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -142,13 +142,13 @@ class MTAN(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.task_outputs(self.backbone(x))
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
+    def shared_parameters(self) -> list[nn.Parameter]:
         """The backbone (and the ``f`` convs when they are shared)."""
         if self.share_f:
             return module_params(self.enc_u, self.enc_p, self.f)
         return module_params(self.enc_u, self.enc_p)
 
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Task ``task``'s attention modules and head (and its ``f`` convs if not shared)."""
         own = [self.attention[task], self.task_heads[task]]
         if not self.share_f:

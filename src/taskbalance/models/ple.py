@@ -24,13 +24,13 @@ task inputs are ``x`` itself, so call ``heads(z, x)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from taskbalance.balancer import Tasks
-from taskbalance.models._layers import ExpertBank, OutFeatures, mix, mlp, out_sizes
+from taskbalance.models._layers import ExpertBank, OutFeatures, mix, mlp, module_params, out_sizes
 
 
 class ExtractionLevel(nn.Module):
@@ -150,18 +150,18 @@ class PLE(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.heads(self.features(x), x)
 
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Tower, last-level experts and gate of ``task`` (and its gate one level below)."""
-        yield from self.towers[task].parameters()
-        yield from self.levels[-1].specific[task].parameters()
-        yield from self.levels[-1].gates[task].parameters()
+        last = self.levels[-1]
+        own = [self.towers[task], last.specific[task], last.gates[task]]
         if len(self.levels) > 1:
-            yield from self.levels[-2].gates[task].parameters()
+            own.append(self.levels[-2].gates[task])
+        return module_params(*own)
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
+    def shared_parameters(self) -> list[nn.Parameter]:
         """Every parameter that is not task-specific (see the module docstring)."""
         own = {id(p) for t in self.tasks for p in self.task_parameters(t)}
-        return (p for p in self.parameters() if id(p) not in own)
+        return [p for p in self.parameters() if id(p) not in own]
 
 
 class CGC(PLE):
