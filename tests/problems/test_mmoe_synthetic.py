@@ -104,3 +104,37 @@ def test_short_run_table_and_plot(tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="unknown model"):
         ms.run_mmoe_synthetic(models=("ple",), progress=False)
+
+
+@pytest.fixture(scope="module")
+def paper_run() -> ms.MMoESyntheticResults:
+    """The full default experiment: p in (1, 0.9, 0.5) x seeds 0-2 x the three models."""
+    return ms.run_mmoe_synthetic(progress=False)
+
+
+@pytest.mark.slow
+def test_mmoe_beats_shared_bottom_when_tasks_differ(paper_run: ms.MMoESyntheticResults) -> None:
+    # measured (AUTHORS constants, 3 seeds): shared_bottom 0.357 ± 0.044, mmoe 0.298 ± 0.058
+    assert len(paper_run.runs) == 27
+    assert ms.gap(paper_run, 0.5) > 0, ms.results_table(paper_run)
+
+
+@pytest.mark.slow
+def test_onegate_moe_degrades_more_than_mmoe(paper_run: ms.MMoESyntheticResults) -> None:
+    # the paper's Fig. 4: OMoE loses ground as p falls, MMoE barely moves
+    s = paper_run.summary()
+    omoe = s[(0.5, "omoe")][0] - s[(1.0, "omoe")][0]
+    mmoe = s[(0.5, "mmoe")][0] - s[(1.0, "mmoe")][0]
+    assert omoe > mmoe, (omoe, mmoe)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=False,
+    reason="not reproduced with the AUTHORS constants, 4,000 steps, 3 seeds: the gap "
+    "shared_bottom - mmoe is +0.059 at p = 0.5 and +0.082 at p = 1.0 (per seed at p = 1: "
+    "+0.112, +0.160, -0.026; at p = 0.5: +0.021, +0.085, +0.071); shared-bottom barely "
+    "degrades as p falls (0.343, 0.337, 0.357 at p = 1, 0.9, 0.5)",
+)
+def test_mmoe_advantage_grows_as_correlation_falls(paper_run: ms.MMoESyntheticResults) -> None:
+    assert ms.gap(paper_run, 0.5) > ms.gap(paper_run, 1.0), ms.results_table(paper_run)

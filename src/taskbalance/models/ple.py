@@ -25,6 +25,7 @@ task inputs are ``x`` itself, so call ``heads(z, x)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -165,19 +166,8 @@ class PLE(nn.Module):
 
 
 class CGC(PLE):
-    """Customized Gate Control: :class:`PLE` with a single extraction level."""
+    """Customized Gate Control: :class:`PLE` with a single extraction level (same keyword
+    arguments, without ``num_levels``)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        tasks: Tasks,
-        num_specific_experts: int = 1,
-        num_shared_experts: int = 1,
-        expert_hidden: Sequence[int] = (16,),
-        tower_hidden: Sequence[int] = (8,),
-        out_features: OutFeatures = 1,
-    ) -> None:
-        super().__init__(
-            in_features, tasks, 1, num_specific_experts, num_shared_experts, expert_hidden,
-            tower_hidden, out_features,
-        )  # fmt: skip
+    def __init__(self, in_features: int, tasks: Tasks, **kw: Any) -> None:
+        super().__init__(in_features, tasks, num_levels=1, **kw)
