@@ -65,12 +65,15 @@ class Setup:
         params = list(self.body.parameters()) + list(self.heads.parameters())
         self.opt = torch.optim.SGD(params, lr=1e-4)
 
-    def forward(self) -> tuple[list[Tensor], Tensor]:
+    def forward(self, forked: bool = False) -> tuple[list[Tensor], Tensor | list[Tensor]]:
+        """Losses and features; ``forked`` feeds head i its own view ``tb.fork(z, K)[i]``."""
         z = self.body(self.x)
+        inputs = tb.fork(z, self.k) if forked else [z] * self.k
         losses = [
-            nn.functional.mse_loss(h(z).squeeze(-1), self.y[:, i]) for i, h in enumerate(self.heads)
+            nn.functional.mse_loss(h(zi).squeeze(-1), self.y[:, i])
+            for i, (h, zi) in enumerate(zip(self.heads, inputs))
         ]
-        return losses, z
+        return losses, (inputs if forked else z)
 
 
 def make_balancer(name: str, k: int) -> tb.Balancer:
@@ -93,8 +96,8 @@ def step_balancer(s: Setup, name: str, mode: str) -> Callable[[], None]:
 
     def step() -> None:
         s.opt.zero_grad()
-        losses, z = s.forward()
-        if mode == "features":
+        losses, z = s.forward(forked=mode == "forked")
+        if mode in ("features", "forked"):
             bal.backward(losses, shared=s.body, features=z, **ctx)
         elif mode == "exact":
             bal.backward(losses, shared=s.body, **ctx)
@@ -221,15 +224,22 @@ def section_features(k: int, rounds: int, steps: int) -> None:
         engine.backward(*_losses_and_shared(s, features=True)),
         s.opt.step(),
     )
+    configs["engine only (mean), forked"] = lambda: (
+        s.opt.zero_grad(),
+        engine.backward(*_losses_and_shared(s, features=True, forked=True)),
+        s.opt.step(),
+    )
     for name in gradient_methods():
         if "features" in getattr(tb.get(name), "modes", ("features",)):
             configs[name] = step_balancer(s, name, "features")
+            if name != "gradnorm":
+                configs[f"{name}, forked"] = step_balancer(s, name, "forked")
     times = timed(configs, rounds, steps)
     print_table(f"representation (features) mode, K={k}", times, "equal")
 
 
-def _losses_and_shared(s: Setup, features: bool) -> tuple:
-    losses, z = s.forward()
+def _losses_and_shared(s: Setup, features: bool, forked: bool = False) -> tuple:
+    losses, z = s.forward(forked=forked)
     return (losses, s.body, z) if features else (losses, s.body)
 
 

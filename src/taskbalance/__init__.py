@@ -31,6 +31,7 @@ from taskbalance.errors import (
     TaskBalanceError,
     TaskMismatchError,
 )
+from taskbalance.gradients import fork
 from taskbalance.history import History
 from taskbalance.registry import get, list_methods, make, register
 from taskbalance.training import train_alternating, train_joint
@@ -80,6 +81,7 @@ __all__ = [
     "TaskMismatchError",
     "UPGrad",
     "UncertaintyWeighting",
+    "fork",
     "get",
     "list_methods",
     "make",

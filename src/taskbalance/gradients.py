@@ -51,8 +51,13 @@ def resolve_tensors(shared: nn.Module | Tensor | Iterable[Tensor]) -> list[Tenso
     return out
 
 
-def _reachable_leaves(root: Tensor, stop: set[object]) -> list[Tensor]:
-    """Leaf tensors requiring grad that ``root`` depends on, not looking past ``stop`` nodes."""
+def _reachable_leaves(
+    root: Tensor, stop: set[object], hit: set[object] | None = None
+) -> list[Tensor]:
+    """Leaf tensors requiring grad that ``root`` depends on, not looking past ``stop`` nodes.
+
+    The ``stop`` nodes reached are added to ``hit`` when it is given.
+    """
     if root.grad_fn is None:
         return [root] if root.requires_grad else []
     leaves: list[Tensor] = []
@@ -60,7 +65,11 @@ def _reachable_leaves(root: Tensor, stop: set[object]) -> list[Tensor]:
     stack = [root.grad_fn]
     while stack:
         node = stack.pop()
-        if node is None or node in seen or node in stop:
+        if node is None or node in seen:
+            continue
+        if node in stop:
+            if hit is not None:
+                hit.add(node)
             continue
         seen.add(node)
         variable = getattr(node, "variable", None)
@@ -69,6 +78,21 @@ def _reachable_leaves(root: Tensor, stop: set[object]) -> list[Tensor]:
             continue
         stack.extend(fn for fn, _ in node.next_functions)
     return leaves
+
+
+def _check_not_nested(inputs: Sequence[Tensor], nodes: set[object]) -> None:
+    """Refuse feature tensors of which one is computed from another (paths counted twice)."""
+    for i, t in enumerate(inputs):
+        if t.grad_fn is None:
+            continue
+        hit: set[object] = set()
+        _reachable_leaves(t, nodes - {t.grad_fn}, hit)
+        if hit:
+            raise BalancerUsageError(
+                f"features[{i}] is computed from another of the features; the gradient paths "
+                "through it would be counted twice. Pass only the outermost representations "
+                "(e.g. concatenate or flatten independent branches)"
+            )
 
 
 @dataclass
@@ -99,6 +123,8 @@ def task_jacobian(
                 "losses computed from the model with autograd enabled"
             )
     stop = {t.grad_fn for t in inputs if t.grad_fn is not None} if features else set()
+    if features and len(inputs) > 1:
+        _check_not_nested(inputs, stop)
     input_ids = {id(t) for t in inputs}
     owners: dict[int, int] = {}
     own_params: list[list[Tensor]] = []
@@ -167,3 +193,75 @@ def apply_task_specific(grads: TaskGradients, weights: Tensor | None) -> None:
     for i, pairs in enumerate(grads.own):
         for p, g in pairs:
             accumulate_grad(p, g if weights is None else g * weights[i].to(g.dtype))
+
+
+class ForkedFeatures(list):
+    """K per-task views of one shared representation, made by :func:`fork`.
+
+    Head i must be fed ``forked[i]``; then one backward pass through all heads yields every
+    task's gradient with respect to the representation separately.
+    """
+
+    source: Tensor
+
+
+def fork(features: Tensor, tasks: int) -> ForkedFeatures:
+    """Split the shared representation into one view per task (the fast features mode).
+
+    ``zs = taskbalance.fork(z, K)``; feed head i with ``zs[i]``; then
+    ``balancer.backward(losses, features=zs)``. Each view is a distinct autograd node, so
+    ``dL_i/dz`` for every task comes out of a single backward pass through the heads
+    instead of K passes. The result is the same as with ``features=z``.
+    """
+    if not isinstance(features, Tensor) or not features.requires_grad:
+        raise BalancerUsageError("fork() needs the shared representation, a tensor requiring grad")
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise ValueError(f"tasks must be a positive int, got {tasks!r}")
+    forked = ForkedFeatures(features.view_as(features) for _ in range(tasks))
+    forked.source = features
+    return forked
+
+
+def forked_task_jacobian(
+    losses: Sequence[Tensor], forked: ForkedFeatures, tasks: Sequence[str]
+) -> TaskGradients:
+    """Per-task gradients w.r.t. the views of :func:`fork`, in one backward pass."""
+    k = len(losses)
+    if len(forked) != k:
+        raise BalancerUsageError(f"fork() made {len(forked)} views for {k} tasks")
+    views = [v.grad_fn for v in forked]
+    stop = set(views) | ({forked.source.grad_fn} if forked.source.grad_fn else set())
+    owners: dict[int, int] = {}
+    own_params: list[list[Tensor]] = []
+    for i, loss in enumerate(losses):
+        if not loss.requires_grad:
+            raise BalancerUsageError(f"loss of task {tasks[i]!r} does not require grad")
+        hit: set[object] = set()
+        params = [p for p in _reachable_leaves(loss, stop, hit) if id(p) != id(forked.source)]
+        wrong = [j for j, node in enumerate(views) if node in hit and j != i]
+        if wrong or views[i] not in hit:
+            raise BalancerUsageError(
+                f"loss of task {tasks[i]!r} must be computed from its own view forked[{i}] "
+                f"of fork() (it reaches views {sorted(j for j, n in enumerate(views) if n in hit)})"
+            )
+        for p in params:
+            if owners.get(id(p), i) != i:
+                raise BalancerUsageError(
+                    f"a parameter of shape {tuple(p.shape)} is used by tasks "
+                    f"{tasks[owners[id(p)]]!r} and {tasks[i]!r} after fork()"
+                )
+            owners[id(p)] = i
+        own_params.append(params)
+    flat_params = [p for params in own_params for p in params]
+    grads = torch.autograd.grad(
+        torch.stack(list(losses)).sum(),
+        list(forked) + flat_params,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    jac = torch.stack([g.reshape(-1) for g in grads[:k]])
+    own: list[list[tuple[Tensor, Tensor]]] = []
+    rest = iter(grads[k:])
+    for params in own_params:
+        own.append([(p, g) for p, g in zip(params, rest) if g is not None])
+    return TaskGradients(jac, [forked.source], own)

@@ -43,6 +43,4 @@ def test_parameter_groups_and_gradient_flow() -> None:
 
 def test_gradient_engine_accepts_the_model() -> None:
     model = make()
-    check_engine(
-        model, torch.randn(16, 10), features=model.features, heads=model.heads
-    )
+    check_engine(model, torch.randn(16, 10), features=model.features, heads=model.heads)

@@ -75,6 +75,4 @@ def test_gradient_engine_accepts_mmoe() -> None:
 
 def test_gradient_engine_accepts_omoe() -> None:
     model = make(OMoE)
-    check_engine(
-        model, torch.randn(32, 10), features=model.features, heads=model.heads
-    )
+    check_engine(model, torch.randn(32, 10), features=model.features, heads=model.heads)

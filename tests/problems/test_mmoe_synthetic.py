@@ -48,6 +48,7 @@ def test_labels_follow_the_formula() -> None:
 @pytest.mark.parametrize(
     ("p", "constants"),
     [(1.0, ms.AUTHORS), (0.9, ms.AUTHORS), (0.5, ms.AUTHORS), (0.5, ms.keras_constants(1))],
+    ids=["authors-1.0", "authors-0.9", "authors-0.5", "keras-0.5"],
 )
 def test_exact_label_correlation_matches_the_data(p: float, constants: ms.Constants) -> None:
     _, y = ms.make_data(p, 20_000, seed=0, constants=constants)

@@ -21,8 +21,10 @@ from torch import Tensor
 from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError
 from taskbalance.errors import BalancerUsageError, SolverError
 from taskbalance.gradients import (
+    ForkedFeatures,
     apply_direction,
     apply_task_specific,
+    forked_task_jacobian,
     resolve_tensors,
     task_jacobian,
 )
@@ -72,6 +74,13 @@ class GradientBalancer(Balancer):
         The default computes the weights from the Gramian and returns ``wᵀ J``.
         """
         gramian = (jacobian @ jacobian.T).double()
+        finite = torch.isfinite(gramian)
+        if not bool(finite.all()):
+            bad = int((~finite).any(dim=1).nonzero()[0])
+            raise SolverError(
+                f"the gradient of task {self.tasks[bad]!r} is not finite (its squared norm is "
+                f"{float(gramian[bad, bad])}); no weights can be computed"
+            )
         weights = self.weights_from_gramian(gramian, losses.double())
         weights = weights.to(jacobian.dtype)
         return weights @ jacobian, weights
@@ -104,7 +113,9 @@ class GradientBalancer(Balancer):
                 f"{type(self).__name__} is defined only in {self.modes} mode; "
                 + ("pass shared= without features=" if use_features else "pass features=")
             )
-        if use_features:
+        if isinstance(features, ForkedFeatures):
+            inputs = [features.source]
+        elif use_features:
             inputs = [features] if isinstance(features, Tensor) else list(features)
             for z in inputs:
                 if not isinstance(z, Tensor) or not z.requires_grad:
@@ -120,7 +131,10 @@ class GradientBalancer(Balancer):
                 )
             inputs = resolve_tensors(shared)
         self.mode = mode
-        grads = task_jacobian(items, inputs, self.tasks, features=use_features)
+        if isinstance(features, ForkedFeatures):
+            grads = forked_task_jacobian(items, features, self.tasks)
+        else:
+            grads = task_jacobian(items, inputs, self.tasks, features=use_features)
         direction, weights = self.aggregate(grads.jacobian, stacked)
         self._check_result(direction, weights)
         apply_direction(direction, grads, features=use_features)
@@ -134,7 +148,10 @@ class GradientBalancer(Balancer):
                 f"{type(self).__name__} returned weights of shape {tuple(weights.shape)}, "
                 f"expected ({self.num_tasks},)"
             )
-        if not bool(torch.isfinite(weights).all()) or not bool(torch.isfinite(direction).all()):
+        # a finite Gramian (checked in aggregate) and finite weights give a finite wᵀJ;
+        # methods that build the direction from J themselves are checked in full.
+        direction_ok = self.needs != "jacobian" or bool(torch.isfinite(direction).all())
+        if not bool(torch.isfinite(weights).all()) or not direction_ok:
             raise SolverError(
                 f"{type(self).__name__} produced a non-finite update (weights "
                 f"{weights.tolist()}); the task gradients may be non-finite"

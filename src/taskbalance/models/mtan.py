@@ -11,9 +11,9 @@ block. Each task ``i`` has an attention module per block producing a soft mask
 index, i.e. shared by the tasks (``share_f=True``, default). Each task head: global
 average pooling of ``â_iJ`` and a linear layer.
 
-Shapes: input ``(B, in_channels, H, W)`` with ``H, W`` divisible by ``2^(J-1)`` (e.g.
-28x28 or 32x32 with ``J = 3``); masks ``a_ij`` ``(B, channels[j], H/2^j, W/2^j)``;
-output ``{task: (B, out_features[task])}``.
+Shapes: input ``(B, in_channels, H, W)``, ``H, W >= 2^(J-1)`` (e.g. 28x28 or 32x32 with
+``J = 3``); ``u_j``, ``p_j`` and the masks ``a_ij`` are ``(B, channels[j-1], H_j, W_j)``
+with ``H_1 = H``, ``H_j+1 = floor(H_j / 2)``; output ``{task: (B, out_features[task])}``.
 
 What is shared: the backbone (and the ``f`` convs when ``share_f``). The attention modules
 read the backbone at every block, so the shared representation is all of
