@@ -76,7 +76,9 @@ class GradientBalancer(Balancer):
         gramian = (jacobian @ jacobian.T).double()
         finite = torch.isfinite(gramian)
         if not bool(finite.all()):
-            bad = int((~finite).any(dim=1).nonzero()[0])
+            diagonal_bad = ~torch.isfinite(gramian.diagonal())
+            rows_bad = diagonal_bad if bool(diagonal_bad.any()) else (~finite).any(dim=1)
+            bad = int(rows_bad.nonzero()[0])
             raise SolverError(
                 f"the gradient of task {self.tasks[bad]!r} is not finite (its squared norm is "
                 f"{float(gramian[bad, bad])}); no weights can be computed"
