@@ -55,3 +55,18 @@ def test_demo_is_a_command_group() -> None:
     result = runner.invoke(app, ["demo", "--help"])
     assert result.exit_code == 0
     assert "kendall" in result.output
+
+
+def test_demo_mmoe_small_run_prints_table_and_writes_figure(tmp_path) -> None:
+    args = ["demo", "mmoe", "--seeds", "1", "--steps", "20", "--correlations", "1.0,0.5"]
+    args += ["--workers", "1", "--no-progress", "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "mmoe" in result.output and "shared_bottom" in result.output
+    assert "p = 0.5: shared-bottom minus MMoE" in result.output
+    assert (tmp_path / "mmoe.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_mmoe_rejects_bad_correlations(tmp_path) -> None:
+    result = runner.invoke(app, ["demo", "mmoe", "--correlations", "one", "--out", str(tmp_path)])
+    assert result.exit_code != 0

@@ -14,6 +14,8 @@ from taskbalance.problems.kendall import (
 PROBLEMS: dict[str, str] = {
     "kendall": "Kendall et al. (CVPR 2018) toy: two regressions with noise 10 and 1, "
     "uncertainty weighting must learn sigma near (8.59, 0.92)",
+    "mmoe": "Ma et al. (KDD 2018) synthetic regression pair with task correlation p: "
+    "shared-bottom vs OMoE vs MMoE",
 }
 
 __all__ = [
