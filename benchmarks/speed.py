@@ -108,8 +108,12 @@ def step_balancer(s: Setup, name: str, mode: str) -> Callable[[], None]:
     return step
 
 
-def step_loop_baseline(s: Setup) -> Callable[[], None]:
-    """K backward passes, shared gradients flattened into one (K, P) matrix, mean direction."""
+def step_loop_baseline(s: Setup, with_gramian: bool = False) -> Callable[[], None]:
+    """K backward passes, shared gradients flattened into one (K, P) matrix, mean direction.
+
+    ``with_gramian`` also forms ``J @ J.T`` as LibMTL's Gramian methods (MGDA) do, so the
+    engine's Gramian methods can be compared with the same arithmetic.
+    """
     shared = list(s.body.parameters())
 
     def step() -> None:
@@ -121,7 +125,10 @@ def step_loop_baseline(s: Setup) -> Callable[[], None]:
             rows.append(torch.cat([p.grad.reshape(-1) for p in shared]))
             for p in shared:
                 p.grad = None
-        direction = torch.stack(rows).mean(0)
+        jac = torch.stack(rows)
+        if with_gramian:
+            jac @ jac.T
+        direction = jac.mean(0)
         offset = 0
         for p in shared:
             p.grad = direction[offset : offset + p.numel()].view_as(p).clone()
@@ -245,7 +252,11 @@ def _losses_and_shared(s: Setup, features: bool, forked: bool = False) -> tuple:
 
 def section_exact(k: int, rounds: int, steps: int) -> None:
     s = Setup(k)
-    configs = {"equal": step_balancer(s, "equal", "loss"), "loop (LibMTL)": step_loop_baseline(s)}
+    configs = {
+        "equal": step_balancer(s, "equal", "loss"),
+        "loop (LibMTL)": step_loop_baseline(s),
+        "loop + Gramian": step_loop_baseline(s, with_gramian=True),
+    }
     engine = UniformGradient(k)
     configs["engine only (mean)"] = lambda: (
         s.opt.zero_grad(),
@@ -254,7 +265,7 @@ def section_exact(k: int, rounds: int, steps: int) -> None:
     )
     for eng in ("autojac", "autogram"):
         for agg in ("mean", "upgrad"):
-            fn = step_torchjd(s, eng, agg)
+            fn = step_torchjd(Setup(k), eng, agg)  # own model: autogram hooks its modules
             if fn is not None:
                 configs[f"torchjd {eng} {agg}"] = fn
     for name in gradient_methods():

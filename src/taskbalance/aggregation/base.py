@@ -28,6 +28,9 @@ from taskbalance.gradients import (
     resolve_tensors,
     task_jacobian,
 )
+from taskbalance.gradients import (
+    gramian as compute_gramian,
+)
 
 Mode = Literal["exact", "features"]
 
@@ -73,7 +76,7 @@ class GradientBalancer(Balancer):
 
         The default computes the weights from the Gramian and returns ``wᵀ J``.
         """
-        gramian = (jacobian @ jacobian.T).double()
+        gramian = compute_gramian(jacobian).double()
         finite = torch.isfinite(gramian)
         if not bool(finite.all()):
             diagonal_bad = ~torch.isfinite(gramian.diagonal())
