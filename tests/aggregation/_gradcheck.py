@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from conftest import TinyNet, batch
+from conftest import TinyNet, assert_same, batch, save_load, task_losses
 
 
 def losses_and_features(num_tasks: int, seed: int) -> tuple[TinyNet, Tensor, list[Tensor]]:
@@ -145,3 +145,35 @@ def adversarial_jacobians(seed: int = 0) -> list[np.ndarray]:
         out.append(rng.normal(size=(k, 1)) @ rng.normal(size=(1, p)))  # rank one
         out.append(base * 10.0 ** rng.uniform(-6, 6, size=(k, 1)))  # norms 1e-6..1e6
     return out
+
+
+def check_resume(fresh: Callable[[], tuple], split: int, total: int) -> dict:
+    """Train ``total`` steps straight, and ``split`` steps + save/load + the rest; compare.
+
+    ``fresh()`` returns a new ``(balancer, TinyNet, optimizer)``. The weights of every
+    step, the model and the balancer's state must agree bit for bit. Returns the saved
+    state (after ``torch.load(weights_only=True)``) for further checks.
+    """
+
+    def run(bal, model, opt, start: int, stop: int) -> list[Tensor]:
+        out = []
+        for step in range(start, stop):
+            opt.zero_grad(set_to_none=True)
+            out.append(bal.backward(task_losses(model, step), shared=model.shared).clone())
+            opt.step()
+        return out
+
+    straight_bal, straight_model, opt = fresh()
+    straight = run(straight_bal, straight_model, opt, 0, total)
+    bal, model, opt = fresh()
+    first = run(bal, model, opt, 0, split)
+    saved = save_load({"bal": bal.state_dict(), "model": model.state_dict()})
+    bal2, model2, opt2 = fresh()
+    model2.load_state_dict(saved["model"])
+    bal2.load_state_dict(saved["bal"])
+    resumed = first + run(bal2, model2, opt2, split, total)
+    for a, b in zip(straight, resumed, strict=True):
+        assert torch.equal(a, b)
+    assert_same(straight_model.state_dict(), model2.state_dict())
+    assert_same(straight_bal.state_dict()["state"], bal2.state_dict()["state"])
+    return saved

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _gradcheck import losses_and_features
+from _gradcheck import check_resume, losses_and_features
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TinyNet, assert_same, save_load, task_losses
+from conftest import TinyNet
 from taskbalance import registry
 from taskbalance.aggregation.db_mtl import DBMTL, magnitude_balance
 from taskbalance.errors import BalancerUsageError, NonPositiveLossError
@@ -154,34 +154,13 @@ def test_end_to_end_exact_mode_and_no_features_mode() -> None:
         DBMTL(3).backward(losses3, shared=model2.shared, features=z3)
 
 
-def run(bal: DBMTL, model: TinyNet, opt: torch.optim.Optimizer, start: int, stop: int) -> list:
-    out = []
-    for step in range(start, stop):
-        opt.zero_grad(set_to_none=True)
-        out.append(bal.backward(task_losses(model, step), shared=model.shared).clone())
-        opt.step()
-    return out
-
-
 def test_state_dict_round_trip_is_bit_exact() -> None:
     def fresh() -> tuple[DBMTL, TinyNet, torch.optim.Optimizer]:
         model = TinyNet(3, seed=4)
         return DBMTL(3, beta_sigma=0.5), model, torch.optim.SGD(model.parameters(), lr=0.01)
 
-    straight_bal, straight_model, opt = fresh()
-    straight = run(straight_bal, straight_model, opt, 0, 8)
-    bal, model, opt = fresh()
-    first = run(bal, model, opt, 0, 5)
-    saved = save_load({"bal": bal.state_dict(), "model": model.state_dict()})
+    saved = check_resume(fresh, split=5, total=8)
     assert saved["bal"]["state"]["t"] == 5 and saved["bal"]["state"]["buffer"].shape == (3, 15)
-    bal2, model2, opt2 = fresh()
-    model2.load_state_dict(saved["model"])
-    bal2.load_state_dict(saved["bal"])
-    resumed = first + run(bal2, model2, opt2, 5, 8)
-    for a, b in zip(straight, resumed):
-        assert torch.equal(a, b)
-    assert_same(straight_model.state_dict(), model2.state_dict())
-    assert_same(straight_bal.state_dict()["state"], bal2.state_dict()["state"])
 
 
 def test_changed_shared_parameters_are_refused() -> None:

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from _gradcheck import check_engine
+from _gradcheck import check_engine, check_resume
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TinyNet, assert_same, save_load, task_losses
+from conftest import TinyNet
 from taskbalance import registry
 from taskbalance.aggregation.gradvac import GradVac, gradvac_coefficients
 from taskbalance.aggregation.pcgrad import pcgrad_coefficients
@@ -161,34 +161,13 @@ def test_end_to_end_through_the_engine(features: bool) -> None:
     assert torch.equal(bal.targets, twin.targets)
 
 
-def run(bal: GradVac, model: TinyNet, opt: torch.optim.Optimizer, start: int, stop: int) -> list:
-    out = []
-    for step in range(start, stop):
-        opt.zero_grad(set_to_none=True)
-        out.append(bal.backward(task_losses(model, step), shared=model.shared).clone())
-        opt.step()
-    return out
-
-
 def test_state_dict_round_trip_is_bit_exact() -> None:
     def fresh() -> tuple[GradVac, TinyNet, torch.optim.Optimizer]:
         model = TinyNet(4, seed=5)
         return GradVac(4, beta=0.4, seed=2), model, torch.optim.SGD(model.parameters(), lr=0.05)
 
-    straight_bal, straight_model, opt = fresh()
-    straight = run(straight_bal, straight_model, opt, 0, 8)
-    bal, model, opt = fresh()
-    first = run(bal, model, opt, 0, 5)
-    saved = save_load({"bal": bal.state_dict(), "model": model.state_dict()})
+    saved = check_resume(fresh, split=5, total=8)
     assert saved["bal"]["state"]["targets"].abs().sum() > 0
-    bal2, model2, opt2 = fresh()
-    model2.load_state_dict(saved["model"])
-    bal2.load_state_dict(saved["bal"])
-    resumed = first + run(bal2, model2, opt2, 5, 8)
-    for a, b in zip(straight, resumed):
-        assert torch.equal(a, b)
-    assert_same(straight_model.state_dict(), model2.state_dict())
-    assert_same(straight_bal.state_dict()["state"], bal2.state_dict()["state"])
 
 
 def test_registered_and_validated() -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _gradcheck import check_engine
+from _gradcheck import check_engine, check_resume
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TinyNet, assert_same, save_load, task_losses
+from conftest import TinyNet
 from taskbalance import registry
 from taskbalance.aggregation.pcgrad import PCGrad, pcgrad_coefficients, visiting_orders
 
@@ -153,33 +153,12 @@ def test_end_to_end_through_the_engine(features: bool, order: str) -> None:
     assert bal.steps == 1 and torch.equal(bal.last_weights, w)
 
 
-def run(bal: PCGrad, model: TinyNet, opt: torch.optim.Optimizer, start: int, stop: int) -> list:
-    out = []
-    for step in range(start, stop):
-        opt.zero_grad(set_to_none=True)
-        out.append(bal.backward(task_losses(model, step), shared=model.shared).clone())
-        opt.step()
-    return out
-
-
 def test_state_dict_round_trip_is_bit_exact() -> None:
     def fresh() -> tuple[PCGrad, TinyNet, torch.optim.Optimizer]:
         model = TinyNet(4, seed=3)
         return PCGrad(4, seed=9), model, torch.optim.SGD(model.parameters(), lr=0.05)
 
-    bal, straight_model, opt = fresh()
-    straight = run(bal, straight_model, opt, 0, 7)
-    bal, model, opt = fresh()
-    first = run(bal, model, opt, 0, 4)
-    saved = save_load({"bal": bal.state_dict(), "model": model.state_dict()})
-    bal2, model2, opt2 = fresh()
-    model2.load_state_dict(saved["model"])
-    bal2.load_state_dict(saved["bal"])
-    assert_same(bal2.state_dict()["state"], bal.state_dict()["state"])
-    resumed = first + run(bal2, model2, opt2, 4, 7)
-    for a, b in zip(straight, resumed):
-        assert torch.equal(a, b)
-    assert_same(straight_model.state_dict(), model2.state_dict())
+    check_resume(fresh, split=4, total=7)
 
 
 def test_registered_and_validated() -> None:
