@@ -188,6 +188,27 @@ class Balancer:
             raise NonFiniteLossError(task, value)
         raise _SkipStepError(task, value)
 
+    def begin_step(self, losses: Losses) -> tuple[list[Tensor], Tensor] | None:
+        """Start a gradient step: the per-task losses (with graph) and their detached stack.
+
+        Returns ``None`` when the step is skipped (``nonfinite="skip_step"``). A single
+        stacked tensor is refused: it merges the tasks' graphs, which gradient methods
+        must tell apart.
+        """
+        self.last_step_skipped = False
+        if isinstance(losses, Tensor):
+            raise BalancerUsageError(
+                f"{type(self).__name__} needs the task losses as a list or a dict (not one "
+                "stacked tensor) so that each task's graph can be told apart"
+            )
+        items = self.split_losses(losses)
+        try:
+            stacked = self._check_finite(torch.stack([item.detach() for item in items]))
+        except _SkipStepError as err:
+            self._skip(err)
+            return None
+        return items, stacked
+
     def _skip(self, err: _SkipStepError) -> None:
         self.skipped_steps += 1
         self.last_step_skipped = True

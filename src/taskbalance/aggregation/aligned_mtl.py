@@ -102,12 +102,7 @@ class AlignedMTL(GradientBalancer):
             raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}")
         if rank_tol is not None and not rank_tol >= 0:
             raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
-        self.pref: Tensor | None = None
-        if pref_vector is not None:
-            pref = torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)
-            if pref.numel() != self.num_tasks or not bool(torch.isfinite(pref).all()):
-                raise ValueError(f"pref_vector must hold {self.num_tasks} finite numbers")
-            self.pref = pref
+        self.pref = self.preference_vector(pref_vector)
         self.scale_mode = scale_mode
         self.rank_tol = rank_tol
 

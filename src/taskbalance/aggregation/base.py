@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError
+from taskbalance.balancer import Balancer, Losses, Tasks
 from taskbalance.errors import BalancerUsageError, SolverError
 from taskbalance.gradients import (
     ForkedFeatures,
@@ -66,6 +66,15 @@ class GradientBalancer(Balancer):
         self.task_specific = task_specific
         self.mode: Mode | None = None
 
+    def preference_vector(self, pref_vector: Any) -> Tensor | None:
+        """``pref_vector`` as a finite float64 ``(K,)`` tensor (``None`` stays ``None``)."""
+        if pref_vector is None:
+            return None
+        pref = torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)
+        if pref.numel() != self.num_tasks or not bool(torch.isfinite(pref).all()):
+            raise ValueError(f"pref_vector must hold {self.num_tasks} finite numbers")
+        return pref
+
     # ------------------------------------------------------------------ the method
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         """Task weights ``(K,)`` from the Gramian ``(K, K)`` (float64) and detached losses."""
@@ -99,18 +108,10 @@ class GradientBalancer(Balancer):
         **context: Any,
     ) -> Tensor | None:
         """Compute the task gradients, combine them, fill ``.grad``; return the weights."""
-        self.last_step_skipped = False
-        if isinstance(losses, Tensor):
-            raise BalancerUsageError(
-                f"{type(self).__name__} needs the task losses as a list or a dict (not one "
-                "stacked tensor) so that each task's graph can be told apart"
-            )
-        items = self.split_losses(losses)
-        try:
-            stacked = self._check_finite(torch.stack([item.detach() for item in items]))
-        except _SkipStepError as err:
-            self._skip(err)
+        begun = self.begin_step(losses)
+        if begun is None:
             return None
+        items, stacked = begun
         use_features = features is not None
         mode: Mode = "features" if use_features else "exact"
         if mode not in self.modes:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError
+from taskbalance.balancer import Balancer, Losses, Tasks
 from taskbalance.errors import BalancerUsageError, NonPositiveLossError
 from taskbalance.gradients import resolve_tensors
 from taskbalance.learnable import OptimizerMode, OwnedParameters
@@ -117,13 +117,10 @@ class GradNorm(Balancer):
         **context: Any,
     ) -> Tensor | None:
         """Backpropagate ``sum_i w_i L_i``, step the weights by L_grad; return the weights used."""
-        self.last_step_skipped = False
-        items = self.split_losses(losses)
-        try:
-            stacked = self._check_finite(torch.stack([item.detach() for item in items]))
-        except _SkipStepError as err:
-            self._skip(err)
+        begun = self.begin_step(losses)
+        if begun is None:
             return None
+        items, stacked = begun
         if not bool((stacked > 0).all()):
             bad = int((stacked <= 0).nonzero()[0])
             raise NonPositiveLossError(self.tasks[bad], float(stacked[bad]), "GradNorm")

@@ -77,12 +77,7 @@ class UPGrad(GradientBalancer):
         super().__init__(tasks, **kw)
         if norm_eps < 0 or reg_eps < 0:
             raise ValueError(f"norm_eps and reg_eps must be >= 0, got {norm_eps}, {reg_eps}")
-        self.pref: Tensor | None = None
-        if pref_vector is not None:
-            pref = torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)
-            if pref.numel() != self.num_tasks or not bool(torch.isfinite(pref).all()):
-                raise ValueError(f"pref_vector must hold {self.num_tasks} finite numbers")
-            self.pref = pref
+        self.pref = self.preference_vector(pref_vector)
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
 
