@@ -70,3 +70,17 @@ def test_demo_mmoe_small_run_prints_table_and_writes_figure(tmp_path) -> None:
 def test_demo_mmoe_rejects_bad_correlations(tmp_path) -> None:
     result = runner.invoke(app, ["demo", "mmoe", "--correlations", "one", "--out", str(tmp_path)])
     assert result.exit_code != 0
+
+
+def test_demo_gradnorm_small_run_prints_table_and_writes_figure(tmp_path) -> None:
+    args = ["demo", "gradnorm", "--tasks", "2", "--seeds", "1", "--steps", "20"]
+    args += ["--workers", "1", "--no-progress", "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "gradnorm" in result.output and "equal" in result.output
+    assert (tmp_path / "gradnorm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_gradnorm_rejects_other_task_counts(tmp_path) -> None:
+    result = runner.invoke(app, ["demo", "gradnorm", "--tasks", "3", "--out", str(tmp_path)])
+    assert result.exit_code != 0

@@ -141,5 +141,44 @@ def mmoe_command(
     console.print(f"figure: {plot_results(results, out / 'mmoe.png')}")
 
 
+@demo_app.command("gradnorm")
+def gradnorm_command(
+    tasks: Annotated[int, typer.Option(help="Number of tasks: 10 (wide sigmas) or 2.")] = 10,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per method.")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps per run.")] = 10_000,
+    uncertainty: Annotated[bool, typer.Option(help="Also run uncertainty weighting.")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes.")] = 2,
+    out: Annotated[Path, typer.Option(help="Folder for the figure.")] = Path("runs/gradnorm"),
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Chen et al. (ICML 2018) synthetic tasks: GradNorm vs equal weighting."""
+    from dataclasses import replace
+
+    from taskbalance.problems.gradnorm_synthetic import (
+        SIGMAS_2,
+        SIGMAS_10,
+        Config,
+        format_table,
+        plot,
+        run_gradnorm_synthetic,
+    )
+
+    sigmas = {10: SIGMAS_10, 2: SIGMAS_2}.get(tasks)
+    if sigmas is None:
+        raise typer.BadParameter("must be 10 or 2", param_hint="--tasks")
+    config = replace(Config(), steps=steps, eval_every=min(Config().eval_every, steps))
+    methods = ("equal", "gradnorm", "uncertainty") if uncertainty else ("equal", "gradnorm")
+    result = run_gradnorm_synthetic(
+        sigmas=sigmas,
+        seeds=seeds,
+        methods=methods,
+        config=config,
+        workers=workers,
+        progress=progress,
+    )
+    console.print(format_table(result))
+    console.print(f"figure: {plot(result, out / 'gradnorm.png')}")
+
+
 if __name__ == "__main__":
     app()

@@ -16,6 +16,8 @@ PROBLEMS: dict[str, str] = {
     "uncertainty weighting must learn sigma near (8.59, 0.92)",
     "mmoe": "Ma et al. (KDD 2018) synthetic regression pair with task correlation p: "
     "shared-bottom vs OMoE vs MMoE",
+    "gradnorm": "Chen et al. (ICML 2018) synthetic regressions sigma_i tanh((B + eps_i) x): "
+    "GradNorm vs equal weighting on sum_i L_i(t)/L_i(0)",
 }
 
 __all__ = [
