@@ -64,6 +64,7 @@ def test_demo_mmoe_small_run_prints_table_and_writes_figure(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "mmoe" in result.output and "shared_bottom" in result.output
     assert "p = 0.5: shared-bottom minus MMoE" in result.output
+    assert "MMoE's advantage grows as p falls" in result.output
     assert (tmp_path / "mmoe.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -78,6 +79,7 @@ def test_demo_gradnorm_small_run_prints_table_and_writes_figure(tmp_path) -> Non
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "gradnorm" in result.output and "equal" in result.output
+    assert "ends below equal weighting" in result.output
     assert (tmp_path / "gradnorm.png").read_bytes()[:4] == b"\x89PNG"
 
 

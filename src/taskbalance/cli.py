@@ -138,6 +138,13 @@ def mmoe_command(
     console.print(results_table(results))
     for p in ps:
         console.print(f"p = {p:g}: shared-bottom minus MMoE test loss = {gap(results, p):+.4f}")
+    low, high = min(ps), max(ps)
+    if low < high:
+        grows = gap(results, low) > gap(results, high)
+        verdict = "reproduced" if grows else "NOT reproduced here"
+        console.print(
+            f"paper's claim 'MMoE's advantage grows as p falls' (p={high:g} -> {low:g}): {verdict}"
+        )
     console.print(f"figure: {plot_results(results, out / 'mmoe.png')}")
 
 
@@ -154,6 +161,8 @@ def gradnorm_command(
     """Chen et al. (ICML 2018) synthetic tasks: GradNorm vs equal weighting."""
     from dataclasses import replace
 
+    import torch
+
     from taskbalance.problems.gradnorm_synthetic import (
         SIGMAS_2,
         SIGMAS_10,
@@ -161,6 +170,7 @@ def gradnorm_command(
         format_table,
         plot,
         run_gradnorm_synthetic,
+        spearman,
     )
 
     sigmas = {10: SIGMAS_10, 2: SIGMAS_2}.get(tasks)
@@ -177,6 +187,14 @@ def gradnorm_command(
         progress=progress,
     )
     console.print(format_table(result))
+    equal, gradnorm = result.final_metric("equal")[0], result.final_metric("gradnorm")[0]
+    rho = spearman(result.final_weights(), torch.tensor(sigmas))
+    below = "reproduced" if gradnorm < equal else "NOT reproduced here"
+    inverse = "reproduced" if rho < 0 else "NOT reproduced here"
+    console.print(f"paper's claim 'GradNorm ends below equal weighting': {below}")
+    console.print(
+        f"paper's claim 'weights order inversely to sigma' (Spearman {rho:+.2f}): {inverse}"
+    )
     console.print(f"figure: {plot(result, out / 'gradnorm.png')}")
 
 
