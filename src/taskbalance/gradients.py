@@ -195,11 +195,15 @@ def accumulate_grad(param: Tensor, grad: Tensor, *, owned: bool = False) -> None
         param.grad.add_(grad)
 
 
-def apply_direction(direction: Tensor, grads: TaskGradients, *, features: bool) -> None:
+def apply_direction(
+    direction: Tensor, grads: TaskGradients, *, features: bool, owned: bool = False
+) -> None:
     """Send the combined direction (P,) to the shared inputs.
 
     Exact mode adds it to the shared parameters' ``.grad``; features mode backpropagates
-    it from the features through the body (one ordinary backward).
+    it from the features through the body (one ordinary backward). ``owned``: nothing else
+    holds ``direction`` (e.g. ``wᵀJ`` just computed), so its slices become ``.grad`` without
+    a copy; otherwise they are copied, as a method may keep the tensor in its state.
     """
     pieces = []
     offset = 0
@@ -211,7 +215,7 @@ def apply_direction(direction: Tensor, grads: TaskGradients, *, features: bool) 
         torch.autograd.backward(grads.inputs, grad_tensors=pieces)
     else:
         for t, piece in zip(grads.inputs, pieces):
-            accumulate_grad(t, piece, owned=True)
+            accumulate_grad(t, piece, owned=owned)
 
 
 def apply_task_specific(grads: TaskGradients, weights: Tensor | None) -> None:

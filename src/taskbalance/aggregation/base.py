@@ -143,7 +143,8 @@ class GradientBalancer(Balancer):
             grads = task_jacobian(items, inputs, self.tasks, features=use_features)
         direction, weights = self.aggregate(grads.jacobian, stacked)
         self._check_result(direction, weights)
-        apply_direction(direction, grads, features=use_features)
+        # wᵀJ from the Gramian path is a fresh tensor; a Jacobian method's may be its state
+        apply_direction(direction, grads, features=use_features, owned=self.needs == "gramian")
         apply_task_specific(grads, weights if self.task_specific == "weighted" else None)
         self.record_step(stacked, weights)
         return self.last_weights
