@@ -1,6 +1,6 @@
 """Property / fuzz tests run on EVERY registered method (``taskbalance.list_methods()``).
 
-Each (method, case[, mode]) is one test; hypothesis draws the number of tasks K (1..8),
+Each (method, case[, mode]) is one test; hypothesis draws the number of tasks K (1..16),
 loss scales over 12 orders of magnitude, the data and the dtype details. The contract
 checked on every draw: either a finite result (weights finite and of shape ``(K,)``,
 every filled model ``.grad`` finite, the combined loss finite) or one of the documented
@@ -14,6 +14,8 @@ Cases:
 
 * ``random``: ordinary regression losses, each multiplied by 10^u, u in [-6, 6].
 * ``float64``: the same with a float64 model and data.
+* ``bfloat16``: the same with a bfloat16 model and data (scales 10^-2..10^2: bf16 holds
+  3 significant digits, and a squared error times 1e6 overflows nothing but rounds away).
 * ``zero_loss``: some tasks have a loss of exactly 0 (``0 * head(z).sum()``).
 * ``zero_grad``: some tasks have a positive loss with an exactly zero gradient.
 * ``identical``: every task has the very same loss and gradient.
@@ -47,6 +49,7 @@ POSITIVE_ONLY = {"famo", "gls", "dwa", "db_mtl", "gradnorm"}
 FINITE_CASES = (
     "random",
     "float64",
+    "bfloat16",
     "zero_loss",
     "zero_grad",
     "identical",
@@ -135,7 +138,9 @@ def build_losses(
     scales = [10.0**e for e in exps]
     mse = [((out - y[:, i]) ** 2).mean() for i, out in enumerate(outs)]
 
-    if case in ("random", "float64") or case.startswith("nonfinite"):
+    if case == "bfloat16":
+        scales = [10.0 ** (e / 3) for e in exps]
+    if case in ("random", "float64", "bfloat16") or case.startswith("nonfinite"):
         losses = [s * m for s, m in zip(scales, mse)]
     elif case in ("zero_loss", "zero_grad"):
         chosen = data.draw(
@@ -208,10 +213,10 @@ def assert_finite_step(
 
 def run_case(method: str, case: str, mode: str, data: st.DataObject) -> str:
     """Draw one example and run it; return the outcome ("finite" or the exception name)."""
-    k = data.draw(st.integers(1, 8), label="K")
+    k = data.draw(st.integers(1, 16), label="K")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     steps = data.draw(st.integers(1, 3), label="steps")
-    dtype = torch.float64 if case == "float64" else torch.float32
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
     nonfinite = "skip_step" if case == "nonfinite_skip" else "raise"
     net = Net(k, seed, dtype)
     if case in ("identical", "opposite", "collinear"):
