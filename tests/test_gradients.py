@@ -122,3 +122,26 @@ def test_stacked_tensor_of_losses_is_refused_for_gradient_methods() -> None:
     stacked = torch.stack([h(z).sum() for h in heads])
     with pytest.raises(tb.BalancerUsageError, match="list or a dict"):
         Fixed([1.0, 1.0, 1.0]).backward(stacked, shared=body)
+
+
+def test_losses_without_grad_are_named() -> None:
+    body, heads, x = make_model()
+    z = body(x)
+    losses = [heads[0](z).sum(), heads[1](z).sum().detach(), heads[2](z).sum()]
+    with pytest.raises(tb.BalancerUsageError, match="'1' does not require grad"):
+        Fixed([1.0, 1.0, 1.0]).backward(losses, shared=body)
+
+
+def test_features_without_grad_are_refused() -> None:
+    body, heads, x = make_model()
+    z = body(x)
+    losses = [h(z).sum() for h in heads]
+    with pytest.raises(tb.BalancerUsageError, match="features must be tensors that require grad"):
+        Fixed([1.0, 1.0, 1.0]).backward(losses, shared=body, features=z.detach())
+
+
+def test_gradient_method_without_shared_or_features_is_refused() -> None:
+    body, heads, x = make_model()
+    z = body(x)
+    with pytest.raises(tb.BalancerUsageError, match="needs shared="):
+        Fixed([1.0, 1.0, 1.0]).backward([h(z).sum() for h in heads])
