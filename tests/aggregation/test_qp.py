@@ -10,7 +10,8 @@ from _gradcheck import adversarial_jacobians, brute_box, brute_min_norm, conflic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taskbalance.aggregation._qp import min_norm_weights, project_dual_cone
+from taskbalance.aggregation._dual_cone import project_dual_cone
+from taskbalance.aggregation._qp import min_norm_weights
 from taskbalance.errors import SolverError
 
 ADVERSARIAL = adversarial_jacobians(seed=1)

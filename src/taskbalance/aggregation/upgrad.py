@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from taskbalance.aggregation._qp import project_dual_cone
+from taskbalance.aggregation._dual_cone import project_dual_cone
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.balancer import Tasks
 from taskbalance.registry import register
