@@ -12,6 +12,15 @@ from torch import Tensor
 
 from conftest import TinyNet, assert_same, batch, save_load, task_losses
 
+#: small Jacobians with K = 1, identical, opposite, zero and all-zero task gradients.
+DEGENERATE_JACOBIANS = [
+    torch.tensor([[2.0, -1.0]]),
+    torch.tensor([[1.0, 2.0], [1.0, 2.0]]),
+    torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
+    torch.tensor([[1.0, 2.0], [0.0, 0.0]]),
+    torch.zeros(3, 2),
+]
+
 
 def losses_and_features(num_tasks: int, seed: int) -> tuple[TinyNet, Tensor, list[Tensor]]:
     """A fresh TinyNet (shared body + linear heads), its features z and the K task losses."""
