@@ -83,6 +83,8 @@ class Balancer:
     method_name: ClassVar[str] = ""
     #: ``"loss"``: weights come from loss values; ``"gradient"``: from task gradients.
     kind: ClassVar[str] = "loss"
+    #: the method needs per-task KPIs in (0, 1] with the losses (``kpi=``; DTP).
+    uses_kpi: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -46,6 +46,8 @@ class DTP(Balancer):
     See the module docstring for the KPI moving average.
     """
 
+    uses_kpi = True
+
     def __init__(
         self,
         tasks: Tasks,
