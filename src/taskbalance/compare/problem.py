@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from torch import Tensor
@@ -104,6 +105,16 @@ class ComparisonProblem(ABC):
         self, make_balancer: BalancerFactory, *, seed: int, epochs: int, progress: bool = False
     ) -> RunResult:
         """Train with balancers from ``make_balancer`` (one per independent training run)."""
+
+    def plot_comparison(
+        self, results: dict[str, list[RunResult]], out_dir: Path
+    ) -> list[Path]:
+        """Problem-specific pictures over all methods (``results``: method -> runs by seed).
+
+        Called by the runner after the generic plots; returns the files written. The Pareto
+        toy draws every method's trajectories here. Default: none.
+        """
+        return []
 
     def config(self) -> dict[str, Any]:
         """What identifies this problem's work (part of the cache key of a run)."""
