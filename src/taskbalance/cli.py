@@ -59,6 +59,68 @@ def list_command() -> None:
     for name, text in PROBLEMS.items():
         problems.add_row(name, text)
     console.print(problems)
+    from taskbalance.compare import list_problems
+
+    compared = Table(title="comparison problems (taskbalance compare --problem <name>)")
+    compared.add_column("name", style="bold")
+    compared.add_column("description")
+    for name, text in list_problems().items():
+        compared.add_row(name, text)
+    console.print(compared)
+
+
+@app.command("compare")
+def compare_command(
+    problem: Annotated[str, typer.Option(help="Problem name (see `taskbalance list`).")],
+    methods: Annotated[str, typer.Option(help="'all' or comma-separated method names.")] = "all",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1 per method.")] = 3,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs (steps for the toys); default: problem's.")
+    ] = None,
+    size: Annotated[str, typer.Option(help="'full' (documented) or 'small' (seconds).")] = "full",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run folder (default runs/<problem>); finished runs are reused."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rerun finished runs.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run every method x seed on one problem; write a Markdown/CSV table and PNGs."""
+    from taskbalance.compare import compare
+    from taskbalance.compare.problem import make_problem
+
+    if size not in ("full", "small"):
+        raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
+    try:
+        built = make_problem(problem, size=size)  # type: ignore[arg-type]
+    except KeyError as err:
+        raise typer.BadParameter(str(err.args[0]), param_hint="--problem") from None
+    chosen: str | list[str] = (
+        "all" if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    )
+    try:
+        report = compare(
+            built,
+            chosen,
+            seeds,
+            out if out is not None else Path("runs") / problem,
+            epochs=epochs,
+            progress=progress,
+            force=force,
+        )
+    except KeyError as err:
+        raise typer.BadParameter(str(err.args[0]), param_hint="--methods") from None
+    from rich.markdown import Markdown
+
+    console.print(Markdown(report.table_md.read_text()))
+    console.print(f"table: {report.table_md}  {report.table_csv}")
+    for picture in report.pictures:
+        console.print(f"figure: {picture}")
+    failed = report.comparison.failed
+    for record in failed:
+        console.print(f"[red]failed[/red] {record.method} seed {record.seed}: {record.error}")
+    if failed:
+        raise typer.Exit(code=1)
 
 
 @demo_app.command("kendall")

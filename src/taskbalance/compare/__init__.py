@@ -1,10 +1,13 @@
 """``taskbalance compare``: every method on the same work, with tables and pictures."""
 
+from taskbalance.compare.command import ComparisonReport, compare
+from taskbalance.compare.metrics import delta_m, mean_ranks
 from taskbalance.compare.problem import (
     BalancerFactory,
     ComparisonProblem,
     Metric,
     RunResult,
+    after_step,
     balanced_backward,
     list_problems,
     make_problem,
@@ -14,10 +17,15 @@ from taskbalance.compare.problem import (
 __all__ = [
     "BalancerFactory",
     "ComparisonProblem",
+    "ComparisonReport",
     "Metric",
     "RunResult",
+    "after_step",
     "balanced_backward",
+    "compare",
+    "delta_m",
     "list_problems",
     "make_problem",
+    "mean_ranks",
     "register_problem",
 ]

@@ -13,12 +13,14 @@ and CI), ``size="full"`` the documented one.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor
 
 from taskbalance.balancer import Balancer, Losses
@@ -106,9 +108,7 @@ class ComparisonProblem(ABC):
     ) -> RunResult:
         """Train with balancers from ``make_balancer`` (one per independent training run)."""
 
-    def plot_comparison(
-        self, results: dict[str, list[RunResult]], out_dir: Path
-    ) -> list[Path]:
+    def plot_comparison(self, results: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
         """Problem-specific pictures over all methods (``results``: method -> runs by seed).
 
         Called by the runner after the generic plots; returns the files written. The Pareto
@@ -148,6 +148,18 @@ def balanced_backward(
     return balancer.backward(losses, shared=list(shared), **context)
 
 
+def after_step(balancer: Balancer, recompute: Callable[[], Losses]) -> None:
+    """Give methods that learn from the loss change of a step (FAMO) the losses after it.
+
+    Call after ``optimizer.step()``; ``recompute()`` evaluates the same batch's losses at
+    the new parameters (run under ``torch.no_grad()`` here). Other methods: a no-op.
+    """
+    update = getattr(balancer, "update", None)
+    if callable(update) and not balancer.last_step_skipped:
+        with torch.no_grad():
+            update(recompute())
+
+
 _PROBLEMS: dict[str, type[ComparisonProblem]] = {}
 
 
@@ -159,8 +171,23 @@ def register_problem(cls: type[ComparisonProblem]) -> type[ComparisonProblem]:
     return cls
 
 
+#: modules that register the built-in comparison problems (imported on first use, so that
+#: ``import taskbalance`` loads no data package).
+BUILTIN_PROBLEM_MODULES = (
+    "taskbalance.problems.pareto_toy",
+    "taskbalance.problems.multidigits",
+    "taskbalance.problems.penguins",
+)
+
+
+def _load_builtin() -> None:
+    for module in BUILTIN_PROBLEM_MODULES:
+        importlib.import_module(module)
+
+
 def make_problem(name: str, size: Size = "full", **kwargs: Any) -> ComparisonProblem:
     """Build the comparison problem registered as ``name``."""
+    _load_builtin()
     if name not in _PROBLEMS:
         raise KeyError(f"unknown problem {name!r}; known problems: {', '.join(sorted(_PROBLEMS))}")
     return _PROBLEMS[name](size=size, **kwargs)
@@ -168,4 +195,5 @@ def make_problem(name: str, size: Size = "full", **kwargs: Any) -> ComparisonPro
 
 def list_problems() -> dict[str, str]:
     """Registered comparison problems: name -> description."""
+    _load_builtin()
     return {name: cls.description for name, cls in sorted(_PROBLEMS.items())}
