@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
 import taskbalance as tb
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: one torch thread each avoids oversubscription.
+    torch.set_num_threads(1)
 
 
 class TinyNet(nn.Module):
