@@ -13,6 +13,11 @@ Two ways to use one:
 
 Losses are given by task name (a mapping) or by position (a sequence or a 1-D tensor);
 the number and names of tasks are checked on every call.
+
+Every balancer also works under DistributedDataParallel (``distributed="auto"``, see
+:mod:`taskbalance.distributed`) and with gradient accumulation (``accumulation_steps=N``:
+weights per micro-batch, state per accumulated step); both are described in
+``docs/scaling.md``.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from taskbalance.distributed import Sync, active_sync, check_setting
 from taskbalance.errors import (
     BalancerUsageError,
     NonFiniteLossError,
@@ -32,6 +39,7 @@ from taskbalance.errors import (
     TaskMismatchError,
 )
 from taskbalance.history import History
+from taskbalance.learnable import OwnedParameters
 
 logger = logging.getLogger("taskbalance")
 
@@ -70,6 +78,16 @@ class Balancer:
             returns ``None``, the method's state is left untouched, the step is counted in
             :attr:`skipped_steps` and logged as a warning on the ``taskbalance`` logger.
         record: keep a :class:`~taskbalance.history.History` of every step.
+        distributed: ``"auto"`` (default) synchronises the balancer over the default
+            ``torch.distributed`` process group when one is initialised with two or more
+            ranks (same weights on every rank, update equal to one process on the global
+            batch); ``"off"`` never does; a ``ProcessGroup`` synchronises within it. See
+            :mod:`taskbalance.distributed`.
+        accumulation_steps: N consecutive calls form one accumulated step (one optimizer
+            step). Each call computes its micro-batch's weights from the state at the start
+            of the step and contributes 1/N of its gradient; the state (history, step
+            counter, DWA's periods, random draws, learnable parameters) advances once, at
+            the N-th call. See ``docs/scaling.md``. Default 1: every call is a step.
 
     Every call is a training step: it advances the method's state (DWA's period means,
     RLW's random draws, the step counter) and is recorded in the history. Compute
@@ -85,6 +103,9 @@ class Balancer:
     kind: ClassVar[str] = "loss"
     #: the method needs per-task KPIs in (0, 1] with the losses (``kpi=``; DTP).
     uses_kpi: ClassVar[bool] = False
+    #: under accumulation, every micro-batch starts from the state saved at the start of
+    #: the accumulated step (through :meth:`method_state` / :meth:`load_method_state`).
+    restores_micro_batches: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -92,9 +113,24 @@ class Balancer:
         *,
         nonfinite: NonFinitePolicy = "raise",
         record: bool = True,
+        distributed: Any = "auto",
+        accumulation_steps: int = 1,
     ) -> None:
         if nonfinite not in ("raise", "skip_step"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip_step', got {nonfinite!r}")
+        if (
+            isinstance(accumulation_steps, bool)
+            or not isinstance(accumulation_steps, int)
+            or accumulation_steps < 1
+        ):
+            raise ValueError(
+                f"accumulation_steps must be a positive int, got {accumulation_steps!r}"
+            )
+        self.distributed = check_setting(distributed)
+        self.accumulation_steps = accumulation_steps
+        self._open: _OpenStep | None = None
+        self._random_synced = False
+        self._touched: dict[int, Tensor] = {}
         self.tasks: tuple[str, ...] = task_names(tasks)
         self.nonfinite: NonFinitePolicy = nonfinite
         self.steps = 0
@@ -106,6 +142,11 @@ class Balancer:
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+    @property
+    def micro_step(self) -> int:
+        """Calls made so far in the open accumulated step (0 right after a step closes)."""
+        return 0 if self._open is None else self._open.calls
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tasks={list(self.tasks)})"
@@ -170,9 +211,21 @@ class Balancer:
 
     def stack_losses(self, losses: Losses) -> Tensor:
         """:meth:`split_losses` stacked into a ``(K,)`` tensor, checked to be finite."""
+        return self._check_finite(self._stack(losses))
+
+    def _stack(self, losses: Losses) -> Tensor:
         if isinstance(losses, Tensor) and losses.dim() == 1 and losses.numel() == self.num_tasks:
-            return self._check_finite(self._promote(losses))
-        return self._check_finite(torch.stack(self.split_losses(losses)))
+            return self._promote(losses)
+        return torch.stack(self.split_losses(losses))
+
+    def global_losses(self, losses: Losses) -> Tensor:
+        """The detached ``(K,)`` losses averaged over the ranks (as they are without DDP),
+        checked to be finite; a skipped step raises the internal skip signal."""
+        stacked = self._stack(losses).detach()
+        sync = self.current_sync()
+        if sync is not None:
+            stacked = sync.mean([stacked])[0]
+        return self._check_finite(stacked)
 
     @staticmethod
     def _promote(losses: Tensor) -> Tensor:
@@ -198,18 +251,22 @@ class Balancer:
         must tell apart.
         """
         self.last_step_skipped = False
-        if isinstance(losses, Tensor):
-            raise BalancerUsageError(
-                f"{type(self).__name__} needs the task losses as a list or a dict (not one "
-                "stacked tensor) so that each task's graph can be told apart"
-            )
-        items = self.split_losses(losses)
+        items = self.split_separate(losses)
         try:
             stacked = self._check_finite(torch.stack([item.detach() for item in items]))
         except _SkipStepError as err:
             self._skip(err)
             return None
         return items, stacked
+
+    def split_separate(self, losses: Losses) -> list[Tensor]:
+        """:meth:`split_losses`, refusing one stacked tensor (gradient methods)."""
+        if isinstance(losses, Tensor):
+            raise BalancerUsageError(
+                f"{type(self).__name__} needs the task losses as a list or a dict (not one "
+                "stacked tensor) so that each task's graph can be told apart"
+            )
+        return self.split_losses(losses)
 
     def _skip(self, err: _SkipStepError) -> None:
         self.skipped_steps += 1
@@ -239,7 +296,16 @@ class Balancer:
         return {}
 
     def __call__(self, losses: Losses, **context: Any) -> Tensor:
-        """Return the combined scalar loss for this step (loss-weighting methods)."""
+        """Return the combined scalar loss for this step (loss-weighting methods).
+
+        Under DDP its value is the combined loss of the global batch (the same on every
+        rank) and its gradient is ``sum_i w_i dL_i/dθ`` of the local losses, which DDP
+        averages into the global batch's gradient; with ``accumulation_steps=N`` both are
+        divided by N.
+        """
+        sync = self.current_sync()
+        if sync is not None or self.accumulation_steps > 1:
+            return self._call_general(losses, sync, context)
         self.last_step_skipped = False
         try:
             stacked = self.stack_losses(losses)
@@ -249,6 +315,34 @@ class Balancer:
         weights = self.compute_weights(stacked.detach(), **context)
         total = self.combine(stacked, weights)
         self.record_step(stacked.detach(), weights)
+        return total
+
+    def _call_general(self, losses: Losses, sync: Sync | None, context: dict[str, Any]) -> Tensor:
+        """:meth:`__call__` under DDP and/or gradient accumulation."""
+        boundary = self._begin_call(rerun=True)
+        self.last_step_skipped = False
+        local = self._stack(losses)
+        try:
+            if sync is None:
+                stacked = self._check_finite(local.detach())
+            else:
+                stacked = self._check_finite(sync.mean([local.detach()])[0])
+        except _SkipStepError as err:
+            self._skip(err)
+            self._end_call(None, None, boundary, sync, context)
+            return torch.zeros((), requires_grad=True)
+        self._restore_micro()
+        weights = self.compute_weights(stacked, **context)
+        if sync is None:
+            total = self.combine(local, weights)
+        else:
+            # value: the global combined loss; gradient: sum_i w_i dL_i of the local losses
+            # (DDP averages it) plus the learnable parameters' gradient at the global losses
+            surrogate = weights.detach().to(local.dtype) * (local - local.detach())
+            total = self.combine(stacked, weights) + surrogate.sum()
+        if self.accumulation_steps > 1:
+            total = total / self.accumulation_steps
+        self._end_call(stacked, weights, boundary, sync, context)
         return total
 
     def backward(
@@ -280,6 +374,140 @@ class Balancer:
     def end_period(self) -> None:
         """Mark the end of a period (an epoch) for methods defined per period; else a no-op."""
 
+    # ------------------------------------------------------------------ DDP and accumulation
+    def current_sync(self) -> Sync | None:
+        """The cross-rank synchroniser in effect now (``None`` in a single process).
+
+        At the first synchronised call, the balancer's random generators take rank 0's
+        state, so that random methods draw the same numbers on every rank.
+        """
+        sync = active_sync(self.distributed)
+        if sync is not None and not self._random_synced:
+            for generator in self._generators():
+                sync.broadcast_generator(generator)
+            self._random_synced = True
+        return sync
+
+    def _generators(self) -> list[torch.Generator]:
+        return [v for v in vars(self).values() if isinstance(v, torch.Generator)]
+
+    def _learnables(self) -> list[OwnedParameters]:
+        found = getattr(self, "learnable", None)
+        return [found] if isinstance(found, OwnedParameters) else []
+
+    def micro_scale(self) -> float | None:
+        """``1/N`` under accumulation (the share of one micro-batch), ``None`` otherwise."""
+        return 1.0 / self.accumulation_steps if self.accumulation_steps > 1 else None
+
+    def merge_context(self, contexts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The context (e.g. ``kpi=``) of a whole accumulated step, from its micro-batches'.
+
+        Used once per accumulated step to advance the state of loss-weighting methods;
+        the default is the last micro-batch's context.
+        """
+        return contexts[-1] if contexts else {}
+
+    def close_accumulated_step(self) -> None:
+        """Hook: finish method-specific work at the end of an accumulated step."""
+
+    def _begin_call(self, *, rerun: bool) -> bool:
+        """Start a call; return whether it closes the step (always, without accumulation).
+
+        Under accumulation the first call of a step saves the state (see
+        :meth:`_restore_micro`); learnable parameters hold their gradients until the last
+        micro-batch.
+        """
+        n = self.accumulation_steps
+        if n == 1:
+            return True
+        if self._open is None:
+            snapshot = _clone(self.method_state()) if self.restores_micro_batches else None
+            self._open = _OpenStep(snapshot=snapshot, rerun=rerun)
+        boundary = self._open.calls + 1 == n
+        for learnable in self._learnables():
+            learnable.hold = not boundary
+        return boundary
+
+    def _restore_micro(self) -> None:
+        """Before a micro-batch's weights are computed: go back to the state of the start
+        of the accumulated step (skipped micro-batches never get here, so the state a
+        gradient method keeps at the end is that of its last computed micro-batch)."""
+        step = self._open
+        if step is not None and step.calls > 0 and step.snapshot is not None:
+            self.load_method_state(_clone(step.snapshot))
+
+    def _end_call(
+        self,
+        losses: Tensor | None,
+        weights: Tensor | None,
+        boundary: bool,
+        sync: Sync | None,
+        context: dict[str, Any] | None = None,
+    ) -> None:
+        """Bookkeeping after a call; ``losses is None`` for a skipped micro-batch."""
+        if self._open is None:
+            if losses is not None and weights is not None:
+                self.record_step(losses, weights)
+            if sync is not None:
+                self._reduce_touched(sync)
+            return
+        self._open.calls += 1
+        if losses is not None and weights is not None:
+            self.last_weights = weights.detach()
+            self._open.add(losses.detach(), self.last_weights, context or {})
+        if boundary:
+            self._close(sync, release=losses is None)
+
+    def flush(self) -> None:
+        """Close an open accumulated step now, with the micro-batches seen so far.
+
+        For an epoch whose length is not a multiple of ``accumulation_steps``: call it after
+        the last micro-batch, before the optimizer step. Each micro-batch contributed 1/N
+        of its gradient, as it would in a full step. A no-op when no step is open. Under
+        DDP every rank must call it.
+        """
+        if self._open is not None:
+            self._close(self.current_sync(), release=True)
+
+    def _close(self, sync: Sync | None, *, release: bool) -> None:
+        """End the open accumulated step: advance the state once, record it, release."""
+        step = self._open
+        assert step is not None
+        self._open = None
+        if step.snapshot is not None and (step.count == 0 or step.rerun):
+            self.load_method_state(_clone(step.snapshot))
+        mean_losses = step.mean_losses()
+        if mean_losses is not None and step.rerun:
+            like = mean_losses.to(step.dtype)
+            self.compute_weights(like, **self.merge_context(step.contexts))
+        self.close_accumulated_step()
+        for learnable in self._learnables():
+            if release:
+                learnable.release()
+            learnable.hold = False
+        if mean_losses is not None:
+            if self.history is not None:
+                self.history.append(self.steps, mean_losses, step.mean_weights(), **self.extras())
+            self.steps += 1
+        if sync is not None:
+            self._reduce_touched(sync)
+
+    def touch(self, tensors: Iterable[Tensor]) -> None:
+        """Mark tensors whose ``.grad`` got rank-local contributions (averaged at the end of
+        the step under DDP)."""
+        for t in tensors:
+            self._touched.setdefault(id(t), t)
+
+    def _reduce_touched(self, sync: Sync) -> None:
+        """Average the ``.grad`` of every touched tensor over the ranks, in place."""
+        tensors = [t for t in self._touched.values() if t.grad is not None]
+        self._touched = {}
+        if not tensors:
+            return
+        reduced = sync.mean([t.grad for t in tensors])
+        for t, value in zip(tensors, reduced):
+            t.grad.copy_(value)
+
     # ------------------------------------------------------------------ state
     def method_state(self) -> dict[str, Any]:
         """The method's own state (tensors and plain Python values only)."""
@@ -289,14 +517,25 @@ class Balancer:
         """Restore what :meth:`method_state` returned."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-exactly; loadable with ``weights_only=True``."""
+        """Everything needed to continue bit-exactly; loadable with ``weights_only=True``.
+
+        Inside an open accumulated step the method's state is the one saved at the start of
+        that step (like the model's parameters, which have not been stepped yet): a resumed
+        run redoes the whole accumulated step.
+        """
+        open_step = self._open
+        state = (
+            _clone(open_step.snapshot)
+            if open_step is not None and open_step.snapshot is not None
+            else self.method_state()
+        )
         return {
             "method": self.method_name,
             "tasks": list(self.tasks),
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "last_weights": self.last_weights,
-            "state": self.method_state(),
+            "state": state,
             "history": self.history.state_dict() if self.history is not None else None,
         }
 
@@ -315,8 +554,54 @@ class Balancer:
         self.skipped_steps = int(state["skipped_steps"])
         self.last_weights = state["last_weights"]
         self.load_method_state(state["state"])
+        if self._open is not None:
+            self._open = None
+            for learnable in self._learnables():
+                learnable.clear_held()
+        self._touched = {}
         if self.history is not None and state["history"] is not None:
             self.history.load_state_dict(state["history"])
+
+
+def _clone(value: Any) -> Any:
+    """A deep copy of nested dicts / lists / tuples with every tensor cloned."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
+    return value
+
+
+@dataclass
+class _OpenStep:
+    """An accumulated step in progress: the saved state and the micro-batches seen."""
+
+    snapshot: dict[str, Any] | None
+    rerun: bool  # loss-weighting: advance the state again with the mean losses at the end
+    calls: int = 0
+    count: int = 0  # micro-batches that were not skipped
+    dtype: torch.dtype = torch.float32  # of the losses
+    loss_sum: Tensor | None = None
+    weight_sum: Tensor | None = None
+    contexts: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, losses: Tensor, weights: Tensor, context: dict[str, Any]) -> None:
+        self.dtype = losses.dtype
+        losses, weights = losses.double(), weights.double()
+        self.loss_sum = losses if self.loss_sum is None else self.loss_sum + losses
+        self.weight_sum = weights if self.weight_sum is None else self.weight_sum + weights
+        self.count += 1
+        self.contexts.append(context)
+
+    def mean_losses(self) -> Tensor | None:
+        return None if self.loss_sum is None else self.loss_sum / self.count
+
+    def mean_weights(self) -> Tensor | None:
+        return None if self.weight_sum is None else self.weight_sum / self.count
 
 
 class _SkipStepError(Exception):

@@ -17,6 +17,11 @@ the same backward pass as the task's row of J. By default it is **unweighted**
 ``task_specific="weighted"`` gives ``w_i dL_i/dθ_i`` instead, i.e. exactly the gradient of
 ``sum_i w_i L_i``. A parameter reached by two or more tasks that is not declared shared is
 an error: its gradient would otherwise be combined by no rule at all.
+
+Under DDP (see :mod:`taskbalance.distributed`) the engine reduces across ranks itself:
+``torch.autograd.grad`` never runs DDP's gradient hooks, so in the features mode the body
+is backpropagated with :func:`backprop_to_leaves` (no accumulation into a parameter that
+DDP watches) and the resulting gradients are averaged by the balancer.
 """
 
 from __future__ import annotations
@@ -56,28 +61,52 @@ def _reachable_leaves(
 ) -> list[Tensor]:
     """Leaf tensors requiring grad that ``root`` depends on, not looking past ``stop`` nodes.
 
-    The ``stop`` nodes reached are added to ``hit`` when it is given.
+    The ``stop`` nodes reached are added to ``hit`` when it is given. A pass-through node
+    (:data:`PASS_THROUGH`) is followed only along the edge of the output it was reached by.
     """
     if root.grad_fn is None:
         return [root] if root.requires_grad else []
     leaves: list[Tensor] = []
     seen: set[object] = set()
-    stack = [root.grad_fn]
+    stack: list[tuple[object, int]] = [(root.grad_fn, root.output_nr)]
     while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+        node, which = stack.pop()
+        through = type(node).__name__ in PASS_THROUGH
+        mark = (node, which) if through else node
+        if node is None or mark in seen:
             continue
         if node in stop:
             if hit is not None:
                 hit.add(node)
             continue
-        seen.add(node)
+        seen.add(mark)
         variable = getattr(node, "variable", None)
         if variable is not None:
             leaves.append(variable)
             continue
-        stack.extend(fn for fn, _ in node.next_functions)
+        edges = node.next_functions
+        stack.extend(edges[which : which + 1] if through else edges)
     return leaves
+
+
+#: autograd nodes that pass output k's gradient to input k only, while autograd links every
+#: output to every input: DDP's ``_DDPSink``, which wraps all outputs of a DDP forward with
+#: ``find_unused_parameters=True`` or ``static_graph=True``. Followed edge by edge, so that a
+#: task's loss does not seem to reach the other tasks' heads.
+PASS_THROUGH = frozenset({"_DDPSinkBackward"})
+
+
+def check_not_wrapped(features: Sequence[Tensor]) -> None:
+    """Refuse features that come out of DDP's output wrapper (``_DDPSink``): the heads used
+    the tensor before the wrapper, so the losses do not depend on this one."""
+    for z in features:
+        if type(z.grad_fn).__name__ in PASS_THROUGH:
+            raise BalancerUsageError(
+                "features= is an output of a DistributedDataParallel forward with "
+                "find_unused_parameters=True or static_graph=True: DDP re-wraps its outputs, "
+                "so the heads did not use this tensor. Wrap only the shared body in DDP "
+                "(heads outside it), or use find_unused_parameters=False; see docs/scaling.md"
+            )
 
 
 def _check_not_nested(inputs: Sequence[Tensor], nodes: set[object]) -> None:
@@ -195,6 +224,39 @@ def accumulate_grad(param: Tensor, grad: Tensor, *, owned: bool = False) -> None
         param.grad.add_(grad)
 
 
+def split_direction(direction: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+    """The flat direction ``(P,)`` cut into views shaped like ``inputs``."""
+    pieces = []
+    offset = 0
+    for t in inputs:
+        n = t.numel()
+        pieces.append(direction[offset : offset + n].view_as(t))
+        offset += n
+    return pieces
+
+
+def feature_leaves(inputs: Sequence[Tensor]) -> list[Tensor]:
+    """The leaf tensors requiring grad that the features depend on (the body's parameters),
+    in a deterministic order (the same on every rank for the same model)."""
+    found: dict[int, Tensor] = {}
+    for t in inputs:
+        for leaf in _reachable_leaves(t, set()):
+            found.setdefault(id(leaf), leaf)
+    return list(found.values())
+
+
+def backprop_to_leaves(
+    direction: Tensor, inputs: Sequence[Tensor], leaves: Sequence[Tensor]
+) -> list[Tensor | None]:
+    """The body's parameter gradients for the feature direction, without touching ``.grad``.
+
+    ``torch.autograd.grad`` instead of ``backward``: it runs no gradient-accumulation hook
+    (DDP's reducer stays idle), and it frees the body's graph as ``backward`` would.
+    """
+    pieces = split_direction(direction, inputs)
+    return list(torch.autograd.grad(list(inputs), list(leaves), pieces, allow_unused=True))
+
+
 def apply_direction(
     direction: Tensor, grads: TaskGradients, *, features: bool, owned: bool = False
 ) -> None:
@@ -218,11 +280,15 @@ def apply_direction(
             accumulate_grad(t, piece, owned=owned)
 
 
-def apply_task_specific(grads: TaskGradients, weights: Tensor | None) -> None:
-    """Give each task-specific parameter its task's gradient (times ``weights[i]`` if given)."""
+def apply_task_specific(
+    grads: TaskGradients, weights: Tensor | None, scale: float | None = None
+) -> None:
+    """Give each task-specific parameter its task's gradient (times ``weights[i]`` if given,
+    times ``scale`` if given: a micro-batch's share under gradient accumulation)."""
     for i, pairs in enumerate(grads.own):
         for p, g in pairs:
-            accumulate_grad(p, g if weights is None else g * weights[i].to(g.dtype))
+            g = g if weights is None else g * weights[i].to(g.dtype)
+            accumulate_grad(p, g if scale is None else g * scale)
 
 
 class ForkedFeatures(list):

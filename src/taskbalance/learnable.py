@@ -8,7 +8,10 @@ to hand it to an optimizer with weight decay (AdamW's default is 0.01), which pu
 * ``optimizer="own"`` (default): the balancer steps its parameters itself with its own
   ``torch.optim.Adam(lr, weight_decay=0)``, right after their gradient is accumulated in
   ``loss.backward()`` (a post-accumulate-grad hook). Nothing to register, nothing to forget.
-  Every backward through the balancer's loss is one step of its parameters.
+  Every backward through the balancer's loss is one step of its parameters, except under
+  gradient accumulation (``accumulation_steps=N``): the balancer then sets :attr:`hold`
+  during the first N-1 micro-batches, the gradients add up in ``.grad``, and the N-th
+  backward takes one step with their sum (see ``docs/scaling.md``).
 * ``optimizer="external"``: the user calls ``balancer.attach(optimizer)``, which adds the
   parameters as a new param group with ``weight_decay=0``. Using the balancer before
   ``attach`` raises :class:`~taskbalance.errors.BalancerUsageError`, and ``attach`` refuses an
@@ -47,6 +50,8 @@ class OwnedParameters:
         self.lr = lr
         self.params = {n: nn.Parameter(t.detach().clone().float()) for n, t in params.items()}
         self.attached = False
+        #: while true, the post-accumulate-grad hook lets gradients add up instead of stepping.
+        self.hold = False
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         if optimizer == "own":
             for name, p in self.params.items():
@@ -55,6 +60,8 @@ class OwnedParameters:
 
     def _make_hook(self, name: str):
         def hook(param: Tensor) -> None:
+            if self.hold:
+                return
             opt = self._optimizers[name]
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -114,6 +121,28 @@ class OwnedParameters:
             else:
                 p.grad.add_(g)
 
+    def release(self) -> None:
+        """Step (``optimizer="own"``) every parameter whose gradient was held; clear it.
+
+        Closes an accumulated step whose last backward did not reach the parameters (a
+        skipped micro-batch, or :meth:`~taskbalance.balancer.Balancer.flush`).
+        """
+        self.hold = False
+        if self.mode != "own":
+            return
+        for name, p in self.params.items():
+            if p.grad is not None:
+                opt = self._optimizers[name]
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+    def clear_held(self) -> None:
+        """Drop held gradients (``optimizer="own"``) and stop holding (on a state load)."""
+        self.hold = False
+        if self.mode == "own":
+            for p in self.params.values():
+                p.grad = None
+
     def check_ready(self) -> None:
         if self.mode == "external" and not self.attached:
             raise BalancerUsageError(
@@ -144,7 +173,12 @@ class OwnedParameters:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             for name, value in state["params"].items():
-                self.params[name].copy_(value)
+                param = self.params[name]
+                # equal values are left alone: an in-place copy would bump the version of a
+                # tensor that a pending graph may have saved (accumulation restores the
+                # state between a micro-batch's forward and its backward)
+                if not torch.equal(param, value.to(param.device, param.dtype)):
+                    param.copy_(value)
         for name, opt_state in state["optimizers"].items():
             if name in self._optimizers:
                 self._optimizers[name].load_state_dict(opt_state)

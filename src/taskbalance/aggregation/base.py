@@ -8,22 +8,32 @@ Jacobian itself (GradDrop, DB-MTL) set ``needs = "jacobian"`` and implement
 :meth:`GradientBalancer.aggregate`.
 
 ``backward(losses, shared=..., features=None)``: see :mod:`taskbalance.gradients` for the
-exact and features modes and the rule for task-specific parameters.
+exact and features modes and the rule for task-specific parameters, and
+:mod:`taskbalance.distributed` for DDP (the engine averages ``J`` over the ranks in the
+exact mode, sums the ranks' Gramians in the features mode, and averages the parameter
+gradients it writes).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Balancer, Losses, Tasks
+from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError
+from taskbalance.distributed import Sync
 from taskbalance.errors import BalancerUsageError, SolverError
 from taskbalance.gradients import (
     ForkedFeatures,
+    TaskGradients,
+    accumulate_grad,
     apply_direction,
     apply_task_specific,
+    backprop_to_leaves,
+    check_not_wrapped,
+    feature_leaves,
     forked_task_jacobian,
     resolve_tensors,
     task_jacobian,
@@ -85,7 +95,20 @@ class GradientBalancer(Balancer):
 
         The default computes the weights from the Gramian and returns ``wᵀ J``.
         """
-        gramian = compute_gramian(jacobian).double()
+        weights = self.gramian_weights(compute_gramian(jacobian).double(), losses)
+        weights = weights.to(jacobian.dtype)
+        return weights @ jacobian, weights
+
+    def direction_scale(self, norm: float) -> float:
+        """Factor applied to a combined direction of norm ``norm`` (1: none; Nash-MTL clips).
+
+        Methods that rescale ``wᵀJ`` by its norm implement it here, so that under DDP's
+        features mode the factor is computed from the global norm ``sqrt(wᵀGw)``.
+        """
+        return 1.0
+
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        """:meth:`weights_from_gramian` on a float64 Gramian checked to be finite."""
         finite = torch.isfinite(gramian)
         if not bool(finite.all()):
             diagonal_bad = ~torch.isfinite(gramian.diagonal())
@@ -95,9 +118,7 @@ class GradientBalancer(Balancer):
                 f"the gradient of task {self.tasks[bad]!r} is not finite (its squared norm is "
                 f"{float(gramian[bad, bad])}); no weights can be computed"
             )
-        weights = self.weights_from_gramian(gramian, losses.double())
-        weights = weights.to(jacobian.dtype)
-        return weights @ jacobian, weights
+        return self.weights_from_gramian(gramian, losses.double())
 
     # ------------------------------------------------------------------ the step
     def backward(
@@ -107,11 +128,31 @@ class GradientBalancer(Balancer):
         features: Any = None,
         **context: Any,
     ) -> Tensor | None:
-        """Compute the task gradients, combine them, fill ``.grad``; return the weights."""
+        """Compute the task gradients, combine them, fill ``.grad``; return the weights.
+
+        Under DDP the update is that of the global batch, the same on every rank; with
+        ``accumulation_steps=N`` each call adds 1/N of its micro-batch's direction.
+        """
+        sync = self.current_sync()
+        if sync is not None or self.accumulation_steps > 1:
+            return self._backward_general(losses, shared, features, sync)
         begun = self.begin_step(losses)
         if begun is None:
             return None
         items, stacked = begun
+        grads, use_features = self._task_gradients(items, shared, features)
+        direction, weights = self.aggregate(grads.jacobian, stacked)
+        self._check_result(direction, weights)
+        # wᵀJ from the Gramian path is a fresh tensor; a Jacobian method's may be its state
+        apply_direction(direction, grads, features=use_features, owned=self.needs == "gramian")
+        apply_task_specific(grads, weights if self.task_specific == "weighted" else None)
+        self.record_step(stacked, weights)
+        return self.last_weights
+
+    def _task_gradients(
+        self, items: list[Tensor], shared: Any, features: Any
+    ) -> tuple[TaskGradients, bool]:
+        """Check the mode's arguments; return the per-task gradients and the mode."""
         use_features = features is not None
         mode: Mode = "features" if use_features else "exact"
         if mode not in self.modes:
@@ -129,6 +170,7 @@ class GradientBalancer(Balancer):
                         "features must be tensors that require grad (the shared body's "
                         "output, computed with autograd enabled)"
                     )
+            check_not_wrapped(inputs)
         else:
             if shared is None:
                 raise BalancerUsageError(
@@ -141,13 +183,96 @@ class GradientBalancer(Balancer):
             grads = forked_task_jacobian(items, features, self.tasks)
         else:
             grads = task_jacobian(items, inputs, self.tasks, features=use_features)
-        direction, weights = self.aggregate(grads.jacobian, stacked)
+        return grads, use_features
+
+    # ------------------------------------------------------------------ DDP and accumulation
+    def _backward_general(
+        self, losses: Losses, shared: Any, features: Any, sync: Sync | None
+    ) -> Tensor | None:
+        """:meth:`backward` under DDP and/or gradient accumulation."""
+        boundary = self._begin_call(rerun=False)
+        self.last_step_skipped = False
+        items = self.split_separate(losses)
+        local = torch.stack([item.detach() for item in items])
+        try:
+            if sync is None:
+                stacked = self._check_finite(local)
+                grads, use_features = self._task_gradients(items, shared, features)
+                self._restore_micro()
+                direction, weights = self.aggregate(grads.jacobian, stacked)
+            else:
+                grads, use_features = self._task_gradients(items, shared, features)
+                stacked, direction, weights = self._aggregate_across(
+                    grads, local, use_features, sync
+                )
+        except _SkipStepError as err:
+            self._skip(err)
+            self._end_call(None, None, boundary, sync)
+            return None
         self._check_result(direction, weights)
-        # wᵀJ from the Gramian path is a fresh tensor; a Jacobian method's may be its state
-        apply_direction(direction, grads, features=use_features, owned=self.needs == "gramian")
-        apply_task_specific(grads, weights if self.task_specific == "weighted" else None)
-        self.record_step(stacked, weights)
+        scale = self.micro_scale()
+        if scale is not None:
+            direction = direction * scale
+        own_weights = weights if self.task_specific == "weighted" else None
+        if sync is not None and use_features:
+            # local body and head gradients; averaged over the ranks when the step closes
+            leaves = feature_leaves(grads.inputs)
+            for leaf, grad in zip(leaves, backprop_to_leaves(direction, grads.inputs, leaves)):
+                if grad is not None:
+                    accumulate_grad(leaf, grad, owned=True)
+                    self.touch([leaf])
+            self.touch(p for pairs in grads.own for p, _ in pairs)
+        else:
+            owned = self.needs == "gramian" or scale is not None
+            apply_direction(direction, grads, features=use_features, owned=owned)
+        apply_task_specific(grads, own_weights, scale)
+        self._end_call(stacked, weights, boundary, sync)
         return self.last_weights
+
+    def _aggregate_across(
+        self, grads: TaskGradients, local: Tensor, features: bool, sync: Sync
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(global losses, this rank's direction, weights)`` with the ranks' gradients.
+
+        Exact mode: J is averaged in place (the engine owns it), then the losses and the
+        task-specific gradients in one more all-reduce (``grads`` then holds the averages).
+        Features mode: the Gramian ``(1/R²) Σ_r J^r J^rᵀ`` and the losses in one all-reduce
+        (K² + K numbers); the
+        direction is this rank's ``wᵀJ^r``, R times its block of the global direction, as
+        the gradients it produces are averaged afterwards. Methods that need J itself
+        all-gather it. Raises the skip signal on every rank if a global loss is not finite.
+        """
+        jac = grads.jacobian
+        world = sync.world_size
+        if not features:
+            wire = jac.dtype if jac.dtype in (torch.float32, torch.float64) else torch.float64
+            own = [g for pairs in grads.own for _, g in pairs]
+            sync.mean_(jac)
+            reduced = sync.mean([local.to(wire), *own])
+            stacked = self._check_finite(reduced[0].to(local.dtype))
+            rest = iter(reduced[1:])
+            grads.own = [[(p, next(rest)) for p, _ in pairs] for pairs in grads.own]
+            self._restore_micro()
+            direction, weights = self.aggregate(grads.jacobian, stacked)
+            return stacked, direction, weights
+        if self.needs == "gramian":
+            gram = compute_gramian(jac).double()
+            loss_sum, gram_sum = sync.all_reduce([local.double(), gram], [1.0 / world, 1.0])
+            stacked = self._check_finite(loss_sum.to(local.dtype))
+            gram = gram_sum / (world * world)
+            self._restore_micro()
+            weights = self.gramian_weights(gram, stacked).to(jac.dtype)
+            direction = weights @ jac
+            norm = math.sqrt(max(float(weights.double() @ gram @ weights.double()), 0.0))
+            factor = self.direction_scale(norm)
+            if factor != 1.0:
+                direction = direction * factor
+            return stacked, direction, weights
+        stacked = self._check_finite(sync.mean([local])[0])
+        full, offset = sync.all_gather_columns(jac)
+        self._restore_micro()
+        direction, weights = self.aggregate(full / world, stacked)
+        return stacked, direction[offset : offset + jac.shape[1]] * world, weights
 
     def _check_result(self, direction: Tensor, weights: Tensor) -> None:
         if weights.shape != (self.num_tasks,):

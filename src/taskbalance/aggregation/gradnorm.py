@@ -26,6 +26,13 @@ otherwise W is the last tensor of ``shared`` with at least 2 dimensions (the las
 weight matrix for a module's parameters in definition order). With ``features=Z`` instead,
 ``G_i = w_i ||dL_i/dZ||`` on the shared representation: a cheaper variant (K passes through
 the heads only), not the paper's.
+
+Under DDP the losses and the gradients on W are averaged over the ranks (with
+``features=``: the squared norms are summed, ``||dL_i/dZ||²`` of the global batch), so every
+rank computes the same weights; the model's update is the ordinary backward, which DDP
+averages. With ``accumulation_steps=N`` the weights stay fixed during an accumulated step,
+each micro-batch adds 1/N of its L_grad gradient and the weights take one step at its end;
+L(0) is the first micro-batch's losses.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Balancer, Losses, Tasks
+from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError
 from taskbalance.errors import BalancerUsageError, NonPositiveLossError
 from taskbalance.gradients import resolve_tensors
 from taskbalance.learnable import OptimizerMode, OwnedParameters
@@ -60,6 +67,7 @@ class GradNorm(Balancer):
     """GradNorm; see the module docstring."""
 
     kind = "gradient"
+    restores_micro_batches = False  # the weights do not move inside an accumulated step
 
     def __init__(
         self,
@@ -76,6 +84,7 @@ class GradNorm(Balancer):
         )
         self.initial_losses: Tensor | None = None
         self._extras: dict[str, Tensor] = {}
+        self._held_grad: Tensor | None = None  # sum of L_grad gradients of an open step
 
     @property
     def weights(self) -> Tensor:
@@ -117,36 +126,100 @@ class GradNorm(Balancer):
         **context: Any,
     ) -> Tensor | None:
         """Backpropagate ``sum_i w_i L_i``, step the weights by L_grad; return the weights used."""
-        begun = self.begin_step(losses)
-        if begun is None:
-            return None
-        items, stacked = begun
+        sync = self.current_sync()
+        general = sync is not None or self.accumulation_steps > 1
+        if general:
+            boundary = self._begin_call(rerun=False)
+            self.last_step_skipped = False
+            items = self.split_separate(losses)
+            try:
+                stacked = self.global_losses(items)
+            except _SkipStepError as err:
+                self._skip(err)
+                self._end_call(None, None, boundary, sync)
+                return None
+        else:
+            begun = self.begin_step(losses)
+            if begun is None:
+                return None
+            items, stacked = begun
         if not bool((stacked > 0).all()):
             bad = int((stacked <= 0).nonzero()[0])
             raise NonPositiveLossError(self.tasks[bad], float(stacked[bad]), "GradNorm")
         self.learnable.check_ready()
         self.learnable.to(stacked.device)
-        if self.learnable.mode == "external":
+        if self.learnable.mode == "external" and self.micro_step == 0:
             self.renormalise()  # after the user's optimizer stepped the weights
         layer = self._layer(shared, features, last_shared)
-        norms = []
+        task_grads = []
         for task, item in zip(self.tasks, items):
             grads = torch.autograd.grad(item, layer, retain_graph=True, allow_unused=True)
             if all(g is None for g in grads):
                 raise BalancerUsageError(f"loss of task {task!r} does not reach the layer W")
-            norms.append(torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None)))
+            task_grads.append(grads)
+        if sync is None:
+            norms = [
+                torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None))
+                for grads in task_grads
+            ]
+        else:
+            norms = list(self._global_norms(task_grads, layer, features is not None, sync))
         if self.initial_losses is None:
             self.initial_losses = stacked.double().clone()
         used = self.weights.clone()
-        (used.to(stacked.dtype) * torch.stack(items)).sum().backward()
+        total = (used.to(stacked.dtype) * torch.stack(items)).sum()
+        scale = self.micro_scale()
+        (total if scale is None else total * scale).backward()
         ratios = stacked.double() / self.initial_losses.to(stacked.device)
         grad, g, _ = gradnorm_weight_grad(used.double(), torch.stack(norms), ratios, self.alpha)
-        self.learnable.step_with({"weights": grad})
-        if self.learnable.mode == "own":
-            self.renormalise()
         self._extras = {"loss_ratio": ratios, "grad_norm": g}
-        self.record_step(stacked, used)
+        if scale is not None:
+            grad = grad * scale
+            self._held_grad = grad if self._held_grad is None else self._held_grad + grad
+        else:
+            self.learnable.step_with({"weights": grad})
+            if self.learnable.mode == "own":
+                self.renormalise()
+        if general:
+            self._end_call(stacked, used, boundary, sync)
+        else:
+            self.record_step(stacked, used)
         return self.last_weights
+
+    @staticmethod
+    def _global_norms(
+        task_grads: list[tuple[Tensor | None, ...]], layer: list[Tensor], features: bool, sync: Any
+    ) -> Tensor:
+        """``||grad_W L_i||`` of the global batch: W-gradients averaged over the ranks, or,
+        for features (per-sample rows), the ranks' squared norms summed and divided by R²."""
+        if features:
+            squares = torch.stack(
+                [
+                    sum(g.double().pow(2).sum() for g in grads if g is not None)
+                    for grads in task_grads
+                ]
+            )
+            total = sync.all_reduce([squares], 1.0 / sync.world_size**2)[0]
+            return torch.sqrt(total)
+        rows = [
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(t)).reshape(-1)
+                    for g, t in zip(grads, layer)
+                ]
+            )
+            for grads in task_grads
+        ]
+        mean = sync.mean([torch.stack(rows)])[0]
+        return mean.double().pow(2).sum(dim=1).sqrt()
+
+    def close_accumulated_step(self) -> None:
+        """One step of the weights on the summed micro-batch gradients, then renormalise."""
+        if self._held_grad is not None:
+            self.learnable.step_with({"weights": self._held_grad})
+            self._held_grad = None
+            if self.learnable.mode == "own":
+                self.renormalise()
 
     def extras(self) -> dict[str, Tensor]:
         return self._extras
@@ -157,3 +230,4 @@ class GradNorm(Balancer):
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.learnable.load_state_dict(state["learnable"])
         self.initial_losses = state["initial_losses"]
+        self._held_grad = None

@@ -157,7 +157,9 @@ class IMTL(_Scales, GradientBalancer):
         weights = super().backward(losses, shared, features, **context)
         if weights is not None and self._pending is not None:
             s = self.log_scales
-            (torch.exp(s) * self._pending.to(s) - s).sum().backward()
+            objective = (torch.exp(s) * self._pending.to(s) - s).sum()
+            scale = self.micro_scale()  # under accumulation: s steps once, on the mean
+            (objective if scale is None else objective * scale).backward()
         self._pending = None
         return weights
 

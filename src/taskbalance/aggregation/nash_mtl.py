@@ -25,6 +25,8 @@ Choices, against the official code (AvivNavon/nash-mtl):
 * ``max_norm=1.0`` (official default): this step's combined direction is scaled by
   ``min(1, max_norm / (||d|| + 1e-6))`` as ``clip_grad_norm_`` would (official: the shared
   parameters' gradient); ``max_norm=0`` disables it. The exact solution has ``||d|| = √K``.
+  Under DDP's features mode ``||d||`` is the global direction's norm ``sqrt(αᵀGα)``, so
+  every rank scales alike.
 * ``update_weights_every`` (official default 1) is not offered: reusing weights only pays
   off if the K task backward passes are skipped, which is a job for the engine.
 * Task-specific parameters follow the library rule (``task_specific="unweighted"``); the
@@ -171,12 +173,19 @@ class NashMTL(GradientBalancer):
         self.alpha = alpha
         return alpha.to(gramian.device)
 
+    def direction_scale(self, norm: float) -> float:
+        """``min(1, max_norm / (norm + 1e-6))`` (1 when ``max_norm=0``), as clip_grad_norm_."""
+        if self.max_norm > 0:
+            coef = self.max_norm / (norm + 1e-6)
+            if coef < 1.0:
+                return coef
+        return 1.0
+
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         direction, weights = super().aggregate(jacobian, losses)
-        if self.max_norm > 0:
-            coef = self.max_norm / (float(direction.norm()) + 1e-6)
-            if coef < 1.0:
-                direction = direction * coef
+        coef = self.direction_scale(float(direction.norm())) if self.max_norm > 0 else 1.0
+        if coef < 1.0:
+            direction = direction * coef
         return direction, weights
 
     def method_state(self) -> dict[str, Any]:

@@ -78,8 +78,15 @@ class DTP(Balancer):
         return torch.tensor(values, dtype=torch.float64)
 
     def update_kpi(self, kpi: Mapping[str, float] | Sequence[float] | Tensor) -> Tensor:
-        """Fold new KPI values into the moving averages; return the averages."""
+        """Fold new KPI values into the moving averages; return the averages.
+
+        Under DDP the KPIs are averaged over the ranks first (every rank must call it), which
+        is the global KPI for a per-sample mean such as accuracy on equal local batches.
+        """
         new = self._kpi_vector(kpi)
+        sync = self.current_sync()
+        if sync is not None:
+            new = sync.mean([new])[0]
         self.kpi = new if self.kpi is None else self.alpha * new + (1 - self.alpha) * self.kpi
         return self.kpi
 
@@ -92,6 +99,11 @@ class DTP(Balancer):
                 "balancer.update_kpi(...) before the first step"
             )
         return dtp_weights(self.kpi, self.gamma).to(losses.device, losses.dtype)
+
+    def merge_context(self, contexts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Under accumulation the step's KPI is the mean of its micro-batches' KPIs."""
+        given = [self._kpi_vector(c["kpi"]) for c in contexts if c.get("kpi") is not None]
+        return {"kpi": torch.stack(given).mean(dim=0)} if given else {}
 
     def method_state(self) -> dict[str, Any]:
         return {"kpi": self.kpi}

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.balancer import Balancer, Tasks
-from taskbalance.errors import NonPositiveLossError
+from taskbalance.errors import BalancerUsageError, NonPositiveLossError
 from taskbalance.registry import register
 
 logger = logging.getLogger("taskbalance")
@@ -78,7 +78,7 @@ class DWA(Balancer):
         self._sum = losses.double() if self._sum is None else self._sum + losses.double()
         self._count += 1
         if self.period == "step":
-            self.end_period()
+            self._close_period()
         elif self._count == FORGOTTEN_END_PERIOD_STEPS:
             logger.warning(
                 "DWA(period='epoch') saw %d steps without end_period(): its weights change "
@@ -88,7 +88,20 @@ class DWA(Balancer):
         return weights
 
     def end_period(self) -> None:
-        """Close the current period: its mean loss becomes L(t-1) for the next weights."""
+        """Close the current period: its mean loss becomes L(t-1) for the next weights.
+
+        Under gradient accumulation, call it between accumulated steps (after the N-th
+        micro-batch, or after :meth:`flush`); inside an open one it raises.
+        """
+        if self._open is not None:
+            raise BalancerUsageError(
+                f"DWA.end_period() inside an accumulated step ({self.micro_step} of "
+                f"{self.accumulation_steps} micro-batches): call flush() first, or end the "
+                "period after the step's last micro-batch"
+            )
+        self._close_period()
+
+    def _close_period(self) -> None:
         if self._count == 0 or self._sum is None:
             return
         mean = self._sum / self._count

@@ -106,11 +106,21 @@ class FAMO(Balancer):
         return gap + self.eps
 
     def update(self, new_losses: Losses) -> None:
-        """Step the logits from this step's losses and ``new_losses`` (after the model step)."""
+        """Step the logits from this step's losses and ``new_losses`` (after the model step).
+
+        Under DDP the new losses are averaged over the ranks (every rank must call it);
+        under gradient accumulation call it once, after the optimizer step that closes the
+        accumulated step, with the accumulated batch's losses (e.g. the micro-batches' mean).
+        """
+        if self._open is not None:
+            raise BalancerUsageError(
+                "FAMO.update() was called inside an accumulated step; call it after the "
+                f"optimizer step that follows the {self.accumulation_steps}-th micro-batch"
+            )
         if self._before is None:
             raise BalancerUsageError("FAMO.update() needs a preceding famo(losses) call")
         try:
-            after = torch.log(self._gap(self.stack_losses(new_losses)))
+            after = torch.log(self._gap(self.global_losses(new_losses)))
         except _SkipStepError as err:
             self._skip(err)
             self._before = None
@@ -147,9 +157,11 @@ class FAMO(Balancer):
     def backward(
         self, losses: Losses, shared: Any = None, features: Any = None, **context: Any
     ) -> Tensor | None:
-        """``famo(losses).backward()``, then clip ``shared``'s gradient norm at ``max_norm``."""
+        """``famo(losses).backward()``, then clip ``shared``'s gradient norm at ``max_norm``
+        (under accumulation: once, after the micro-batch that closes the step)."""
         weights = super().backward(losses, shared, features, **context)
-        if weights is not None and self.max_norm > 0 and shared is not None:
+        closed = self._open is None
+        if weights is not None and self.max_norm > 0 and shared is not None and closed:
             torch.nn.utils.clip_grad_norm_(resolve_tensors(shared), self.max_norm)
         return weights
 
