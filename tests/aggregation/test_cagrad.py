@@ -12,7 +12,9 @@ from _gradcheck import adversarial_jacobians, check_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import save_load
 from taskbalance import registry
+from taskbalance.aggregation import cagrad
 from taskbalance.aggregation.cagrad import CAGrad, cagrad_solve, cagrad_weights
 
 ONES = torch.ones(8, dtype=torch.float64)
@@ -81,6 +83,127 @@ def test_hand_computed_two_tasks() -> None:
     assert worst == pytest.approx(0.5 + s, abs=1e-7)
     # symmetric case: orthonormal gradients, w* = (½, ½), λ = c, d = (1 + c) g0
     np.testing.assert_allclose(cagrad_weights(np.eye(2), 0.4), [0.7, 0.7], atol=1e-7)
+
+
+def test_hand_computed_two_tasks_interior() -> None:
+    # g1 = (2, 0), g2 = (0, 1), c = 2: s = c ||g0|| = sqrt(5) > F'(0) = 1.5, so both weights
+    # are positive. With x = 5a - 1 for w = (a, 1-a): ||g_w||² = (x² + 4) / 5 and F'(a) = 0
+    # reads 5x / sqrt(x² + 4) = -1.5, i.e. x = -6/sqrt(91); then ||g_w||² = 80/91,
+    # λ = s / ||g_w|| = sqrt(91)/4 and d = (1/2 + λa) g1 + (1/2 + λ(1-a)) g2
+    # = ((r + 4)/20) g1 + ((r + 4)/5) g2 with r = sqrt(91): g1·d = g2·d = (r + 4)/5 and
+    # ||d - g0||² = ((r - 6)² + (2r + 3)²)/100 = 5 = s².
+    jac = np.array([[2.0, 0.0], [0.0, 1.0]])
+    r = math.sqrt(91)
+    boost, dual_w, gap = cagrad_solve(jac @ jac.T, 2.0)
+    np.testing.assert_allclose(dual_w, [(1 - 6 / r) / 5, (4 + 6 / r) / 5], rtol=1e-12)
+    np.testing.assert_allclose(0.5 + boost, [(r + 4) / 20, (r + 4) / 5], rtol=1e-12)
+    assert gap <= 1e-14
+    _, worst = check_cagrad(jac, 2.0)
+    assert worst == pytest.approx((r + 4) / 5, rel=1e-12)
+
+
+def structured_jacobian(seed: int, k: int, p: int = 200) -> np.ndarray:
+    """Gradients that share a component, with norms over two decades and a few conflicting
+    tasks: the optimum has a proper subset of the tasks as its support."""
+    rng = np.random.default_rng(seed)
+    jac = rng.uniform(0, 1.5, size=(k, 1)) * rng.normal(size=(1, p)) + rng.normal(size=(k, p))
+    jac[rng.random(k) < 0.2] *= -0.5
+    return jac * 10.0 ** rng.uniform(-1, 1, size=(k, 1))
+
+
+def kkt_residuals(gram: np.ndarray, w: np.ndarray, c: float) -> tuple[float, float]:
+    """``∂F/∂w = (g_i·g0 + λ g_i·g_w)_i``, ``λ = s / ||g_w||`` (units of the mean ||g_i||²)
+    must be equal on the support of w and larger off it: returns (its spread on the support,
+    the largest shortfall off the support below the support's level)."""
+    a = gram / np.mean(np.diag(gram))
+    b = a.mean(axis=1)
+    s = c * math.sqrt(b.mean())
+    norm = math.sqrt(w @ a @ w)
+    grad = b + (s / norm) * (a @ w)
+    on = w > 0
+    level = grad[on].mean()
+    shortfall = max(0.0, level - grad[~on].min()) if (~on).any() else 0.0
+    return float(np.ptp(grad[on])), float(shortfall)
+
+
+@pytest.mark.parametrize("k", [2, 10, 40])
+@pytest.mark.parametrize("kind", ["random", "structured", "few_dims"])
+def test_kkt_conditions_on_random_gramians(k: int, kind: str, monkeypatch) -> None:
+    # every one of these is solved by the active-set pass: the interior point must not run
+    def no_interior_point(*args, **kw):
+        raise AssertionError("the active-set pass did not certify its answer")
+
+    monkeypatch.setattr(cagrad, "interior_point", no_interior_point)
+    tol = 1e-12  # KKT tolerance, relative to the mean ||g_i||² (the solver stops at 1e-8)
+    for seed in range(10):
+        if kind == "random":
+            jac = random_jacobian(seed, k, 1000)
+        elif kind == "structured":
+            jac = structured_jacobian(seed, k)
+        else:  # P = K + 2: the gradients are independent but far from orthogonal
+            jac = np.random.default_rng(seed).normal(size=(k, k + 2))
+        gram = jac @ jac.T
+        for c in (0.4, 2.0):
+            boost, w, gap = cagrad_solve(gram, c)
+            assert (w >= 0).all() and w.sum() == pytest.approx(1.0, abs=1e-14)
+            spread, shortfall = kkt_residuals(gram, w, c)
+            assert spread <= tol and shortfall <= tol and gap <= tol
+            # the update is d = g0 + λ g_w with λ = s / ||g_w||: on the sphere of radius s
+            g0 = jac.mean(axis=0)
+            d = (1.0 / k + boost) @ jac
+            assert np.linalg.norm(d - g0) == pytest.approx(c * np.linalg.norm(g0), rel=1e-9)
+            np.testing.assert_allclose(boost, boost.sum() * w, rtol=1e-12, atol=1e-300)
+
+
+def test_duplicated_tasks_share_their_weight(monkeypatch) -> None:
+    # a singular bordered system (a task twice): least squares, still no interior point
+    monkeypatch.setattr(cagrad, "interior_point", lambda *args, **kw: pytest.fail("used"))
+    base = random_jacobian(4, 4, 9)
+    jac = base[[0, 1, 2, 3, 0, 1]]
+    for c in (0.4, 2.0):
+        _, w, _ = cagrad_solve(jac @ jac.T, c)
+        np.testing.assert_allclose(w[[4, 5]], w[[0, 1]], rtol=1e-9, atol=1e-12)
+        check_cagrad(jac, c)
+
+
+def test_warm_start_gives_the_same_update_from_any_start() -> None:
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        k = int(rng.integers(2, 12))
+        jac = structured_jacobian(seed, k, 50)
+        gram = jac @ jac.T
+        boost, w, _ = cagrad_solve(gram, 0.4)
+        for start in (np.ones(k, bool), np.eye(k, dtype=bool)[0], rng.random(k) < 0.5, w > 0):
+            boost_s, w_s, gap = cagrad_solve(gram, 0.4, start=start)
+            assert gap <= 1e-8
+            if (w_s > 0).tolist() == (w > 0).tolist():  # same support: the same closed form
+                np.testing.assert_array_equal(boost_s, boost)
+            np.testing.assert_allclose(
+                (1 / k + boost_s) @ jac, (1 / k + boost) @ jac, rtol=1e-7, atol=1e-7
+            )
+
+
+def test_the_support_is_state_and_warm_starts_the_next_step() -> None:
+    k = 6
+    bal, cold = CAGrad(k), CAGrad(k)
+    losses = torch.ones(k, dtype=torch.float64)
+    jac = torch.from_numpy(structured_jacobian(3, k, 40))
+    for step in range(5):  # nearby Gramians, as in training
+        noisy = jac + 0.05 * step * torch.from_numpy(structured_jacobian(10 + step, k, 40))
+        gram = noisy @ noisy.T
+        warm_w = bal.weights_from_gramian(gram, losses)
+        cold.support = None
+        cold_w = cold.weights_from_gramian(gram, losses)
+        torch.testing.assert_close(warm_w, cold_w, rtol=1e-9, atol=1e-12)
+        assert bal.support is not None and bal.support.dtype == torch.bool
+        assert bal.support.tolist() == (warm_w > 1 / k).tolist()  # w_i > 0 <=> boosted
+    state = save_load(bal.state_dict())
+    again = CAGrad(k)
+    again.load_state_dict(state)
+    assert torch.equal(again.support, bal.support)
+    fresh = CAGrad(k)
+    fresh.load_state_dict({**state, "state": {}})  # a state saved before the support was kept
+    assert fresh.support is None
 
 
 def simplex_grid(k: int, n: int) -> np.ndarray:
@@ -157,10 +280,23 @@ def test_adversarial_jacobians_are_certified(caplog) -> None:
     assert not caplog.records
 
 
+def test_the_interior_point_alone_is_certified(monkeypatch, caplog) -> None:
+    # the fallback (0 in the hull at the optimum, dependent gradients, a cycle) on its own
+    monkeypatch.setattr(cagrad, "active_set", lambda *args, **kw: None)
+    rng = np.random.default_rng(1)
+    jacobians = [random_jacobian(seed, int(rng.integers(1, 9)), 5) for seed in range(20)]
+    with caplog.at_level(logging.WARNING, logger="taskbalance"):
+        for jac in jacobians + [j for j in adversarial_jacobians(2) if np.abs(j).max() > 0]:
+            check_cagrad(jac, 0.4)
+    assert not caplog.records
+
+
 def test_non_convergence_falls_back_with_a_warning(caplog) -> None:
     jac = random_jacobian(7, 6, 3)
     gram = jac @ jac.T
     with caplog.at_level(logging.WARNING, logger="taskbalance"):
+        # max_iter caps both passes: one active-set step (from all six tasks, whose affine
+        # hull holds 0 as P = 3) cannot finish, nor can one interior-point iteration
         boost, _, gap = cagrad_solve(gram, 0.4, max_iter=1)
     assert gap > 1e-8 and "duality gap" in caplog.text
     d = (1 / 6 + boost) @ jac
