@@ -1,0 +1,371 @@
+"""The training and evaluation loop shared by the supervised comparison problems.
+
+A supervised problem (MultiDigits, Penguins) is a fixed in-memory data set with one target
+per task, a model with a shared body and one head per task, and per-task metrics on a
+held-out test set. :class:`SupervisedProblem` implements
+:meth:`~taskbalance.compare.problem.ComparisonProblem.run` once for all of them; a subclass
+only declares its tasks (:class:`SupervisedTask`), builds its data (:class:`SupervisedData`)
+and its model, and picks the optimiser settings.
+
+One run (``seed`` fixed):
+
+* ``torch.manual_seed(seed)`` inside :func:`torch.random.fork_rng` (the caller's global RNG
+  is left as it was), then the model is built (so every method starts from the same
+  initial weights for a seed) and then the balancer;
+* mini-batches are drawn from a reshuffling of the training set by a generator of their
+  own, seeded with ``seed``, so every method sees the same batch sequence for a seed
+  (whatever global random numbers the method itself draws);
+* each step: forward, per-task losses by task name, one
+  :func:`~taskbalance.compare.problem.balanced_backward` call (``shared=`` the model's
+  shared parameters, ``features=`` its shared representation, ``kpi=`` the per-batch KPIs),
+  then the optimiser step unless the balancer skipped the step;
+* ``balancer.end_period()`` after every epoch;
+* at the end, the metrics on the whole test set (``model.eval()``, no gradients).
+
+Losses: cross-entropy on the logits for a classification task, mean squared error on the
+standardised target for a regression task. KPIs (for DTP; Guo et al., ECCV 2018, use the
+training accuracy): the batch accuracy for a classification task, and
+``exp(-MAE)`` for a regression task, MAE measured in units of the target's training
+standard deviation (1 for a perfect fit, ``e^-1`` when the error is one standard
+deviation); both clamped to ``[1e-3, 1]`` so that the KPI never leaves (0, 1].
+
+Metrics, per task ``t``: ``t_acc`` (test accuracy, higher is better) or ``t_mae`` (test
+mean absolute error in the target's own unit, lower is better), both counted in Δm%, and
+``t_loss`` (the test loss, a diagnostic left out of Δm%).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from taskbalance.balancer import Balancer
+from taskbalance.compare.problem import (
+    BalancerFactory,
+    ComparisonProblem,
+    Metric,
+    RunResult,
+    Size,
+    after_step,
+    balanced_backward,
+)
+from taskbalance.training.joint import make_progress
+
+TaskKind = Literal["classification", "regression"]
+
+#: the lowest KPI handed to a balancer (DTP's ``log k`` must stay finite).
+MIN_KPI = 1e-3
+
+
+@dataclass(frozen=True)
+class SupervisedTask:
+    """One task of a supervised problem.
+
+    Args:
+        name: the task name (the balancer's task, the model's head).
+        kind: ``"classification"`` (integer class targets, logits out) or ``"regression"``
+            (a standardised float target, one output).
+        unit: the unit of the reported MAE (documentation only).
+    """
+
+    name: str
+    kind: TaskKind
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("classification", "regression"):
+            raise ValueError(f"kind must be 'classification' or 'regression', got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class SupervisedData:
+    """In-memory train and test sets: inputs and one target tensor per task name.
+
+    Classification targets are ``long`` of shape ``(N,)``; regression targets are float of
+    shape ``(N,)``, already standardised with training statistics. ``scales[task]`` is a
+    regression target's training standard deviation in its own unit (the reported MAE is
+    ``scale · MAE`` on the standardised target; 1 when absent).
+    """
+
+    x_train: Tensor
+    y_train: dict[str, Tensor]
+    x_test: Tensor
+    y_test: dict[str, Tensor]
+    scales: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for task, scale in self.scales.items():
+            if not scale > 0:
+                raise ValueError(f"the scale of {task!r} must be positive, got {scale}")
+        for x, ys, part in (
+            (self.x_train, self.y_train, "train"),
+            (self.x_test, self.y_test, "test"),
+        ):
+            for task, y in ys.items():
+                if y.shape != (len(x),):
+                    raise ValueError(
+                        f"{part} target {task!r} has shape {tuple(y.shape)}, expected ({len(x)},)"
+                    )
+
+
+class SharedBodyModel(Protocol):
+    """What the loop needs from a model (e.g. :class:`~taskbalance.models.hps.
+    HardParameterSharing`): the shared representation, the heads on it, the shared
+    parameters."""
+
+    def features(self, x: Tensor) -> Tensor: ...
+
+    def heads(self, z: Tensor, x: Tensor | None = None) -> dict[str, Tensor]: ...
+
+    def shared_parameters(self) -> list[nn.Parameter]: ...
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Cap torch's intra-op threads inside the block (``None``: leave the setting alone)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def task_loss(task: SupervisedTask, output: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy on logits ``(B, C)`` or MSE on a ``(B, 1)`` / ``(B,)`` prediction."""
+    if task.kind == "classification":
+        return F.cross_entropy(output, target)
+    return F.mse_loss(output.reshape(target.shape), target)
+
+
+def task_kpi(task: SupervisedTask, output: Tensor, target: Tensor) -> float:
+    """The task's KPI on a batch, in ``[MIN_KPI, 1]``: accuracy, or ``exp(-MAE)`` for a
+    regression on a standardised target."""
+    with torch.no_grad():
+        if task.kind == "classification":
+            value = (output.argmax(dim=1) == target).double().mean()
+        else:
+            value = torch.exp(-(output.reshape(target.shape) - target).abs().double().mean())
+    return min(max(float(value), MIN_KPI), 1.0)
+
+
+def task_metrics(
+    task: SupervisedTask, output: Tensor, target: Tensor, scale: float = 1.0
+) -> dict[str, float]:
+    """``{name_acc or name_mae, name_loss}`` of one task on a whole evaluation set; a
+    regression's MAE is multiplied by ``scale`` (the target's standard deviation)."""
+    loss = float(task_loss(task, output, target))
+    if task.kind == "classification":
+        acc = float((output.argmax(dim=1) == target).double().mean())
+        return {f"{task.name}_acc": acc, f"{task.name}_loss": loss}
+    mae = float((output.reshape(target.shape) - target).abs().double().mean()) * scale
+    return {f"{task.name}_mae": mae, f"{task.name}_loss": loss}
+
+
+class SupervisedProblem(ComparisonProblem):
+    """A comparison problem on a fixed supervised data set; see the module docstring.
+
+    Subclasses set :attr:`batch_size`, :attr:`lr`, :attr:`threads` and the class
+    attributes of :class:`~taskbalance.compare.problem.ComparisonProblem`, and implement
+    :meth:`supervised_tasks`, :meth:`build_data` and :meth:`build_model`. The data are
+    built once per problem instance and reused by every run.
+    """
+
+    #: the optimiser: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
+    optimizer: ClassVar[Literal["adam", "sgd"]] = "adam"
+
+    def __init__(self, size: Size = "full") -> None:
+        super().__init__(size)
+        self._data: SupervisedData | None = None
+
+    # ------------------------------------------------------------------ to implement
+    @property
+    @abstractmethod
+    def batch_size(self) -> int:
+        """Mini-batch size."""
+
+    @property
+    @abstractmethod
+    def lr(self) -> float:
+        """Learning rate of the model's optimiser."""
+
+    @property
+    def threads(self) -> int | None:
+        """torch intra-op threads during a run (``None``: leave the setting alone).
+
+        1 by default: these models are small, and on a shared 2-core machine a second
+        intra-op thread made MultiDigits steps 10 times *slower* (threads waiting for a
+        busy core at every operator); see ``docs/problems.md``.
+        """
+        return 1
+
+    @abstractmethod
+    def supervised_tasks(self) -> tuple[SupervisedTask, ...]:
+        """The tasks, in the order the balancer sees them."""
+
+    @abstractmethod
+    def build_data(self) -> SupervisedData:
+        """The train and test sets (independent of the run's seed)."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A fresh model (initialised from torch's global RNG) following
+        :class:`SharedBodyModel`."""
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.supervised_tasks())
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        out: list[Metric] = []
+        for task in self.supervised_tasks():
+            if task.kind == "classification":
+                out.append(Metric(f"{task.name}_acc", task.name, higher_is_better=True))
+            else:
+                out.append(Metric(f"{task.name}_mae", task.name, higher_is_better=False))
+        for task in self.supervised_tasks():
+            out.append(
+                Metric(f"{task.name}_loss", task.name, higher_is_better=False, in_delta_m=False)
+            )
+        return tuple(out)
+
+    def data(self) -> SupervisedData:
+        """The data set, built on first use and then cached on the instance."""
+        if self._data is None:
+            self._data = self.build_data()
+        return self._data
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "optimizer": self.optimizer,
+        }
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam, or SGD with momentum 0.9, over every model parameter, at :attr:`lr`."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
+        return torch.optim.Adam(model.parameters(), lr=self.lr)
+
+    # ------------------------------------------------------------------ the run
+    def run(
+        self, make_balancer: BalancerFactory, *, seed: int, epochs: int, progress: bool = False
+    ) -> RunResult:
+        """Train one model with one balancer for ``epochs`` passes; evaluate on the test set."""
+        if epochs < 0:
+            raise ValueError(f"epochs must be non-negative, got {epochs}")
+        data = self.data()
+        with torch.random.fork_rng(devices=[]), torch_threads(self.threads):
+            torch.manual_seed(seed)
+            model = self.build_model()
+            balancer = make_balancer()
+            if tuple(balancer.tasks) != self.tasks:
+                raise ValueError(
+                    f"the balancer's tasks {list(balancer.tasks)} are not the problem's "
+                    f"{list(self.tasks)}"
+                )
+            optimizer = self.make_optimizer(model)
+            order = torch.Generator().manual_seed(seed)
+            epoch_losses, steps, seconds = self._train(
+                model, balancer, optimizer, data, order, epochs, progress
+            )
+            metrics = self.evaluate(model, data)
+        histories = {"main": balancer.history} if balancer.history is not None else {}
+        return RunResult(
+            metrics=metrics,
+            epoch_losses=epoch_losses,
+            step_time=seconds / steps if steps else 0.0,
+            steps=steps,
+            histories=histories,
+            extras={"skipped_steps": balancer.skipped_steps},
+        )
+
+    def _train(
+        self,
+        model: nn.Module,
+        balancer: Balancer,
+        optimizer: torch.optim.Optimizer,
+        data: SupervisedData,
+        order: torch.Generator,
+        epochs: int,
+        progress: bool,
+    ) -> tuple[dict[str, list[float]], int, float]:
+        tasks = self.supervised_tasks()
+        names = self.tasks
+        shared = list(model.shared_parameters())  # type: ignore[operator]
+        epoch_losses: dict[str, list[float]] = {t: [] for t in names}
+        steps, seconds = 0, 0.0
+        n = len(data.x_train)
+        model.train()
+        with make_progress(progress, self.name) as bar:
+            bar_task = bar.add_task(self.name, total=epochs, info="")
+            for _epoch in range(epochs):
+                total = torch.zeros(len(names), dtype=torch.float64)
+                counted = 0
+                for idx in torch.randperm(n, generator=order).split(self.batch_size):
+                    start = time.perf_counter()
+                    x = data.x_train[idx]
+                    ys = {t: y[idx] for t, y in data.y_train.items()}
+                    optimizer.zero_grad(set_to_none=True)
+                    z = model.features(x)  # type: ignore[operator]
+                    outputs = model.heads(z, x)  # type: ignore[operator]
+                    losses = {t.name: task_loss(t, outputs[t.name], ys[t.name]) for t in tasks}
+                    kpi = functools.partial(self._kpis, outputs, ys)
+                    balanced_backward(balancer, losses, shared=shared, features=z, kpi=kpi)
+                    if not balancer.last_step_skipped:
+                        optimizer.step()
+                        # FAMO (Liu et al., NeurIPS 2023, Alg. 1) learns from the same
+                        # batch's losses after the model step; a no-op for other methods
+                        after_step(balancer, functools.partial(self._losses, model, x, ys))
+                        total += torch.stack([losses[t].detach().double() for t in names])
+                        counted += 1
+                    seconds += time.perf_counter() - start
+                    steps += 1
+                balancer.end_period()
+                means = (total / counted).tolist() if counted else [float("nan")] * len(names)
+                for name, value in zip(names, means):
+                    epoch_losses[name].append(value)
+                info = "  ".join(f"{t}={v:.4g}" for t, v in zip(names, means))
+                bar.update(bar_task, advance=1, info=info)
+        return epoch_losses, steps, seconds
+
+    def _kpis(self, outputs: dict[str, Tensor], ys: dict[str, Tensor]) -> dict[str, float]:
+        """The per-task KPIs of a batch (see :func:`task_kpi`)."""
+        return {t.name: task_kpi(t, outputs[t.name], ys[t.name]) for t in self.supervised_tasks()}
+
+    def _losses(self, model: nn.Module, x: Tensor, ys: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The per-task losses of a batch at the model's current parameters."""
+        outputs = model.heads(model.features(x), x)  # type: ignore[operator]
+        return {t.name: task_loss(t, outputs[t.name], ys[t.name]) for t in self.supervised_tasks()}
+
+    def evaluate(
+        self, model: nn.Module, data: SupervisedData, chunk: int = 1024
+    ) -> dict[str, float]:
+        """Every metric on the whole test set (``model.eval()``, no gradients)."""
+        model.eval()
+        pieces: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
+        with torch.no_grad():
+            for x in data.x_test.split(chunk):
+                outputs = model.heads(model.features(x), x)  # type: ignore[operator]
+                for t in self.tasks:
+                    pieces[t].append(outputs[t])
+        metrics: dict[str, float] = {}
+        for task in self.supervised_tasks():
+            output = torch.cat(pieces[task.name])
+            scale = data.scales.get(task.name, 1.0)
+            metrics.update(task_metrics(task, output, data.y_test[task.name], scale))
+        return {m.name: metrics[m.name] for m in self.metrics}
