@@ -338,7 +338,17 @@ def _status_kib(field: str) -> int:
 
 
 def section_solver(rounds: int) -> None:
-    print("\n## weight computation alone (ms per call), random J with P = 1000\n")
+    # K x K work: one torch thread (a second one only waits for a core on a loaded machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _solver_table(rounds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _solver_table(rounds: int) -> None:
+    print("\n## weight computation alone (ms per call, 1 torch thread), random J with P = 1000\n")
     sizes = (2, 10, 40)
     print("| method | " + " | ".join(f"K={k}" for k in sizes) + " |")
     print("|---|" + "---:|" * len(sizes))
