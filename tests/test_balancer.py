@@ -292,10 +292,11 @@ def test_skip_step_backward_returns_none_and_fills_no_grad() -> None:
     assert bal.backward(losses) is None
     assert all(p.grad is None for p in model.parameters())
     assert bal.skipped_steps == 1
+    assert bal.last_skip_reason == "loss"
     # a good step afterwards clears the flag and counts
     weights = bal.backward(task_losses(model, 1))
     assert weights is not None and torch.equal(weights, torch.ones(3))
-    assert not bal.last_step_skipped
+    assert not bal.last_step_skipped and bal.last_skip_reason is None
     assert bal.steps == 1
     assert all(p.grad is not None for p in model.parameters())
 

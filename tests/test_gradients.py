@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 import taskbalance as tb
+from conftest import assert_same
 from taskbalance.aggregation import GradientBalancer
 
 
@@ -145,3 +146,144 @@ def test_gradient_method_without_shared_or_features_is_refused() -> None:
     z = body(x)
     with pytest.raises(tb.BalancerUsageError, match="needs shared="):
         Fixed([1.0, 1.0, 1.0]).backward([h(z).sum() for h in heads])
+
+
+def test_non_finite_gradient_raises_the_dedicated_class() -> None:
+    body, heads, x = make_model()
+    z = body(x)
+    kink = torch.sqrt(z[0, 0] - z[0, 0].detach())  # value 0, gradient +inf
+    losses = [heads[0](z).sum(), heads[1](z).sum(), heads[2](z).sum() + kink]
+    with pytest.raises(tb.NonFiniteGradientError, match="task '2'") as caught:
+        Fixed([1.0, 1.0, 1.0]).backward(losses, shared=body)
+    assert caught.value.task == "2" and isinstance(caught.value, tb.SolverError)
+
+
+def test_non_finite_update_raises_the_dedicated_class() -> None:
+    body, heads, x = make_model()
+    z = body(x)
+    with pytest.raises(tb.NonFiniteGradientError, match="non-finite update") as caught:
+        Fixed([1.0, float("nan"), 1.0]).backward([h(z).sum() for h in heads], shared=body)
+    assert caught.value.task is None
+    assert all(p.grad is None for p in body.parameters())
+
+
+# ---------------------------------------------------------------------- precision of J
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["exact", "features", "forked"])
+def test_low_precision_gradients_give_a_float32_jacobian(dtype: torch.dtype, mode: str) -> None:
+    """fp16/bf16 gradients are accumulated into a float32 J (its Gramian cannot overflow
+    fp16's 65504), and the direction goes back to each input in the input's dtype."""
+    body, heads, x = make_model()
+    body, heads = body.to(dtype), heads.to(dtype)
+    z = body(x.to(dtype))
+    inputs = tb.fork(z, 3) if mode == "forked" else [z] * 3
+    # losses scaled by 300: some g_i·g_i exceed 65504, the largest fp16 number
+    losses = [300.0 * h(zi).sum().float() for h, zi in zip(heads, inputs)]
+    seen = {}
+
+    class Spy(Fixed):
+        def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+            seen["gramian"] = gramian
+            return super().weights_from_gramian(gramian, losses)
+
+        def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+            seen["jacobian"] = jacobian
+            return super().aggregate(jacobian, losses)
+
+    features = {"exact": None, "features": z, "forked": inputs}[mode]
+    Spy([1.0, 1.0, 1.0]).backward(losses, shared=body, features=features)
+    assert seen["jacobian"].dtype == torch.float32
+    assert bool(torch.isfinite(seen["gramian"]).all())
+    assert float(seen["gramian"].max()) > 65504.0  # would be inf in fp16
+    for p in list(body.parameters()) + list(heads.parameters()):
+        assert p.grad is not None and p.grad.dtype == dtype and bool(torch.isfinite(p.grad).all())
+
+
+def test_float32_jacobian_and_direction_are_not_copied() -> None:
+    """The float32 path converts nothing: J is float32 and, in exact mode, each shared
+    parameter's new ``.grad`` is a view of the one direction ``wᵀJ`` (no copy)."""
+    body, heads, x = make_model()
+    z = body(x)
+    bal = Fixed([0.5, 2.0, -1.0])
+    bal.backward([h(z).pow(2).mean() for h in heads], shared=body)
+    grads = [p.grad for p in body.parameters()]
+    storages = {g.untyped_storage().data_ptr() for g in grads}
+    assert len(storages) == 1 and all(g.dtype == torch.float32 for g in grads)
+    assert sum(g.numel() for g in grads) == grads[0].untyped_storage().nbytes() // 4
+
+
+# ---------------------------------------------------------------------- a raised step
+def _poisoned_pcgrad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PCGrad's coefficients become NaN *after* its visiting orders were drawn."""
+    from taskbalance.aggregation import pcgrad
+
+    real = pcgrad.pcgrad_coefficients
+    monkeypatch.setattr(pcgrad, "pcgrad_coefficients", lambda g, o: real(g, o) * float("nan"))
+
+
+def _poisoned_gradvac(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GradVac's coefficients become NaN *after* its orders were drawn and its targets moved."""
+    from taskbalance.aggregation import gradvac
+
+    real = gradvac.gradvac_coefficients
+
+    def poisoned(*args: object, **kw: object) -> tuple[object, object]:
+        coef, targets = real(*args, **kw)
+        return coef * float("nan"), targets
+
+    monkeypatch.setattr(gradvac, "gradvac_coefficients", poisoned)
+
+
+def conflicting(heads: nn.ModuleList, z: Tensor) -> list[Tensor]:
+    """Losses whose body gradients conflict pairwise, so PCGrad's and GradVac's weights
+    depend on the order in which the tasks are visited (i.e. on their random draws)."""
+    return [(-1.0) ** i * h(z).mean() * (i + 1) for i, h in enumerate(heads)]
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+@pytest.mark.parametrize("method", ["pcgrad", "gradvac"])
+def test_a_step_that_raises_leaves_the_state_untouched(
+    monkeypatch: pytest.MonkeyPatch, method: str, accumulation_steps: int
+) -> None:
+    """The methods advance their state while solving (PCGrad's and GradVac's draws,
+    GradVac's targets), before the engine's final check; a step that then raises must
+    leave ``state_dict()`` as it was, so the next step is the one it would have been."""
+    kw = {"beta": 0.5} if method == "gradvac" else {}
+    bal = tb.make(method, 3, accumulation_steps=accumulation_steps, **kw)
+    twin = tb.make(method, 3, accumulation_steps=accumulation_steps, **kw)
+    body, heads, x = make_model()
+    for b in (bal, twin):  # one good accumulated step: the state has moved
+        for _ in range(accumulation_steps):
+            z = body(x)
+            b.backward(conflicting(heads, z), shared=body)
+    before = {k: v for k, v in bal.state_dict().items() if k != "history"}
+    with monkeypatch.context() as patch:
+        (_poisoned_pcgrad if method == "pcgrad" else _poisoned_gradvac)(patch)
+        body.zero_grad(set_to_none=True)
+        z = body(x)
+        with pytest.raises(tb.NonFiniteGradientError):
+            bal.backward(conflicting(heads, z), shared=body)
+    after = {k: v for k, v in bal.state_dict().items() if k != "history"}
+    assert_same(after, before)
+    assert bal.micro_step == 0 and all(p.grad is None for p in body.parameters())
+    # the next step is the one the balancer would have taken without the failed one
+    for _ in range(accumulation_steps):
+        for b in (bal, twin):
+            z = body(x)
+            b.backward(conflicting(heads, z), shared=body)
+        assert torch.equal(bal.last_weights, twin.last_weights)
+    assert_same(bal.state_dict(), twin.state_dict())
+    with pytest.raises(AssertionError):  # a good step does move the state
+        assert_same(bal.state_dict()["state"], before["state"])
+
+
+def test_losses_from_a_generator_are_still_accepted() -> None:
+    """``backward`` looks at the losses (for their device) before checking them: a one-shot
+    iterator must not be consumed by that look."""
+    body, heads, x = make_model()
+    z = body(x)
+    weights = Fixed([1.0, 1.0, 1.0]).backward((h(z).pow(2).mean() for h in heads), shared=body)
+    assert weights is not None and weights.shape == (3,)
+    torch.testing.assert_close(
+        next(body.parameters()).grad, reference([1.0, 1.0, 1.0], weighted=False)[0]
+    )

@@ -24,6 +24,7 @@ from taskbalance.balancer import Balancer
 from taskbalance.errors import (
     BalancerUsageError,
     InvalidKPIError,
+    NonFiniteGradientError,
     NonFiniteLossError,
     NonPositiveLossError,
     NotScalarLossError,
@@ -71,6 +72,7 @@ __all__ = [
     "History",
     "InvalidKPIError",
     "NashMTL",
+    "NonFiniteGradientError",
     "NonFiniteLossError",
     "NonPositiveLossError",
     "NotScalarLossError",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -66,6 +66,29 @@ def task_names(tasks: Tasks) -> tuple[str, ...]:
     return names
 
 
+def with_reference(losses: Any) -> tuple[Any, Tensor | None]:
+    """``(losses, the first tensor among them)``, before the losses are checked.
+
+    Used to find the device the losses live on (e.g. to turn autocast off for it). A
+    one-shot iterator is turned into a list first, so that looking does not consume it.
+    The reference is ``None`` when there is no tensor (the checks then raise).
+    """
+    if isinstance(losses, Tensor):
+        return losses, losses
+    if isinstance(losses, Iterator):
+        losses = list(losses)
+    if isinstance(losses, Mapping):
+        values: Iterable[Any] = losses.values()
+    elif isinstance(losses, Iterable) and not isinstance(losses, str):
+        values = losses
+    else:
+        return losses, None
+    for value in values:
+        if isinstance(value, Tensor):
+            return losses, value
+    return losses, None
+
+
 class Balancer:
     """Base class of every balancing method.
 
@@ -77,6 +100,9 @@ class Balancer:
             zero loss connected to no model parameter, ``backward`` fills no gradient and
             returns ``None``, the method's state is left untouched, the step is counted in
             :attr:`skipped_steps` and logged as a warning on the ``taskbalance`` logger.
+            GradNorm applies the same policy to a non-finite task gradient; the other
+            gradient methods raise :class:`~taskbalance.errors.NonFiniteGradientError` on
+            one, with their state untouched.
         record: keep a :class:`~taskbalance.history.History` of every step.
         distributed: ``"auto"`` (default) synchronises the balancer over the default
             ``torch.distributed`` process group when one is initialised with two or more
@@ -138,10 +164,17 @@ class Balancer:
         self.history: History | None = History(self.tasks) if record else None
         self.last_weights: Tensor | None = None
         self.last_step_skipped = False
+        self._skip_reason = "loss"
 
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+    @property
+    def last_skip_reason(self) -> str | None:
+        """What made the last step a skipped one: ``"loss"`` (a non-finite loss) or
+        ``"gradient"`` (a non-finite gradient; GradNorm); ``None`` if it was not skipped."""
+        return self._skip_reason if self.last_step_skipped else None
 
     @property
     def micro_step(self) -> int:
@@ -271,9 +304,11 @@ class Balancer:
     def _skip(self, err: _SkipStepError) -> None:
         self.skipped_steps += 1
         self.last_step_skipped = True
+        self._skip_reason = err.what
         logger.warning(
-            "%s: skipped a step because the loss of task %r is %s (%d skipped so far)",
+            "%s: skipped a step because the %s of task %r is %s (%d skipped so far)",
             type(self).__name__,
+            err.what,
             err.task,
             err.value,
             self.skipped_steps,
@@ -605,9 +640,11 @@ class _OpenStep:
 
 
 class _SkipStepError(Exception):
-    """Internal signal: a non-finite loss under ``nonfinite='skip_step'``."""
+    """Internal signal: a non-finite loss (or, ``what="gradient"``, a non-finite task
+    gradient) under ``nonfinite='skip_step'``."""
 
-    def __init__(self, task: str, value: float) -> None:
+    def __init__(self, task: str, value: float, what: str = "loss") -> None:
         super().__init__(task, value)
         self.task = task
         self.value = value if not math.isnan(value) else float("nan")
+        self.what = what

@@ -52,3 +52,19 @@ class BalancerUsageError(TaskBalanceError, RuntimeError):
 
 class SolverError(TaskBalanceError, RuntimeError):
     """A numerical solver failed and no documented fallback applies."""
+
+
+class NonFiniteGradientError(SolverError):
+    """A task gradient (or the update combined from the task gradients) is NaN or infinite.
+
+    Raised by the gradient engine on a non-finite Gramian or update and by GradNorm on a
+    non-finite gradient norm, before any state of the balancer has changed. Under fp16
+    autocast with a GradScaler this is the expected sign of an overflow:
+    :func:`taskbalance.integrations.amp_backward` catches exactly this class, so that the
+    scaler skips the step and lowers its scale. ``task`` names the first offending task,
+    or is ``None`` when the update is non-finite and no single task can be blamed.
+    """
+
+    def __init__(self, message: str, task: str | None = None) -> None:
+        self.task = task
+        super().__init__(message)

@@ -22,10 +22,19 @@ Under DDP (see :mod:`taskbalance.distributed`) the engine reduces across ranks i
 ``torch.autograd.grad`` never runs DDP's gradient hooks, so in the features mode the body
 is backpropagated with :func:`backprop_to_leaves` (no accumulation into a parameter that
 DDP watches) and the resulting gradients are averaged by the balancer.
+
+Precision: J is accumulated in the promoted dtype of the inputs, at least float32
+(:func:`jacobian_dtype`), so that fp16/bf16 gradients give a float32 Gramian that neither
+overflows (an fp16 ``g_i·g_j`` of scaled gradients exceeds 65504 long before the gradients
+do) nor loses digits; the combined direction is cast back to each input's dtype when it is
+applied. For float32 (and float64) inputs nothing is converted or copied. The balancers
+run the engine with autocast disabled (:func:`autocast_disabled`), so that calling them
+inside an autocast region computes the same products as outside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +42,33 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance.errors import BalancerUsageError
+
+
+def jacobian_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    """The dtype J is accumulated in: the promoted dtype of ``tensors``, at least float32.
+
+    fp16 and bf16 give float32; float32 stays float32 and float64 stays float64.
+    """
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def autocast_disabled(reference: Tensor | None) -> contextlib.AbstractContextManager[None]:
+    """A context in which autocast is off for ``reference``'s device type.
+
+    Inside an autocast region the engine's products (``J Jᵀ``, ``wᵀJ``) would be autocast
+    to bf16/fp16 and, in exact mode, a low-precision direction could not be assigned to a
+    float32 ``.grad``. ``None`` (no tensor to go by) and a device type autocast does not
+    know (e.g. ``meta``) give a no-op context.
+    """
+    if reference is None:
+        return contextlib.nullcontext()
+    device_type = reference.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def resolve_tensors(shared: nn.Module | Tensor | Iterable[Tensor]) -> list[Tensor]:
@@ -189,8 +225,8 @@ def task_jacobian(
             owners[id(p)] = i
         own_params.append(params)
     total = sum(t.numel() for t in inputs)
-    ref = inputs[0]
-    jac = torch.empty(k, total, dtype=ref.dtype, device=ref.device)
+    # fp16/bf16 gradients are widened to float32 as they are copied into J (no extra copy)
+    jac = torch.empty(k, total, dtype=jacobian_dtype(inputs), device=inputs[0].device)
     own: list[list[tuple[Tensor, Tensor]]] = []
     for i in range(k):
         targets = list(inputs) + own_params[i]
@@ -225,12 +261,17 @@ def accumulate_grad(param: Tensor, grad: Tensor, *, owned: bool = False) -> None
 
 
 def split_direction(direction: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
-    """The flat direction ``(P,)`` cut into views shaped like ``inputs``."""
+    """The flat direction ``(P,)`` cut into pieces shaped like ``inputs``, in their dtypes.
+
+    A piece is a view of ``direction`` where the dtypes agree (float32 inputs: no copy) and
+    a converted copy where they do not (fp16/bf16 inputs, whose J is float32).
+    """
     pieces = []
     offset = 0
     for t in inputs:
         n = t.numel()
-        pieces.append(direction[offset : offset + n].view_as(t))
+        piece = direction[offset : offset + n].view_as(t)
+        pieces.append(piece if piece.dtype == t.dtype else piece.to(t.dtype))
         offset += n
     return pieces
 
@@ -263,21 +304,18 @@ def apply_direction(
     """Send the combined direction (P,) to the shared inputs.
 
     Exact mode adds it to the shared parameters' ``.grad``; features mode backpropagates
-    it from the features through the body (one ordinary backward). ``owned``: nothing else
-    holds ``direction`` (e.g. ``wᵀJ`` just computed), so its slices become ``.grad`` without
-    a copy; otherwise they are copied, as a method may keep the tensor in its state.
+    it from the features through the body (one ordinary backward). Each piece is cast to
+    its input's dtype (J, hence the direction, is at least float32). ``owned``: nothing
+    else holds ``direction`` (e.g. ``wᵀJ`` just computed), so its slices become ``.grad``
+    without a copy; otherwise they are copied, as a method may keep the tensor in its state.
     """
-    pieces = []
-    offset = 0
-    for t in grads.inputs:
-        n = t.numel()
-        pieces.append(direction[offset : offset + n].view_as(t))
-        offset += n
+    pieces = split_direction(direction, grads.inputs)
     if features:
         torch.autograd.backward(grads.inputs, grad_tensors=pieces)
     else:
         for t, piece in zip(grads.inputs, pieces):
-            accumulate_grad(t, piece, owned=owned)
+            # a converted piece is a fresh tensor: it can become .grad without a copy
+            accumulate_grad(t, piece, owned=owned or piece.dtype != direction.dtype)
 
 
 def apply_task_specific(
@@ -355,7 +393,9 @@ def forked_task_jacobian(
         retain_graph=True,
         allow_unused=True,
     )
-    jac = torch.stack([g.reshape(-1) for g in grads[:k]])
+    rows = [g.reshape(-1) for g in grads[:k]]
+    dtype = jacobian_dtype(rows)
+    jac = torch.stack(rows if rows[0].dtype == dtype else [r.to(dtype) for r in rows])
     own: list[list[tuple[Tensor, Tensor]]] = []
     rest = iter(grads[k:])
     for params in own_params:

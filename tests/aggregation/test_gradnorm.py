@@ -203,3 +203,64 @@ def test_non_finite_loss_under_skip_step() -> None:
     assert bal.backward([a, b * float("inf")], shared=model.shared.parameters()) is None
     assert bal.skipped_steps == 1 and bal.initial_losses is None
     assert torch.equal(bal.weights, torch.ones(2)) and model.shared.weight.grad is None
+
+
+def _inf_gradient_losses(model: TinyNet, step: int, task: int) -> list[torch.Tensor]:
+    """Finite losses whose gradient on W (the shared weight) is +inf for task ``task``."""
+    losses = task_losses(model, step)
+    w = model.shared.weight[0, 0]
+    losses[task] = losses[task] + torch.sqrt(w - w.detach())  # value + 0, gradient +inf
+    return losses
+
+
+def test_non_finite_gradient_raises_naming_the_task_and_changes_nothing() -> None:
+    model = TinyNet(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bal = GradNorm(2, alpha=0.5, lr=0.1)
+    train(bal, model, opt, range(2))  # the weights and their Adam state have moved
+    before = save_load(bal.state_dict())  # a copy: Adam's state_dict holds live tensors
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(tb.NonFiniteGradientError, match="task '1'") as caught:
+        bal.backward(_inf_gradient_losses(model, 2, 1), shared=model.shared.parameters())
+    assert caught.value.task == "1" and isinstance(caught.value, tb.SolverError)
+    assert_same(bal.state_dict(), before)
+    assert all(p.grad is None for p in model.parameters())
+    # the next good step trains as if the failed one had never happened
+    reference = GradNorm(2, alpha=0.5, lr=0.1)
+    reference.load_state_dict(before)
+    used = bal.backward(task_losses(model, 3), shared=model.shared.parameters())
+    model.zero_grad(set_to_none=True)
+    expected = reference.backward(task_losses(model, 3), shared=model.shared.parameters())
+    assert torch.equal(used, expected) and torch.equal(bal.weights, reference.weights)
+    assert bool(torch.isfinite(bal.weights).all())
+
+
+def test_non_finite_gradient_under_skip_step() -> None:
+    model = TinyNet(2)
+    bal = GradNorm(2, nonfinite="skip_step")
+    bal.backward(task_losses(model, 0), shared=model.shared.parameters())
+    before = bal.state_dict()
+    model.zero_grad(set_to_none=True)
+    assert bal.backward(_inf_gradient_losses(model, 1, 0), shared=model.shared) is None
+    assert bal.skipped_steps == 1 and bal.last_step_skipped
+    assert bal.last_skip_reason == "gradient" and bal.steps == 1
+    assert_same(bal.state_dict()["state"], before["state"])
+    assert all(p.grad is None for p in model.parameters())
+    assert bal.backward(task_losses(model, 2), shared=model.shared) is not None
+    assert bal.last_skip_reason is None and bool(torch.isfinite(bal.weights).all())
+
+
+def test_non_finite_gradient_under_skip_step_with_accumulation() -> None:
+    """A skipped micro-batch counts towards N and contributes nothing; the weights take one
+    step with the other micro-batch's L_grad gradient."""
+    model = TinyNet(2)
+    bal = GradNorm(2, nonfinite="skip_step", accumulation_steps=2)
+    solo = GradNorm(2)
+    losses = task_losses(model, 0)
+    assert bal.backward(losses, shared=model.shared) is not None
+    assert bal.backward(_inf_gradient_losses(model, 1, 1), shared=model.shared) is None
+    assert bal.micro_step == 0 and bal.steps == 1 and bal.skipped_steps == 1
+    solo.backward(task_losses(model, 0), shared=model.shared)
+    # one micro-batch of two contributed: half its L_grad gradient (Adam: the same step)
+    torch.testing.assert_close(bal.weights, solo.weights, rtol=1e-6, atol=0)
+    assert bool(torch.isfinite(bal.weights).all())

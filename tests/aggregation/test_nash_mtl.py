@@ -131,13 +131,35 @@ def test_backward_fills_the_clipped_nash_direction(max_norm: float) -> None:
     jac = task_grads(net, losses)
     bal = NashMTL(3, max_norm=max_norm)
     weights = bal.backward(losses, shared=net.body.parameters())
-    expected = solve(jac).float() @ jac
-    if max_norm:
-        expected = expected * (max_norm / (float(expected.norm()) + 1e-6))
+    alpha = solve(jac).float()
+    expected = alpha @ jac
+    coef = max_norm / (float(expected.norm()) + 1e-6) if max_norm else 1.0
+    assert coef < 1.0 or not max_norm  # ||αᵀJ|| = √3 > max_norm: the clip is active
     got = torch.cat([p.grad.reshape(-1) for p in net.body.parameters()])
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(weights, solve(jac).float(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(got, expected * coef, rtol=1e-4, atol=1e-7)
     assert float(got.norm()) == pytest.approx(max_norm or math.sqrt(3), rel=1e-4)
+    # the recorded weights are those applied (d = wᵀJ), the warm start keeps the solution
+    torch.testing.assert_close(weights, alpha * coef, rtol=1e-4, atol=0)
+    torch.testing.assert_close(bal.history.weights[-1], (alpha * coef).double(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(got, weights @ jac, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(bal.alpha.float(), alpha, rtol=1e-4, atol=0)
+
+
+def test_weighted_task_specific_gradients_use_the_applied_weights() -> None:
+    """``task_specific="weighted"``: head i gets ``w_i dL_i/dθ_i`` with the recorded (clipped)
+    weight, so the whole update is the gradient of ``sum_i w_i L_i``."""
+    net = Net(3)
+    losses = net.losses(0)
+    own = [
+        torch.autograd.grad(loss, list(h.parameters()), retain_graph=True)
+        for loss, h in zip(losses, net.heads)
+    ]
+    bal = NashMTL(3, max_norm=0.3, task_specific="weighted")
+    weights = bal.backward(losses, shared=net.body.parameters())
+    assert float(weights.sum()) < float(bal.alpha.sum()) * 0.5  # clipped: c = 0.3/√3
+    for w, grads, head in zip(weights, own, net.heads):
+        for g, p in zip(grads, head.parameters()):
+            torch.testing.assert_close(p.grad, w * g, rtol=1e-5, atol=1e-8)
 
 
 # ---------------------------------------------------------------------- no silent failure

@@ -445,7 +445,9 @@ def test_fp16_mixed_with_grad_scaler_matches_float32(
 
 @needs_lightning
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
-@pytest.mark.parametrize(("method", "mode"), [("upgrad", "exact"), ("dwa", "loss")])
+@pytest.mark.parametrize(
+    ("method", "mode"), [("upgrad", "exact"), ("dwa", "loss"), ("gradnorm", "exact")]
+)
 def test_fp16_overflow_is_skipped_by_the_scaler(tmp_path: Path, method: str, mode: str) -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**28, growth_interval=10_000)
     module = MultiTask(method, mode)
@@ -457,6 +459,8 @@ def test_fp16_overflow_is_skipped_by_the_scaler(tmp_path: Path, method: str, mod
     assert fit.global_step == EPOCHS * BATCHES  # overflowed steps count, as in Lightning AMP
     params = module.net.flat()
     assert bool(torch.isfinite(params).all()) and not torch.equal(params, start)
+    weights = module.balancer.history.weights
+    assert len(weights) > 0 and bool(torch.isfinite(weights).all())  # GradNorm: never NaN
 
 
 @needs_lightning
@@ -464,3 +468,75 @@ def test_nash_mtl_is_refused_under_fp16_scaler(tmp_path: Path) -> None:
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(BalancerUsageError, match="GradScaler"):
         trainer(tmp_path, epochs=1, plugins=[plugin]).fit(MultiTask("nash_mtl", "exact"), loader())
+
+
+# ---------------------------------------------------------------------- gradient accumulation
+def plain_accumulating_run(
+    method: str, mode: str, epochs: int, **kw: Any
+) -> tuple[Net, tb.Balancer, int]:
+    """The plain loop of docs/scaling.md with ``accumulation_steps``: zero_grad at the start
+    of an accumulated step, optimizer and scheduler steps when it closes, ``flush()`` (and
+    FAMO's clipping) after the epoch's last batch; returns the optimizer steps taken."""
+    net = Net()
+    bal = make(method, **kw)
+    opt, sched = optimizer_and_scheduler(net.parameters())
+    steps = 0
+    for _ in range(epochs):
+        batches = list(loader())
+        for j, (x, y) in enumerate(batches):
+            if bal.micro_step == 0:
+                opt.zero_grad()
+            losses, z = net.losses(x, y)
+            features = z if mode == "features" else None
+            bal.backward(losses, shared=net.body, features=features, **context(bal, losses))
+            if bal.micro_step != 0 and j == len(batches) - 1:
+                bal.flush()
+                if kw.get("max_norm"):
+                    torch.nn.utils.clip_grad_norm_(net.body.parameters(), kw["max_norm"])
+            if bal.micro_step == 0:
+                opt.step()
+                sched.step()
+                steps += 1
+        bal.end_period()
+    return net, bal, steps
+
+
+@needs_lightning
+@pytest.mark.parametrize(
+    ("method", "mode", "kw"),
+    [
+        pytest.param("uncertainty", "loss", {"accumulation_steps": 2}, id="uncertainty-2"),
+        pytest.param("famo", "loss", {"accumulation_steps": 3, "max_norm": 0.2}, id="famo-3"),
+        pytest.param("upgrad", "exact", {"accumulation_steps": 3}, id="upgrad-exact-3"),
+        pytest.param("mgda", "features", {"accumulation_steps": 2}, id="mgda-features-2"),
+    ],
+)
+def test_balancer_accumulation_through_the_mixin_equals_the_plain_loop(
+    tmp_path: Path, method: str, mode: str, kw: dict[str, Any]
+) -> None:
+    """A balancer with ``accumulation_steps=N``: one optimizer step per N batches, the
+    epoch's incomplete last step closed (4 batches, N = 3: a step of 3 and one of 1)."""
+    epochs = 2
+    module = MultiTask(method, mode, **kw)
+    start = module.net.flat()
+    fit = trainer(tmp_path, epochs=epochs)
+    fit.fit(module, loader())
+    net, bal, steps = plain_accumulating_run(method, mode, epochs, **kw)
+    n = kw["accumulation_steps"]
+    assert steps == epochs * -(-BATCHES // n)  # ceil: the last, incomplete step counts
+    assert fit.global_step == steps and module.balancer.steps == bal.steps == steps
+    assert module.balancer.micro_step == 0
+    assert not torch.equal(module.net.flat(), start)
+    torch.testing.assert_close(module.net.flat(), net.flat(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        module.balancer.history.weights, bal.history.weights, rtol=0, atol=1e-6
+    )
+    assert fit.optimizers[0].param_groups[0]["lr"] == LR * 0.5 ** (steps // 3)
+
+
+@needs_lightning
+def test_trainer_accumulate_grad_batches_is_refused_with_a_pointer(tmp_path: Path) -> None:
+    with pytest.raises(BalancerUsageError, match="accumulation_steps=2"):
+        trainer(tmp_path, epochs=1, accumulate_grad_batches=2).fit(
+            MultiTask("upgrad", "exact"), loader()
+        )

@@ -26,7 +26,8 @@ rank-deficient J has eigenvalues near ±1e-7 λ_max) would make the problems non
 the rounding floor ``||g_j|| Σ_k |w_k| ||g_k||`` of ``(Gw)_j``. When the final KKT check fails
 or an iteration cap is hit, the fallback is 2000 steps of accelerated projected gradient
 from the best point so far, with a warning on the ``taskbalance`` logger. A non-finite
-Gramian raises :class:`~taskbalance.errors.SolverError`; no solver returns NaN.
+Gramian raises :class:`~taskbalance.errors.NonFiniteGradientError` (a
+:class:`~taskbalance.errors.SolverError`); no solver returns NaN.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from collections.abc import Callable
 import numpy as np
 
 from taskbalance.aggregation._simplex import project_simplex
-from taskbalance.errors import SolverError
+from taskbalance.errors import NonFiniteGradientError
 
 logger = logging.getLogger("taskbalance")
 
@@ -54,7 +55,7 @@ def _prepare(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
         raise ValueError(f"the Gramian must be a non-empty square matrix, got {g.shape}")
     if not np.isfinite(g).all():
-        raise SolverError("the Gramian is not finite: some task gradient has NaN or inf")
+        raise NonFiniteGradientError("the Gramian is not finite: some task gradient has NaN or inf")
     g = 0.5 * (g + g.T)
     zero = ~(np.diag(g) > 0)  # a zero gradient: its row must be zero as well
     g[zero, :] = 0.0

@@ -12,25 +12,33 @@ exact and features modes and the rule for task-specific parameters, and
 :mod:`taskbalance.distributed` for DDP (the engine averages ``J`` over the ranks in the
 exact mode, sums the ranks' Gramians in the features mode, and averages the parameter
 gradients it writes).
+
+The step runs with autocast disabled for the losses' device type, so ``backward`` may be
+called inside an autocast region (J is at least float32, see :mod:`taskbalance.gradients`).
+A step that raises (a non-finite gradient, a solver failure) leaves the method's state as
+it was before the call: the state is saved before the solve and restored on an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError
+from taskbalance.balancer import Balancer, Losses, Tasks, _clone, _SkipStepError, with_reference
 from taskbalance.distributed import Sync
-from taskbalance.errors import BalancerUsageError, SolverError
+from taskbalance.errors import BalancerUsageError, NonFiniteGradientError, SolverError
 from taskbalance.gradients import (
     ForkedFeatures,
     TaskGradients,
     accumulate_grad,
     apply_direction,
     apply_task_specific,
+    autocast_disabled,
     backprop_to_leaves,
     check_not_wrapped,
     feature_leaves,
@@ -60,6 +68,10 @@ class GradientBalancer(Balancer):
     needs: ClassVar[str] = "gramian"
     #: the modes in which the method is defined.
     modes: ClassVar[tuple[Mode, ...]] = ("exact", "features")
+    #: save :meth:`method_state` before each solve and restore it if the step raises.
+    #: A method whose state is large and which commits it only once its result has passed
+    #: the checks of :meth:`_check_result` (DB-MTL) turns this off.
+    guards_state: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -114,9 +126,10 @@ class GradientBalancer(Balancer):
             diagonal_bad = ~torch.isfinite(gramian.diagonal())
             rows_bad = diagonal_bad if bool(diagonal_bad.any()) else (~finite).any(dim=1)
             bad = int(rows_bad.nonzero()[0])
-            raise SolverError(
+            raise NonFiniteGradientError(
                 f"the gradient of task {self.tasks[bad]!r} is not finite (its squared norm is "
-                f"{float(gramian[bad, bad])}); no weights can be computed"
+                f"{float(gramian[bad, bad])}); no weights can be computed",
+                task=self.tasks[bad],
             )
         return self.weights_from_gramian(gramian, losses.double())
 
@@ -131,8 +144,20 @@ class GradientBalancer(Balancer):
         """Compute the task gradients, combine them, fill ``.grad``; return the weights.
 
         Under DDP the update is that of the global batch, the same on every rank; with
-        ``accumulation_steps=N`` each call adds 1/N of its micro-batch's direction.
+        ``accumulation_steps=N`` each call adds 1/N of its micro-batch's direction. Runs
+        with autocast disabled for the losses' device type, so it may be called inside an
+        autocast region.
+
+        Raises:
+            NonFiniteGradientError: a task gradient (or the update) is NaN or infinite;
+                nothing is written to ``.grad`` and the method's state is unchanged.
         """
+        losses, reference = with_reference(losses)
+        with autocast_disabled(reference):
+            return self._backward(losses, shared, features)
+
+    def _backward(self, losses: Losses, shared: Any, features: Any) -> Tensor | None:
+        """:meth:`backward` with autocast already disabled."""
         sync = self.current_sync()
         if sync is not None or self.accumulation_steps > 1:
             return self._backward_general(losses, shared, features, sync)
@@ -141,8 +166,9 @@ class GradientBalancer(Balancer):
             return None
         items, stacked = begun
         grads, use_features = self._task_gradients(items, shared, features)
-        direction, weights = self.aggregate(grads.jacobian, stacked)
-        self._check_result(direction, weights)
+        with self._state_restored_on_error():
+            direction, weights = self.aggregate(grads.jacobian, stacked)
+            self._check_result(direction, weights)
         # wᵀJ from the Gramian path is a fresh tensor; a Jacobian method's may be its state
         apply_direction(direction, grads, features=use_features, owned=self.needs == "gramian")
         apply_task_specific(grads, weights if self.task_specific == "weighted" else None)
@@ -198,18 +224,21 @@ class GradientBalancer(Balancer):
             if sync is None:
                 stacked = self._check_finite(local)
                 grads, use_features = self._task_gradients(items, shared, features)
-                self._restore_micro()
-                direction, weights = self.aggregate(grads.jacobian, stacked)
+                with self._state_restored_on_error():
+                    self._restore_micro()
+                    direction, weights = self.aggregate(grads.jacobian, stacked)
+                    self._check_result(direction, weights)
             else:
                 grads, use_features = self._task_gradients(items, shared, features)
-                stacked, direction, weights = self._aggregate_across(
-                    grads, local, use_features, sync
-                )
+                with self._state_restored_on_error():
+                    stacked, direction, weights = self._aggregate_across(
+                        grads, local, use_features, sync
+                    )
+                    self._check_result(direction, weights)
         except _SkipStepError as err:
             self._skip(err)
             self._end_call(None, None, boundary, sync)
             return None
-        self._check_result(direction, weights)
         scale = self.micro_scale()
         if scale is not None:
             direction = direction * scale
@@ -265,14 +294,32 @@ class GradientBalancer(Balancer):
             direction = weights @ jac
             norm = math.sqrt(max(float(weights.double() @ gram @ weights.double()), 0.0))
             factor = self.direction_scale(norm)
-            if factor != 1.0:
-                direction = direction * factor
+            if factor != 1.0:  # the weights recorded are those actually applied
+                direction, weights = direction * factor, weights * factor
             return stacked, direction, weights
         stacked = self._check_finite(sync.mean([local])[0])
         full, offset = sync.all_gather_columns(jac)
         self._restore_micro()
         direction, weights = self.aggregate(full / world, stacked)
+        self._check_result(direction, weights)  # the global direction: one verdict for all
         return stacked, direction[offset : offset + jac.shape[1]] * world, weights
+
+    @contextlib.contextmanager
+    def _state_restored_on_error(self) -> Iterator[None]:
+        """Run the solve; if it raises, put the method's state back as it was before.
+
+        A method advances its state while it computes the weights (PCGrad's and GradVac's
+        draws, GradVac's targets, Nash-MTL's warm start, ...), before the engine's final
+        check of the result; a step that raises must not leave that trace. The saved state
+        is what :meth:`method_state` returns (small for every method that keeps this on).
+        """
+        saved = _clone(self.method_state()) if self.guards_state else None
+        try:
+            yield
+        except BaseException:
+            if saved is not None:
+                self.load_method_state(saved)
+            raise
 
     def _check_result(self, direction: Tensor, weights: Tensor) -> None:
         if weights.shape != (self.num_tasks,):
@@ -284,7 +331,7 @@ class GradientBalancer(Balancer):
         # methods that build the direction from J themselves are checked in full.
         direction_ok = self.needs != "jacobian" or bool(torch.isfinite(direction).all())
         if not bool(torch.isfinite(weights).all()) or not direction_ok:
-            raise SolverError(
+            raise NonFiniteGradientError(
                 f"{type(self).__name__} produced a non-finite update (weights "
                 f"{weights.tolist()}); the task gradients may be non-finite"
             )

@@ -60,6 +60,7 @@ class DBMTL(GradientBalancer):
 
     needs = "jacobian"
     modes = ("exact",)
+    guards_state = False  # the K×P buffer is committed only once the result is finite
 
     def __init__(self, tasks: Tasks, *, beta: float = 0.9, beta_sigma: float = 0.0, **kw: Any):
         super().__init__(tasks, **kw)
@@ -90,9 +91,11 @@ class DBMTL(GradientBalancer):
         beta_t = self.beta / float(self.t + 1) ** self.beta_sigma
         buffer = beta_t * buffer.to(scaled) + (1.0 - beta_t) * scaled
         direction, scales = magnitude_balance(buffer)
-        if bool(torch.isfinite(buffer).all()):  # a non-finite step raises and leaves no trace
+        weights = scales / losses.to(scales.dtype)
+        # a non-finite result raises in the engine's check and must leave no trace
+        if bool(torch.isfinite(direction).all()) and bool(torch.isfinite(weights).all()):
             self.buffer, self.t = buffer, self.t + 1
-        return direction, scales / losses.to(scales.dtype)
+        return direction, weights
 
     def method_state(self) -> dict[str, Any]:
         return {"t": self.t, "buffer": None if self.buffer is None else self.buffer.clone()}

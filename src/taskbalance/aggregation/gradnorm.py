@@ -33,6 +33,12 @@ rank computes the same weights; the model's update is the ordinary backward, whi
 averages. With ``accumulation_steps=N`` the weights stay fixed during an accumulated step,
 each micro-batch adds 1/N of its L_grad gradient and the weights take one step at its end;
 L(0) is the first micro-batch's losses.
+
+The gradient norms are checked before the weights step: a NaN or infinite norm raises
+:class:`~taskbalance.errors.NonFiniteGradientError` naming the task (``nonfinite="skip_step"``:
+the step is skipped), with no gradient written and the weights untouched, so one overflowed
+step cannot turn the weights into NaN for the rest of the run. That makes GradNorm usable
+under a GradScaler through :func:`taskbalance.integrations.amp_backward`.
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError
-from taskbalance.errors import BalancerUsageError, NonPositiveLossError
-from taskbalance.gradients import resolve_tensors
+from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError, with_reference
+from taskbalance.errors import BalancerUsageError, NonFiniteGradientError, NonPositiveLossError
+from taskbalance.gradients import autocast_disabled, resolve_tensors
 from taskbalance.learnable import OptimizerMode, OwnedParameters
 from taskbalance.registry import register
 
@@ -125,7 +131,26 @@ class GradNorm(Balancer):
         last_shared: Any = None,
         **context: Any,
     ) -> Tensor | None:
-        """Backpropagate ``sum_i w_i L_i``, step the weights by L_grad; return the weights used."""
+        """Backpropagate ``sum_i w_i L_i``, step the weights by L_grad; return the weights used.
+
+        Runs with autocast disabled for the losses' device type (it may be called inside an
+        autocast region).
+
+        Raises:
+            NonFiniteGradientError: the gradient of a task on W (or on the features) is NaN
+                or infinite. It is checked before anything changes: no gradient is written,
+                the weights, their optimizer and L(0) are untouched. With
+                ``nonfinite="skip_step"`` the step is skipped instead (``None`` is returned,
+                :attr:`skipped_steps` counts it, ``last_skip_reason == "gradient"``).
+        """
+        losses, reference = with_reference(losses)
+        with autocast_disabled(reference):
+            return self._backward(losses, shared, features, last_shared)
+
+    def _backward(
+        self, losses: Losses, shared: Any, features: Any, last_shared: Any
+    ) -> Tensor | None:
+        """:meth:`backward` with autocast already disabled."""
         sync = self.current_sync()
         general = sync is not None or self.accumulation_steps > 1
         if general:
@@ -148,8 +173,6 @@ class GradNorm(Balancer):
             raise NonPositiveLossError(self.tasks[bad], float(stacked[bad]), "GradNorm")
         self.learnable.check_ready()
         self.learnable.to(stacked.device)
-        if self.learnable.mode == "external" and self.micro_step == 0:
-            self.renormalise()  # after the user's optimizer stepped the weights
         layer = self._layer(shared, features, last_shared)
         task_grads = []
         for task, item in zip(self.tasks, items):
@@ -164,6 +187,15 @@ class GradNorm(Balancer):
             ]
         else:
             norms = list(self._global_norms(task_grads, layer, features is not None, sync))
+        try:
+            self._check_norms(torch.stack(norms))
+        except _SkipStepError as err:
+            self._skip(err)
+            if general:
+                self._end_call(None, None, boundary, sync)
+            return None
+        if self.learnable.mode == "external" and self.micro_step == 0:
+            self.renormalise()  # after the user's optimizer stepped the weights
         if self.initial_losses is None:
             self.initial_losses = stacked.double().clone()
         used = self.weights.clone()
@@ -185,6 +217,26 @@ class GradNorm(Balancer):
         else:
             self.record_step(stacked, used)
         return self.last_weights
+
+    def _check_norms(self, norms: Tensor) -> None:
+        """Raise (or signal a skip) if a task's gradient norm on W is not finite.
+
+        A non-finite norm (an fp16 overflow under a GradScaler, a NaN in the model) would
+        make L_grad's gradient, hence the weights, NaN for the rest of the run.
+        """
+        finite = torch.isfinite(norms)
+        if bool(finite.all()):
+            return
+        bad = int((~finite).nonzero()[0])
+        task, value = self.tasks[bad], float(norms[bad])
+        if self.nonfinite == "skip_step":
+            raise _SkipStepError(task, value, what="gradient")
+        raise NonFiniteGradientError(
+            f"GradNorm: the gradient of task {task!r} on the layer W is not finite (norm "
+            f"{value}); no weight step was taken. Pass nonfinite='skip_step' to skip such "
+            "steps, or use taskbalance.integrations.amp_backward under a GradScaler",
+            task=task,
+        )
 
     @staticmethod
     def _global_norms(

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from taskbalance.aggregation.base import GradientBalancer
-from taskbalance.balancer import Balancer, Losses, Tasks
+from taskbalance.balancer import Balancer, Losses, Tasks, with_reference
+from taskbalance.gradients import autocast_disabled
 from taskbalance.learnable import OptimizerMode, OwnedParameters
 from taskbalance.registry import register
 
@@ -150,16 +151,21 @@ class IMTL(_Scales, GradientBalancer):
     def backward(
         self, losses: Losses, shared: Any = None, features: Any = None, **context: Any
     ) -> Tensor | None:
-        """The engine's step, then (variants ``l`` and ``hybrid``) one step of ``s``."""
+        """The engine's step, then (variants ``l`` and ``hybrid``) one step of ``s``.
+
+        Both run with autocast disabled for the losses' device type.
+        """
         if self.learnable is not None:
             self.learnable.check_ready()
         self._pending = None
-        weights = super().backward(losses, shared, features, **context)
-        if weights is not None and self._pending is not None:
-            s = self.log_scales
-            objective = (torch.exp(s) * self._pending.to(s) - s).sum()
-            scale = self.micro_scale()  # under accumulation: s steps once, on the mean
-            (objective if scale is None else objective * scale).backward()
+        losses, reference = with_reference(losses)
+        with autocast_disabled(reference):
+            weights = super().backward(losses, shared, features, **context)
+            if weights is not None and self._pending is not None:
+                s = self.log_scales
+                objective = (torch.exp(s) * self._pending.to(s) - s).sum()
+                scale = self.micro_scale()  # under accumulation: s steps once, on the mean
+                (objective if scale is None else objective * scale).backward()
         self._pending = None
         return weights
 

@@ -26,11 +26,16 @@ Choices, against the official code (AvivNavon/nash-mtl):
   ``min(1, max_norm / (||d|| + 1e-6))`` as ``clip_grad_norm_`` would (official: the shared
   parameters' gradient); ``max_norm=0`` disables it. The exact solution has ``||d|| = √K``.
   Under DDP's features mode ``||d||`` is the global direction's norm ``sqrt(αᵀGα)``, so
-  every rank scales alike.
+  every rank scales alike. The recorded weights (``history``, ``last_weights``, the value
+  ``backward`` returns) are those actually applied, ``c·α`` with the clip factor
+  ``c <= 1``, so that ``d = wᵀJ`` holds; :attr:`NashMTL.alpha` keeps the unclipped
+  solution (the warm start).
 * ``update_weights_every`` (official default 1) is not offered: reusing weights only pays
   off if the K task backward passes are skipped, which is a job for the engine.
 * Task-specific parameters follow the library rule (``task_specific="unweighted"``); the
-  official code gives them ``alpha_i``-weighted gradients (``task_specific="weighted"``).
+  official code gives them ``alpha_i``-weighted gradients (``task_specific="weighted"``,
+  which here uses the recorded weights ``c·α_i``, so that the whole update is the gradient
+  of ``Σ w_i L_i``; the official code clips the shared parameters only).
 
 No silent failure. A Nash solution exists iff no convex combination of the task gradients
 is zero (Gordan); at a Pareto-stationary point, with a zero task gradient or two opposite
@@ -182,10 +187,11 @@ class NashMTL(GradientBalancer):
         return 1.0
 
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """``(c·αᵀJ, c·α)``: the clipped direction and the weights actually applied."""
         direction, weights = super().aggregate(jacobian, losses)
         coef = self.direction_scale(float(direction.norm())) if self.max_norm > 0 else 1.0
         if coef < 1.0:
-            direction = direction * coef
+            direction, weights = direction * coef, weights * coef
         return direction, weights
 
     def method_state(self) -> dict[str, Any]:

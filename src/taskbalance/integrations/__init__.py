@@ -10,10 +10,9 @@
 Why a helper is needed (details in ``docs/lightning_amp.md``):
 
 * **Autocast.** PyTorch recommends leaving the autocast region before ``backward``. The
-  gradient methods' engine must run outside it as well: inside, its ``J @ Jᵀ`` and
-  ``wᵀ J`` products are autocast to bf16/fp16, and in exact mode the resulting low-precision
-  direction cannot even be assigned to the float32 ``.grad``. :func:`amp_backward` turns
-  autocast off around the balancer's step, whatever the caller did.
+  gradient methods' ``backward`` (and GradNorm's) turn autocast off for their own step,
+  so they may be called inside the region; :func:`amp_backward` does the same around
+  every method, whatever the caller did.
 * **GradScaler.** Loss-weighting methods must see the *true* losses (uncertainty weighting
   fed ``s·L_i`` learns ``log sigma² = log(s·L_i)``), so they get the plain losses and the
   scaler scales their combined loss, as in the standard AMP recipe. Gradient methods need
@@ -27,12 +26,12 @@ Why a helper is needed (details in ``docs/lightning_amp.md``):
   independent of the gradients' scale, ``||d||² = K``), so it is refused under a scaler
   (:data:`NOT_WITH_GRAD_SCALER`).
 * **Overflow.** With a scaler, an occasional inf/NaN gradient is expected: the scaler
-  must skip that step and lower the scale. The engine raises
-  :class:`~taskbalance.errors.SolverError` on a non-finite Gramian; :func:`amp_backward`
-  catches that one case, writes non-finite values into the shared gradients so that
-  ``scaler.step`` skips the step and ``scaler.update`` backs the scale off, and returns
-  ``None``. GradNorm raises nothing on a non-finite gradient: its learnable weights turn
-  NaN for good, so it is refused under a scaler too.
+  must skip that step and lower the scale. The engine (and GradNorm) raise
+  :class:`~taskbalance.errors.NonFiniteGradientError` on a non-finite task gradient,
+  before any state changes; :func:`amp_backward` catches exactly that class, writes NaN
+  into the shared gradients so that ``scaler.step`` skips the step and ``scaler.update``
+  backs the scale off, and returns ``None``. (With ``nonfinite="skip_step"`` GradNorm
+  skips such a step instead; under a scaler the gradients are then poisoned as well.)
 """
 
 from __future__ import annotations
@@ -43,9 +42,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Balancer, Losses
-from taskbalance.errors import BalancerUsageError, SolverError
-from taskbalance.gradients import ForkedFeatures, resolve_tensors
+from taskbalance.balancer import Balancer, Losses, with_reference
+from taskbalance.errors import BalancerUsageError, NonFiniteGradientError
+from taskbalance.gradients import (
+    ForkedFeatures,
+    autocast_disabled,
+    feature_leaves,
+    resolve_tensors,
+)
 
 __all__ = [
     "NOT_WITH_GRAD_SCALER",
@@ -65,10 +69,6 @@ NOT_WITH_GRAD_SCALER: dict[str, str] = {
     "nash_mtl": (
         "its update does not scale with the gradients (||d||² = K), so the scaler's unscale_ "
         "would divide it by the loss scale"
-    ),
-    "gradnorm": (
-        "a non-finite gradient (which a GradScaler produces on purpose when it overflows) "
-        "turns its learnable weights into NaN for the rest of the run"
     ),
 }
 
@@ -115,46 +115,55 @@ def uses_loss_path(balancer: Balancer) -> bool:
     return balancer.kind == "loss"
 
 
-def _first_tensor(losses: Losses) -> Tensor:
-    if isinstance(losses, Tensor):
-        return losses
-    values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
-    for value in values:
-        if isinstance(value, Tensor):
-            return value
-    raise TypeError("losses hold no tensor")
-
-
-def _is_nonfinite_gradient(err: SolverError) -> bool:
-    """The engine's error for a non-finite task gradient (an fp16 overflow under a scaler)."""
-    text = str(err)
-    return "is not finite" in text or "non-finite update" in text
+def _with_first_tensor(losses: Losses) -> tuple[Losses, Tensor]:
+    """``(losses, their first tensor)``; a one-shot iterator is made a list, not consumed."""
+    losses, reference = with_reference(losses)
+    if reference is None:
+        raise TypeError("losses hold no tensor")
+    return losses, reference
 
 
 def _poison(shared: Any, features: Any) -> None:
-    """Put non-finite values in the shared gradients so that ``scaler.step`` skips the step."""
+    """Put NaN in the shared gradients so that ``scaler.step`` skips the step.
+
+    Exact mode: the shared tensors' ``.grad``. Representation mode: the ``.grad`` of the
+    leaves the features depend on (the body's parameters), written directly — no backward
+    through the body, which after a DDP forward would run DDP's hooks for the body only and
+    make DDP fail at its next forward. An existing ``.grad`` is filled in place (a DDP
+    bucket view stays one).
+    """
     if shared is not None:
-        for tensor in resolve_tensors(shared):
+        targets = resolve_tensors(shared)
+    else:
+        if isinstance(features, ForkedFeatures):
+            features = features.source
+        targets = feature_leaves([features] if isinstance(features, Tensor) else list(features))
+    for tensor in targets:
+        if tensor.grad is None:
             tensor.grad = torch.full_like(tensor, float("nan"))
-        return
-    if isinstance(features, ForkedFeatures):
-        features = features.source
-    outputs = [features] if isinstance(features, Tensor) else list(features)
-    torch.autograd.backward(
-        outputs, grad_tensors=[torch.full_like(z, float("nan")) for z in outputs]
-    )
+        else:
+            tensor.grad.fill_(float("nan"))
 
 
 def _max_norm_clip(balancer: Balancer, shared: Any, scale: Tensor | float) -> None:
     """Repeat the gradient-norm clipping of a loss method's own ``backward`` (FAMO).
 
-    The gradients are scaled by ``scale`` at this point, so the threshold is too: clipping
-    ``s·g`` at ``s·max_norm`` is clipping ``g`` at ``max_norm``.
+    As in ``FAMO.backward``, only once the call closed the (accumulated) step: under
+    ``accumulation_steps > 1`` the norm that is clipped is that of the whole step's
+    gradient. The gradients are scaled by ``scale`` at this point, so the threshold is
+    too: clipping ``s·g`` at ``s·max_norm`` is clipping ``g`` at ``max_norm``.
     """
     max_norm = float(getattr(balancer, "max_norm", 0.0) or 0.0)
-    if max_norm > 0 and shared is not None:
+    if max_norm > 0 and shared is not None and balancer.micro_step == 0:
         factor = float(scale) if not isinstance(scale, Tensor) else float(scale.detach())
         torch.nn.utils.clip_grad_norm_(resolve_tensors(shared), max_norm * factor)
+
+
+def _current_scale(scaler: torch.amp.GradScaler | None, device: torch.device) -> Tensor | float:
+    """The scaler's current scale as a tensor (no host synchronisation), or 1."""
+    if scaler is None:
+        return 1.0
+    return scaler.scale(torch.ones((), device=device))
 
 
 def amp_backward(
@@ -196,28 +205,53 @@ def amp_backward(
         the step (``nonfinite="skip_step"``; ``balancer.last_step_skipped`` is set and
         ``.grad`` is untouched) or, with a scaler, the task gradients overflowed (the
         shared gradients are then made non-finite so that ``scaler.step`` skips the step
-        and ``scaler.update`` lowers the scale; ``last_step_skipped`` is false).
+        and ``scaler.update`` lowers the scale; ``last_step_skipped`` is false, except for
+        a GradNorm with ``nonfinite="skip_step"``, which counts the step as skipped and
+        whose ``last_skip_reason`` is then ``"gradient"``). Call ``scaler.step`` and
+        ``scaler.update`` as usual in every case.
 
     Raises:
         BalancerUsageError: a method of :data:`NOT_WITH_GRAD_SCALER` with a scaler.
+        NonFiniteGradientError: a non-finite task gradient without a scaler.
     """
+    weights, _ = _amp_backward(
+        balancer,
+        losses,
+        scaler=scaler,
+        shared=shared,
+        features=features,
+        loss_backward=loss_backward,
+        **context,
+    )
+    return weights
+
+
+def _amp_backward(
+    balancer: Balancer,
+    losses: Losses,
+    *,
+    scaler: torch.amp.GradScaler | None,
+    shared: Any,
+    features: Any,
+    loss_backward: Callable[[Tensor], None] | None,
+    **context: Any,
+) -> tuple[Tensor | None, bool]:
+    """:func:`amp_backward`, also saying whether the gradients were poisoned (an overflow
+    that the scaler must see at its next ``step``)."""
     active = scaler if scaler is not None and scaler.is_enabled() else None
-    reference = _first_tensor(losses)
+    losses, reference = _with_first_tensor(losses)
     if uses_loss_path(balancer):
         total = balancer(losses, **context)
         if balancer.last_step_skipped:
-            return None
+            return None, False
         if loss_backward is not None:
             loss_backward(total)
         elif active is not None:
             active.scale(total).backward()
         else:
             total.backward()
-        scale: Tensor | float = 1.0
-        if active is not None:
-            scale = active.scale(torch.ones((), device=reference.device))
-        _max_norm_clip(balancer, shared, scale)
-        return balancer.last_weights
+        _max_norm_clip(balancer, shared, _current_scale(active, reference.device))
+        return balancer.last_weights, False
 
     given = losses
     if active is not None:
@@ -228,12 +262,16 @@ def amp_backward(
                 f"{reason}. Train it in float32 or with bf16 autocast (no scaler); see "
                 "docs/lightning_amp.md"
             )
-        given = scale_gradients(losses, active.scale(torch.ones((), device=reference.device)))
-    with torch.autocast(device_type=reference.device.type, enabled=False):
+        given = scale_gradients(losses, _current_scale(active, reference.device))
+    with autocast_disabled(reference):
         try:
-            return balancer.backward(given, shared=shared, features=features, **context)
-        except SolverError as err:
-            if active is None or not _is_nonfinite_gradient(err):
+            weights = balancer.backward(given, shared=shared, features=features, **context)
+        except NonFiniteGradientError:
+            if active is None:
                 raise
             _poison(shared, features)
-            return None
+            return None, True
+    if weights is None and active is not None and balancer.last_skip_reason == "gradient":
+        _poison(shared, features)  # skipped by the balancer, but the scaler must back off
+        return None, True
+    return weights, False

@@ -50,6 +50,11 @@ What :class:`BalancerMixin` does:
   ``balancer_plateau_monitor`` from ``trainer.callback_metrics`` (Lightning drops the
   config's ``monitor`` in manual optimisation). Set ``balancer_step_schedulers = False``
   to do it yourself.
+* **Gradient accumulation.** With a balancer made with ``accumulation_steps=N``,
+  :meth:`BalancerMixin.balanced_step` zero-grads before the first of N batches and steps
+  the optimizers (and step-interval schedulers) after the N-th; the epoch's last batch
+  closes an incomplete step. ``Trainer(accumulate_grad_batches=N)`` does not work under
+  manual optimisation and is refused with a pointer to ``accumulation_steps``.
 * **Periods.** ``balancer.end_period()`` at every training-epoch end (DWA's period).
 * **Checkpoints.** ``balancer.state_dict()`` is stored in the Lightning checkpoint under
   ``checkpoint["taskbalance"]`` and restored on load, so a resumed fit continues exactly.
@@ -84,9 +89,14 @@ except ImportError:  # pragma: no cover - depends on the environment
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Balancer, Losses
+from taskbalance.balancer import Balancer, Losses, with_reference
 from taskbalance.errors import BalancerUsageError
-from taskbalance.integrations import amp_backward
+from taskbalance.integrations import (
+    _amp_backward,
+    _current_scale,
+    _max_norm_clip,
+    uses_loss_path,
+)
 
 __all__ = ["CHECKPOINT_KEY", "BalancerMixin", "LightningModule"]
 
@@ -125,7 +135,8 @@ class BalancerMixin:
         self.automatic_optimization = False
         self._tb_epoch: int | None = None  # epoch of the last balanced step
         self._tb_closed: int | None = None  # last epoch closed by on_train_epoch_end
-        self._tb_batches = 0  # balanced steps so far in the current epoch
+        self._tb_batches = 0  # optimizer steps so far in the current epoch
+        self._tb_contributed = False  # a micro-batch of the open step wrote gradients
 
     # ------------------------------------------------------------------ access
     @property
@@ -175,16 +186,24 @@ class BalancerMixin:
     ) -> Tensor | None:
         """Backpropagate the balanced losses (no optimizer step); return the task weights.
 
-        For loops that step the optimizers themselves (e.g. gradient accumulation over
-        micro-batches). Loss-weighting methods go through ``self.manual_backward``;
-        gradient methods through ``balancer.backward`` (outside autocast, with the
-        GradScaler's scale in their gradients). ``None``: no weights this step — either
-        the balancer skipped it (``balancer.last_step_skipped``; nothing was written to
-        ``.grad``, do not step) or, under fp16 AMP, the gradients overflowed (the shared
-        gradients were made non-finite: step as usual and the scaler skips the step and
-        lowers its scale).
+        For loops that step the optimizers themselves. Loss-weighting methods go through
+        ``self.manual_backward``; gradient methods through ``balancer.backward`` (outside
+        autocast, with the GradScaler's scale in their gradients). ``None``: no weights
+        this step — either the balancer skipped it (``balancer.last_step_skipped``;
+        nothing was written to ``.grad``, do not step) or, under fp16 AMP, the gradients
+        overflowed (the shared gradients were made non-finite: step as usual and the
+        scaler skips the step and lowers its scale). For gradient accumulation prefer the
+        balancer's ``accumulation_steps`` with :meth:`balanced_step`.
         """
-        return amp_backward(
+        weights, _ = self._tb_backward(losses, shared, features, context)
+        return weights
+
+    def _tb_backward(
+        self, losses: Losses, shared: Any, features: Any, context: dict[str, Any]
+    ) -> tuple[Tensor | None, bool]:
+        """``(weights, poisoned)``: :meth:`balanced_backward` and whether the gradients were
+        made non-finite for the scaler (an overflow: the optimizer step must still run)."""
+        return _amp_backward(
             self.task_balancer,
             losses,
             scaler=self._tb_scaler(),
@@ -198,6 +217,13 @@ class BalancerMixin:
         self, losses: Losses, *, shared: Any = None, features: Any = None, **context: Any
     ) -> Tensor | None:
         """One training step: zero_grad, balanced backward, optimizer and scheduler steps, logs.
+
+        With a balancer made with ``accumulation_steps=N``, N consecutive calls form one
+        optimizer step: ``zero_grad`` before the first, the optimizer and step-interval
+        scheduler steps after the N-th (each micro-batch contributes 1/N of its gradient);
+        the epoch's last batch closes an incomplete step (``balancer.flush()``), as
+        Lightning's own accumulation does. ``Trainer(accumulate_grad_batches=...)`` is
+        refused (Lightning does not accumulate under manual optimisation).
 
         Args:
             losses: the task losses by name (dict) or in task order (list), each a scalar
@@ -217,16 +243,26 @@ class BalancerMixin:
         self._tb_begin_step()
         balancer = self.task_balancer
         optimizers = self._tb_optimizers()
-        for optimizer in optimizers:
-            optimizer.zero_grad()
-        weights = self.balanced_backward(losses, shared=shared, features=features, **context)
-        if weights is None and balancer.last_step_skipped:
-            return None
-        for optimizer in optimizers:
-            optimizer.step()
-        self._tb_batches += 1
-        if self.balancer_step_schedulers:
-            self._tb_step_schedulers("step")
+        if balancer.micro_step == 0:  # a new (accumulated) step; every call without one
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            self._tb_contributed = False
+        weights, poisoned = self._tb_backward(losses, shared, features, context)
+        # a skipped call writes nothing; an overflow's poisoned gradients must reach the scaler
+        self._tb_contributed = self._tb_contributed or weights is not None or poisoned
+        if balancer.micro_step != 0 and self.trainer.is_last_batch:
+            balancer.flush()  # the epoch's last, incomplete accumulated step
+            if uses_loss_path(balancer):  # FAMO's clipping of the step's gradient
+                _, reference = with_reference(losses)
+                device = reference.device if reference is not None else torch.device("cpu")
+                _max_norm_clip(balancer, shared, _current_scale(self._tb_scaler(), device))
+        if balancer.micro_step == 0 and self._tb_contributed:
+            for optimizer in optimizers:
+                optimizer.step()
+            self._tb_contributed = False
+            self._tb_batches += 1
+            if self.balancer_step_schedulers:
+                self._tb_step_schedulers("step")
         if weights is None:
             return None
         return self._tb_log(balancer, losses, weights)
@@ -281,10 +317,40 @@ class BalancerMixin:
         return metric
 
     # ------------------------------------------------------------------ hooks
+    def configure_callbacks(self) -> Any:
+        """Refuse ``Trainer(accumulate_grad_batches=N)`` with N > 1 when fitting.
+
+        Lightning does not accumulate under manual optimisation (it would raise an error
+        that suggests switching to automatic optimisation, which a balancer cannot use);
+        this is the first module hook of a fit, so the error says what to do instead.
+        """
+        trainer = getattr(self, "_trainer", None)  # None: not attached (called by hand)
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        if accumulate != 1 and getattr(getattr(trainer, "state", None), "fn", None) == "fit":
+            raise BalancerUsageError(
+                f"Trainer(accumulate_grad_batches={accumulate}) does not apply to a "
+                f"BalancerMixin module (manual optimisation). Remove it and construct the "
+                f"balancer with accumulation_steps={accumulate} instead (e.g. tb.make(..., "
+                f"accumulation_steps={accumulate})): balanced_step then steps the optimizers "
+                f"once every {accumulate} batches, each contributing 1/{accumulate} of its "
+                "gradient, and the balancer's state advances once per optimizer step "
+                "(docs/lightning_amp.md)"
+            )
+        return super().configure_callbacks()
+
     def on_train_epoch_end(self) -> None:
         """Close the balancer's period (DWA) and step epoch-interval schedulers."""
         super().on_train_epoch_end()
-        self.task_balancer.end_period()
+        balancer = self.task_balancer
+        if balancer.micro_step != 0:  # the last batch was not known as such (rare)
+            warnings.warn(
+                f"the epoch ended inside an accumulated step ({balancer.micro_step} of "
+                f"{balancer.accumulation_steps} micro-batches); it is closed without an "
+                "optimizer step and its gradients are dropped",
+                stacklevel=2,
+            )
+            balancer.flush()
+        balancer.end_period()
         self._tb_closed = self.trainer.current_epoch
         if self.balancer_step_schedulers:
             self._tb_step_schedulers("epoch")
