@@ -177,6 +177,7 @@ BUILTIN_PROBLEM_MODULES = (
     "taskbalance.problems.pareto_toy",
     "taskbalance.problems.multidigits",
     "taskbalance.problems.penguins",
+    "taskbalance.problems.mmoe_pair",
 )
 
 
