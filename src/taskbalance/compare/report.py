@@ -96,7 +96,8 @@ def markdown_table(comparison: Comparison, rows: list[Row]) -> str:
         if row.delta_m is None:
             cells.append("—")
         else:
-            cells.append(f"{row.delta_m:+.2f} ± {row.delta_m_std:.2f}")
+            shown = 0.0 if abs(row.delta_m) < 5e-3 else row.delta_m  # no "-0.00"
+            cells.append(f"{shown:+.2f} ± {row.delta_m_std:.2f}")
         cells.append(_fmt(row.mean_rank))
         cells.append(_fmt(row.time_ratio))
         cells.append(
