@@ -16,6 +16,11 @@ Sections (``--section``):
 * ``solver``: time of the weight computation alone at K = 2, 10, 40.
 
 Usage: ``python benchmarks/speed.py [--section all] [--rounds 7] [--steps 10] [--tasks 10]``
+
+``--threads 1 --cpu-time`` times each step by the CPU time of the calling thread instead of
+the wall clock: with one torch thread every kernel runs on it, so time lost while other
+processes hold the cores is not counted (a shared machine's load still slows memory-bound
+work, but far less than it stretches the wall clock).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import taskbalance as tb
 from taskbalance.aggregation import GradientBalancer
 
 BATCH, IN_DIM, HIDDEN = 256, 256, 512
+#: the clock of :func:`timed` (``--cpu-time``: the calling thread's CPU time).
+CLOCK: Callable[[], float] = time.perf_counter
 
 #: constructor arguments a method needs beyond ``tasks``.
 EXTRA_ARGS: dict[str, Callable[[int], dict]] = {
@@ -180,27 +187,41 @@ class UniformGradient(GradientBalancer):
         return torch.full((k,), 1.0 / k, dtype=gramian.dtype)
 
 
-def timed(configs: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, float]:
-    """Median seconds per step of each config, interleaved over ``rounds``."""
+def timed(
+    configs: dict[str, Callable[[], None]], rounds: int, steps: int
+) -> dict[str, list[float]]:
+    """Seconds per step of each config, one sample per round, interleaved over ``rounds``."""
     samples: dict[str, list[float]] = {name: [] for name in configs}
     for fn in configs.values():  # warm-up
         for _ in range(3):
             fn()
     for _ in range(rounds):
         for name, fn in configs.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             for _ in range(steps):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / steps)
-    return {name: statistics.median(v) for name, v in samples.items()}
+            samples[name].append((CLOCK() - t0) / steps)
+    return samples
 
 
-def print_table(title: str, times: dict[str, float], base: str) -> None:
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def print_table(title: str, samples: dict[str, list[float]], base: str) -> None:
+    """Median ms per step, the ratio of the medians, and the quartiles of the per-round
+    ratios (each round's time over the baseline's in the same round: the spread)."""
     print(f"\n## {title} (baseline: {base})\n")
-    print("| configuration | ms / step | ratio |")
-    print("|---|---:|---:|")
-    for name, t in times.items():
-        print(f"| {name} | {t * 1e3:.2f} | {t / times[base]:.3f} |")
+    print("| configuration | ms / step | ratio | per-round ratio, quartiles |")
+    print("|---|---:|---:|---:|")
+    ref = median(samples[base])
+    for name, values in samples.items():
+        per_round = sorted(v / b for v, b in zip(values, samples[base]))
+        low, high = per_round[len(per_round) // 4], per_round[(3 * len(per_round)) // 4]
+        print(
+            f"| {name} | {median(values) * 1e3:.2f} | {median(values) / ref:.3f} "
+            f"| {low:.3f}–{high:.3f} |"
+        )
 
 
 def methods_of(kind: str) -> list[str]:
@@ -273,10 +294,8 @@ def section_exact(k: int, rounds: int, steps: int) -> None:
             configs[name] = step_balancer(s, name, "exact")
     times = timed(configs, rounds, steps)
     print_table(f"exact mode, K={k}", times, "loop (LibMTL)")
-    print(
-        f"\nequal weighting: {times['equal'] * 1e3:.2f} ms/step; "
-        f"loop / equal = {times['loop (LibMTL)'] / times['equal']:.2f}x"
-    )
+    equal, loop = median(times["equal"]), median(times["loop (LibMTL)"])
+    print(f"\nequal weighting: {equal * 1e3:.2f} ms/step; loop / equal = {loop / equal:.2f}x")
 
 
 def section_memory(k: int) -> None:
@@ -381,16 +400,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="time steps by CPU time (use with --threads 1)"
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.thread_time
     if args.memory_child:
         memory_child(args.memory_child, args.tasks)
         return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"batch {BATCH}, MLP {IN_DIM}->{HIDDEN}x3, K={args.tasks}"
+        f"batch {BATCH}, MLP {IN_DIM}->{HIDDEN}x3, K={args.tasks}, "
+        f"clock: {'thread CPU time' if args.cpu_time else 'wall'}"
     )
     sections = ["loss", "features", "exact", "memory", "solver"]
     run = sections if args.section == "all" else [args.section]

@@ -212,6 +212,81 @@ def test_float32_jacobian_and_direction_are_not_copied() -> None:
     assert sum(g.numel() for g in grads) == grads[0].untyped_storage().nbytes() // 4
 
 
+# ---------------------------------------------------------------------- fast paths
+@pytest.mark.parametrize(
+    "shape", [(1, 3), (3, 100), (4, 2 * 4096), (10, 3 * 4096), (5, 5 * 4096 + 17), (2, 70001)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_gramian_equals_j_jt(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """The Gramian is summed over column blocks (with a remainder block); it is J Jᵀ."""
+    from taskbalance.gradients import gramian
+
+    jac = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    expected = jac.double() @ jac.double().T
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    atol = rtol * shape[1]  # entries that cancel are compared with the diagonal's scale
+    torch.testing.assert_close(gramian(jac).double(), expected, rtol=rtol, atol=atol)
+    wide = jac.T.contiguous().T  # column-major: not a strided view the blocks can use
+    torch.testing.assert_close(gramian(wide).double(), expected, rtol=rtol, atol=atol)
+
+
+def test_shared_parameter_unused_by_a_task_gives_a_zero_block() -> None:
+    """A shared tensor that a task does not reach has a zero block in that task's row."""
+    body, heads, x = make_model()
+    extra = nn.Parameter(torch.full((4,), 0.5))
+    z = body(x)
+    losses = [heads[0](z).sum(), heads[1](z).sum() + extra.pow(2).sum(), heads[2](z).sum()]
+    seen = {}
+
+    class Spy(Fixed):
+        def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+            seen["jacobian"] = jacobian.clone()
+            return super().aggregate(jacobian, losses)
+
+    Spy([1.0, 2.0, 3.0]).backward(losses, shared=[*body.parameters(), extra])
+    jac = seen["jacobian"]
+    assert torch.equal(jac[0, -4:], torch.zeros(4)) and torch.equal(jac[2, -4:], torch.zeros(4))
+    torch.testing.assert_close(jac[1, -4:], torch.ones(4))
+    torch.testing.assert_close(extra.grad, torch.full((4,), 2.0))
+
+
+class _BigHead(nn.Module):
+    """A head whose two large parameters get one gradient tensor from autograd (an add),
+    and whose other two get views of one buffer (a concatenation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        n = 1 << 15
+        self.a, self.b = nn.Parameter(torch.ones(n)), nn.Parameter(torch.ones(n))
+        self.c, self.d = nn.Parameter(torch.ones(n)), nn.Parameter(torch.ones(n))
+        self.scale = torch.linspace(0.0, 1.0, n)
+
+    def forward(self, z: Tensor) -> Tensor:
+        shared = ((self.a + self.b) * self.scale).sum()
+        joined = (torch.cat([self.c, self.d]) * torch.cat([self.scale, 2 * self.scale])).sum()
+        return z.sum() * 1e-3 + shared + joined
+
+
+@pytest.mark.parametrize("mode", ["exact", "forked"])
+def test_large_task_specific_gradients_never_share_storage(mode: str) -> None:
+    """Large task-specific gradients become ``.grad`` without a copy only when nothing else
+    holds their storage: two parameters never end up with one buffer as their ``.grad``."""
+    body, _, x = make_model()
+    heads = [_BigHead(), _BigHead()]
+    z = body(x)
+    inputs = tb.fork(z, 2) if mode == "forked" else [z, z]
+    losses = [h(zi) for h, zi in zip(heads, inputs)]
+    Fixed([1.0, 1.0]).backward(losses, shared=body, features=inputs if mode == "forked" else None)
+    grads = [p.grad for h in heads for p in (h.a, h.b, h.c, h.d)]
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == len(grads)
+    scale = heads[0].scale
+    for h in heads:
+        for p, expected in ((h.a, scale), (h.b, scale), (h.c, scale), (h.d, 2 * scale)):
+            torch.testing.assert_close(p.grad, expected)
+    heads[0].a.grad.zero_()  # in-place on one .grad leaves the others alone
+    torch.testing.assert_close(heads[0].b.grad, scale)
+
+
 # ---------------------------------------------------------------------- a raised step
 def _poisoned_pcgrad(monkeypatch: pytest.MonkeyPatch) -> None:
     """PCGrad's coefficients become NaN *after* its visiting orders were drawn."""
