@@ -29,6 +29,9 @@ import ddp_worker as worker
 import pytest
 import torch
 
+# one worker runs the module fixture once (pytest-xdist --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ddp_torchrun")
+
 dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)

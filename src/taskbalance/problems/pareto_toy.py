@@ -34,6 +34,7 @@ stop with :class:`~taskbalance.errors.NonPositiveLossError`; DTP has no KPI here
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -161,6 +162,7 @@ def on_front(theta: Tensor, tol: float = FRONT_TOL) -> Tensor:
     return front_distance(theta) <= tol
 
 
+@functools.cache
 def min_loss() -> float:
     """``min_θ L_i`` (unscaled, the same for both tasks): L1 at ``(7, y*(7))``, −19.9894."""
     corner = torch.stack([torch.tensor(7.0, dtype=torch.float64), pareto_theta2(7.0)])
@@ -252,12 +254,21 @@ class ParetoToy(ComparisonProblem):
             z = theta * 1.0 if features_only else theta
             losses = _ToyLosses.apply(z, scale).unbind()
             theta.grad = None
-            balanced_backward(balancer, losses, [theta], features=z if features_only else None)
+            feats = z if features_only else None
+            balanced_backward(balancer, losses, [theta], feats, kpi=lambda ls=losses: self._kpi(ls))
             adam.step()
             after_step(balancer, lambda: list(_ToyLosses.apply(theta, scale).unbind()))
             balancer.end_period()
         trajectory[steps] = theta.detach()
         return trajectory
+
+    def _kpi(self, losses: tuple[Tensor, ...]) -> dict[str, float]:
+        """DTP's KPIs: ``exp(−(L_i − min L_i))`` (1 at the task's optimum), clamped at 1e-3."""
+        floor = min_loss()
+        return {
+            task: min(max(math.exp(-(float(loss.detach()) - s * floor)), 1e-3), 1.0)
+            for task, loss, s in zip(TASKS, losses, self.setup.scale)
+        }
 
     def run(
         self, make_balancer: BalancerFactory, *, seed: int, epochs: int, progress: bool = False

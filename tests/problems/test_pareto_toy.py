@@ -1,0 +1,270 @@
+"""The two-objective toy of CAGrad / Nash-MTL (taskbalance.problems.pareto_toy)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import taskbalance as tb
+from taskbalance.compare.problem import list_problems, make_problem
+from taskbalance.problems.pareto_toy import (
+    FRONT_TOL,
+    PARETO_THETA2,
+    CAGradToy,
+    NashMTLToy,
+    _Adam,
+    _losses_and_jacobian,
+    balanced_distance,
+    front_distance,
+    min_loss,
+    on_front,
+    pareto_theta2,
+    toy_losses,
+)
+
+# one worker runs the module fixture once (pytest-xdist --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("pareto_toy_small_runs")
+
+F64 = torch.float64
+
+
+def _at(x1: float, x2: float, scale: tuple[float, float] = (1.0, 1.0)) -> list[float]:
+    return toy_losses(torch.tensor([x1, x2], dtype=F64), scale).tolist()
+
+
+def _grads(x1: float, x2: float, scale=(1.0, 1.0)) -> torch.Tensor:
+    """Rows: dL1/dθ, dL2/dθ by autograd through toy_losses."""
+    theta = torch.tensor([x1, x2], dtype=F64, requires_grad=True)
+    losses = toy_losses(theta, scale)
+    rows = [torch.autograd.grad(losses[i], theta, retain_graph=True)[0] for i in range(2)]
+    return torch.stack(rows)
+
+
+def _min_norm(g: torch.Tensor) -> float:
+    """min over λ in [0, 1] of ||λ g1 + (1 − λ) g2|| (closed form for two vectors)."""
+    diff = g[0] - g[1]
+    lam = 0.0 if float(diff @ diff) == 0 else float(-(g[1] @ diff) / (diff @ diff))
+    lam = min(max(lam, 0.0), 1.0)
+    return float((lam * g[0] + (1 - lam) * g[1]).norm())
+
+
+# ---------------------------------------------------------------- the function
+def test_values_by_hand_upper_half() -> None:
+    # θ = (1, 2): c1 = tanh(1), c2 = 0
+    f1 = math.log(abs(0.5 * (-1 - 7) - math.tanh(-2))) + 6
+    f2 = math.log(abs(0.5 * (-1 + 3) + math.tanh(-2) + 2)) + 6
+    assert _at(1.0, 2.0) == pytest.approx([math.tanh(1) * f1, math.tanh(1) * f2], rel=1e-12)
+
+
+def test_values_by_hand_lower_half() -> None:
+    # θ = (3, −4): c1 = 0, c2 = tanh(2); g1 = (16 + 1.6)/10 − 20, g2 = (100 + 1.6)/10 − 20
+    c2 = math.tanh(2)
+    assert _at(3.0, -4.0) == pytest.approx([c2 * -18.24, c2 * -9.84], rel=1e-12)
+    assert _at(3.0, -4.0, (0.1, 1.0)) == pytest.approx([0.1 * c2 * -18.24, c2 * -9.84])
+
+
+def test_origin_and_clamped_logarithm() -> None:
+    assert _at(0.0, 0.0) == [0.0, 0.0]  # c1 = c2 = 0
+    # |0.5(−θ1 − 7) − tanh(−θ2)| = 0 at θ1 = −7 + 2 tanh(2), θ2 = 2: log is clamped at 5e−6
+    x1 = -7 + 2 * math.tanh(2)
+    expected = math.tanh(1) * (math.log(5e-6) + 6)
+    assert _at(x1, 2.0)[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_batched_shapes_match_pointwise() -> None:
+    grid = torch.linspace(-10, 10, 20, dtype=F64).reshape(4, 5)
+    theta = torch.stack([grid, grid.flip(0)], dim=-1)
+    out = toy_losses(theta)
+    assert out.shape == (4, 5, 2)
+    assert out[2, 3].tolist() == pytest.approx(_at(*theta[2, 3].tolist()), rel=1e-12)
+
+
+def test_hand_derived_jacobian_matches_autograd() -> None:
+    gen = torch.Generator().manual_seed(0)
+    points = torch.rand(100, 2, generator=gen, dtype=F64) * 22 - 11
+    for scale in ((1.0, 1.0), (0.1, 1.0)):
+        for x in points:
+            losses, jac = _losses_and_jacobian(x, scale)
+            assert losses.tolist() == pytest.approx(toy_losses(x, scale).tolist(), rel=1e-12)
+            torch.testing.assert_close(jac, _grads(*x.tolist(), scale), rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- Pareto set
+@pytest.mark.parametrize("t", [-7.0, -5.0, -2.5, 0.0, 1.0, 4.0, 7.0])
+def test_pareto_set_is_stationary_with_the_derived_weights(t: float) -> None:
+    # on the set, λ ∇L1 + (1 − λ) ∇L2 = 0 with λ = (θ1 + 7)/14
+    y = float(pareto_theta2(torch.tensor(t)))
+    g = _grads(t, y)
+    lam = (t + 7) / 14
+    assert float((lam * g[0] + (1 - lam) * g[1]).norm()) < 1e-9
+    # scaling L1 by 0.1 keeps the set; the weights become λ/0.1 and 1 − λ
+    gs = _grads(t, y, (0.1, 1.0))
+    assert float((lam / 0.1 * gs[0] + (1 - lam) * gs[1]).norm()) < 1e-9
+    # the papers' horizontal line θ2 = −8.3552 is stationary to within 1 % of the gradients
+    line = _grads(t, PARETO_THETA2)
+    assert _min_norm(line) < 0.01 * float(line.norm(dim=1).max())
+
+
+def test_outside_the_set_no_convex_combination_vanishes() -> None:
+    assert _min_norm(_grads(8.0, -8.4)) > 0.1  # both gradients push θ1 down
+    assert _min_norm(_grads(0.0, -6.0)) > 0.01  # both want θ2 lower
+
+
+def test_pareto_curve_values() -> None:
+    assert float(pareto_theta2(torch.tensor(0.0))) == pytest.approx(PARETO_THETA2, abs=2e-4)
+    ends = pareto_theta2(torch.tensor([-7.0, 7.0, 9.0]))
+    assert ends.tolist() == pytest.approx([-8.4345] * 3, abs=1e-4)  # clamped beyond ±7
+
+
+def test_balanced_optimum_and_minimum() -> None:
+    c2 = math.tanh(8.3552 / 2)
+    by_hand = c2 * ((49 + 0.1 * 0.3552**2) / 10 - 20)
+    assert by_hand == pytest.approx(-15.09, abs=0.01)
+    assert _at(0.0, PARETO_THETA2) == pytest.approx([by_hand, by_hand], rel=1e-9)
+    # Nash-MTL's set-up scales L1 by 0.1: the balanced point's losses become (−1.509, −15.09)
+    assert _at(0.0, PARETO_THETA2, (0.1, 1.0)) == pytest.approx([0.1 * by_hand, by_hand])
+    # each task's own minimum is at the end of the set: (7, y*) for L1, (−7, y*) for L2
+    y7 = float(pareto_theta2(torch.tensor(7.0)))
+    assert min_loss() == pytest.approx(_at(7.0, y7)[0]) == pytest.approx(_at(-7.0, y7)[1])
+    assert min_loss() == pytest.approx(-19.99, abs=0.01)
+    axis = torch.linspace(-12, 12, 241, dtype=F64)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1)
+    assert float(toy_losses(grid).min()) >= min_loss() - 1e-9
+
+
+def test_front_helpers() -> None:
+    y0 = float(pareto_theta2(torch.tensor(0.0)))
+    assert float(front_distance(torch.tensor([0.0, y0], dtype=F64))) == pytest.approx(0, abs=1e-12)
+    assert float(front_distance(torch.tensor([8.0, -8.4345]))) == pytest.approx(1.0, abs=1e-4)
+    assert bool(on_front(torch.tensor([3.0, -8.3552])))
+    assert not bool(on_front(torch.tensor([0.0, y0 + 2 * FRONT_TOL])))
+    assert on_front(torch.tensor([[0.0, 0.0], [-6.0, -8.41]])).tolist() == [False, True]
+    assert float(balanced_distance(torch.tensor([3.0, y0 + 4.0]))) == pytest.approx(5.0)
+
+
+def test_gradient_descent_on_the_sum_reaches_the_balanced_optimum() -> None:
+    # below θ2 = 0, L1 + L2 is even in θ1, so its minimiser is the balanced optimum
+    theta = torch.tensor([-8.5, -5.0], dtype=F64, requires_grad=True)
+    for _ in range(1500):
+        (grad,) = torch.autograd.grad(toy_losses(theta).sum(), theta)
+        with torch.no_grad():
+            theta -= 0.2 * grad
+    y0 = float(pareto_theta2(torch.tensor(0.0)))
+    assert theta.tolist() == pytest.approx([0.0, y0], abs=1e-4)
+
+
+def test_adam_matches_torch_adam_exactly() -> None:
+    gen = torch.Generator().manual_seed(1)
+    ours = torch.nn.Parameter(torch.tensor([-8.5, 7.5]))
+    ref = torch.nn.Parameter(torch.tensor([-8.5, 7.5]))
+    adam, opt = _Adam(ours, 1e-3), torch.optim.Adam([ref], lr=1e-3)
+    for _ in range(150):
+        g = torch.randn(2, generator=gen) * 10
+        ours.grad, ref.grad = g.clone(), g.clone()
+        adam.step()
+        opt.step()
+    assert torch.equal(ours.detach(), ref.detach())
+
+
+# ---------------------------------------------------------------- the problems
+def test_registered_with_published_settings() -> None:
+    assert {"toy_cagrad", "toy_nashmtl"} <= set(list_problems())
+    full, small = make_problem("toy_cagrad"), make_problem("toy_cagrad", size="small")
+    assert full.default_epochs == 100_000 and small.default_epochs < 1000
+    assert make_problem("toy_nashmtl").default_epochs == 35_000
+    assert CAGradToy.setup.starts == ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
+    assert len(NashMTLToy.setup.starts) == 5 and NashMTLToy.setup.scale == (0.1, 1.0)
+    assert full.method_options("cagrad")["c"] == 0.5
+    assert make_problem("toy_nashmtl").method_options("cagrad")["c"] == 0.4
+    assert make_problem("toy_nashmtl").method_options("famo")["gamma"] == 0.0
+    assert full.method_options("mgda") == {}
+    for problem in (full, make_problem("toy_nashmtl")):
+        for method, options in problem.setup.options.items():
+            tb.make(method, problem.tasks, **options)  # the options are valid arguments
+
+
+@pytest.fixture(scope="module")
+def small_runs() -> dict[str, list]:
+    torch.set_num_threads(1)
+    problem = CAGradToy(size="small")
+    out = {}
+    for method in ("equal", "mgda"):
+        calls = []
+
+        def factory(method=method, calls=calls):
+            calls.append(1)
+            return tb.make(method, problem.tasks, **problem.method_options(method))
+
+        out[method] = [problem.run(factory, seed=0, epochs=problem.default_epochs)]
+        assert len(calls) == 3  # a fresh balancer per start
+    return out
+
+
+def test_small_run_reports_everything(small_runs) -> None:
+    problem = CAGradToy(size="small")
+    steps = problem.default_epochs
+    for result in (r[0] for r in small_runs.values()):
+        assert set(result.metrics) == {m.name for m in problem.metrics}
+        assert all(math.isfinite(v) for v in result.metrics.values())
+        assert 0 <= result.metrics["front_reached"] <= 3
+        assert result.steps == steps and result.step_time > 0
+        assert set(result.histories) == {"start1", "start2", "start3"}
+        for history in result.histories.values():
+            assert history.steps[0] == 0 and history.steps[-1] == steps - 1
+        assert all(len(v) == 100 for v in result.epoch_losses.values())
+        json.dumps(result.extras)
+        starts = result.extras["starts"]
+        assert [s["start"] for s in starts.values()] == [list(s) for s in problem.setup.starts]
+        for s in starts.values():
+            assert s["trajectory"][0] == s["start"]
+            assert s["trajectory"][-1] == s["theta"]
+            assert s["losses"] == pytest.approx(_at(*s["theta"]))
+        mean_l1 = sum(s["losses"][0] for s in starts.values()) / 3
+        assert result.metrics["L1_final"] == pytest.approx(mean_l1)
+        assert result.metrics["L1_gap"] == pytest.approx(mean_l1 - min_loss())
+
+
+def test_equal_weighting_run_is_adam_on_the_sum(small_runs) -> None:
+    # reference: torch's Adam on L1 + L2 through autograd, from each start
+    result = small_runs["equal"][0]
+    for s in result.extras["starts"].values():
+        theta = torch.nn.Parameter(torch.tensor(s["start"]))
+        opt = torch.optim.Adam([theta], lr=1e-3)
+        for _ in range(result.steps):
+            opt.zero_grad()
+            toy_losses(theta).sum().backward()
+            opt.step()
+        assert s["theta"] == pytest.approx(theta.tolist(), abs=1e-4)
+
+
+def test_dtp_kpi_is_exp_of_minus_the_gap() -> None:
+    problem = NashMTLToy(size="small")
+    y7 = float(pareto_theta2(torch.tensor(7.0)))
+    at_min = toy_losses(torch.tensor([7.0, y7], dtype=F64), (0.1, 1.0))
+    kpi = problem._kpi((at_min[0], torch.tensor(-19.0, dtype=F64)))
+    assert kpi["L1"] == pytest.approx(1.0)  # task 1 at its own optimum (scaled by 0.1)
+    assert kpi["L2"] == pytest.approx(math.exp(-(-19.0 + 19.98943)), rel=1e-5)
+    assert problem._kpi((torch.tensor(0.0), torch.tensor(0.0)))["L2"] == 1e-3  # clamped
+
+
+def test_features_only_method_famo_and_dtp_run() -> None:
+    problem = NashMTLToy(size="small")
+    for method in ("mgda_ub", "famo", "dtp"):
+        options = problem.method_options(method)
+        result = problem.run(lambda m=method, o=options: tb.make(m, problem.tasks, **o), seed=0,
+                             epochs=20)  # fmt: skip
+        assert result.steps == 20 and all(math.isfinite(v) for v in result.metrics.values())
+        assert len(result.extras["starts"]) == 5
+
+
+def test_plot_comparison_writes_pngs(small_runs, tmp_path) -> None:
+    problem = CAGradToy(size="small")
+    paths = problem.plot_comparison(small_runs, tmp_path)
+    assert len(paths) == 2
+    for path in paths:
+        assert path.parent == tmp_path and path.suffix == ".png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert problem.plot_comparison({}, tmp_path / "none") == []
