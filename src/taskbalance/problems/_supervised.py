@@ -184,21 +184,34 @@ class SupervisedProblem(ComparisonProblem):
     #: the optimiser: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
     optimizer: ClassVar[Literal["adam", "sgd"]] = "adam"
 
-    def __init__(self, size: Size = "full") -> None:
+    #: per size: ``epochs``, ``batch_size`` and the problem's own sizes (e.g. ``n_train``).
+    SIZES: ClassVar[dict[str, dict[str, int]]] = {}
+    #: learning rate of the model's optimiser.
+    LR: ClassVar[float] = 1e-3
+
+    def __init__(self, size: Size = "full", data_seed: int = 0) -> None:
         super().__init__(size)
+        if data_seed < 0:
+            raise ValueError(f"data_seed must be non-negative, got {data_seed}")
+        self.data_seed = int(data_seed)
+        self.settings = dict(self.SIZES[size])
         self._data: SupervisedData | None = None
 
-    # ------------------------------------------------------------------ to implement
     @property
-    @abstractmethod
     def batch_size(self) -> int:
-        """Mini-batch size."""
+        """Mini-batch size (``SIZES[size]["batch_size"]``)."""
+        return self.settings["batch_size"]
 
     @property
-    @abstractmethod
     def lr(self) -> float:
-        """Learning rate of the model's optimiser."""
+        """Learning rate of the model's optimiser (:attr:`LR`)."""
+        return self.LR
 
+    @property
+    def default_epochs(self) -> int:
+        return self.settings["epochs"]
+
+    # ------------------------------------------------------------------ to implement
     @property
     def threads(self) -> int | None:
         """torch intra-op threads during a run (``None``: leave the setting alone).
@@ -248,11 +261,14 @@ class SupervisedProblem(ComparisonProblem):
         return self._data
 
     def config(self) -> dict[str, Any]:
+        sizes = {k: v for k, v in self.settings.items() if k != "epochs"}  # the runner's
         return {
             **super().config(),
             "batch_size": self.batch_size,
             "lr": self.lr,
             "optimizer": self.optimizer,
+            **sizes,
+            "data_seed": self.data_seed,
         }
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

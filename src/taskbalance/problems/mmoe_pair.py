@@ -37,29 +37,16 @@ class MMoEPair(SupervisedProblem):
         "on the paper's shared-bottom model"
     )
     SIZES: ClassVar[dict[str, dict[str, int]]] = {
-        "small": {"n_train": 1024, "n_test": 1024, "epochs": 1},
-        "full": {"n_train": 20_000, "n_test": 5_000, "epochs": 10},
+        "small": {"n_train": 1024, "n_test": 1024, "epochs": 1, "batch_size": 256},
+        "full": {"n_train": 20_000, "n_test": 5_000, "epochs": 10, "batch_size": 256},
     }
+    LR: ClassVar[float] = 3e-3
 
     def __init__(self, size: Size = "full", p: float = 0.5, data_seed: int = 0) -> None:
-        super().__init__(size)
+        super().__init__(size, data_seed)
         if not -1.0 <= p <= 1.0:
             raise ValueError(f"p is a cosine and must lie in [-1, 1], got {p}")
         self.p = float(p)
-        self.data_seed = int(data_seed)
-        self.settings = dict(self.SIZES[size])
-
-    @property
-    def batch_size(self) -> int:
-        return 256
-
-    @property
-    def lr(self) -> float:
-        return 3e-3
-
-    @property
-    def default_epochs(self) -> int:
-        return self.settings["epochs"]
 
     def supervised_tasks(self) -> tuple[SupervisedTask, ...]:
         return tuple(SupervisedTask(t, "regression") for t in TASKS)
@@ -78,4 +65,4 @@ class MMoEPair(SupervisedProblem):
         return HardParameterSharing(DIM, TASKS, shared_hidden=(113,), tower_hidden=(8,))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), **self.settings, "p": self.p, "data_seed": self.data_seed}
+        return {**super().config(), "p": self.p}

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from taskbalance.compare.problem import Size, register_problem
+from taskbalance.compare.problem import register_problem
 from taskbalance.problems._supervised import SupervisedData, SupervisedProblem, SupervisedTask
 
 TASKS = ("left", "right")
@@ -229,23 +229,6 @@ class MultiDigits(SupervisedProblem):
         "full": {"n_train": 15_000, "n_test": 5_000, "epochs": 4, "batch_size": 64},
     }
 
-    def __init__(self, size: Size = "full", data_seed: int = 0) -> None:
-        super().__init__(size)
-        self.data_seed = int(data_seed)
-        self.settings = dict(self.SIZES[size])
-
-    @property
-    def batch_size(self) -> int:
-        return self.settings["batch_size"]
-
-    @property
-    def lr(self) -> float:
-        return 1e-3
-
-    @property
-    def default_epochs(self) -> int:
-        return self.settings["epochs"]
-
     def supervised_tasks(self) -> tuple[SupervisedTask, ...]:
         return tuple(SupervisedTask(t, "classification") for t in TASKS)
 
@@ -262,7 +245,3 @@ class MultiDigits(SupervisedProblem):
 
     def build_model(self) -> nn.Module:
         return MultiDigitsNet(TASKS)
-
-    def config(self) -> dict[str, Any]:
-        sizes = {k: v for k, v in self.settings.items() if k != "epochs"}  # the runner's
-        return {**super().config(), **sizes, "data_seed": self.data_seed}

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from taskbalance.compare.problem import Size, register_problem
+from taskbalance.compare.problem import register_problem
 from taskbalance.models.hps import HardParameterSharing
 from taskbalance.problems._supervised import SupervisedData, SupervisedProblem, SupervisedTask
 
@@ -177,23 +177,6 @@ class Penguins(SupervisedProblem):
     #: shared MLP widths.
     HIDDEN: ClassVar[tuple[int, ...]] = (32, 32)
 
-    def __init__(self, size: Size = "full", data_seed: int = 0) -> None:
-        super().__init__(size)
-        self.data_seed = int(data_seed)
-        self.settings = dict(self.SIZES[size])
-
-    @property
-    def batch_size(self) -> int:
-        return self.settings["batch_size"]
-
-    @property
-    def lr(self) -> float:
-        return 1e-3
-
-    @property
-    def default_epochs(self) -> int:
-        return self.settings["epochs"]
-
     def supervised_tasks(self) -> tuple[SupervisedTask, ...]:
         return (
             SupervisedTask("species", "classification"),
@@ -212,7 +195,3 @@ class Penguins(SupervisedProblem):
             tower_hidden=(),
             out_features={"species": len(SPECIES), "sex": len(SEXES), "body_mass": 1},
         )
-
-    def config(self) -> dict[str, Any]:
-        sizes = {k: v for k, v in self.settings.items() if k != "epochs"}  # the runner's
-        return {**super().config(), **sizes, "data_seed": self.data_seed}
