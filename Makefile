@@ -3,7 +3,7 @@ PY     := .venv/bin/python
 PIP    := .venv/bin/pip
 STAMP  := .venv/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test reproduce lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -16,7 +16,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not reproduction"
+
+# the full reproductions left out of `make test` for CI time (MMoE paper run: ~4 min)
+reproduce: $(STAMP)
+	$(PY) -m pytest -q -m reproduction
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -114,6 +114,7 @@ def paper_run() -> ms.MMoESyntheticResults:
 
 
 @pytest.mark.slow
+@pytest.mark.reproduction
 @pytest.mark.xdist_group("mmoe_paper_run")
 def test_mmoe_beats_shared_bottom_when_tasks_differ(paper_run: ms.MMoESyntheticResults) -> None:
     # measured (AUTHORS constants, 3 seeds): shared_bottom 0.357 ± 0.044, mmoe 0.298 ± 0.058
@@ -122,6 +123,7 @@ def test_mmoe_beats_shared_bottom_when_tasks_differ(paper_run: ms.MMoESyntheticR
 
 
 @pytest.mark.slow
+@pytest.mark.reproduction
 @pytest.mark.xdist_group("mmoe_paper_run")
 def test_onegate_moe_degrades_more_than_mmoe(paper_run: ms.MMoESyntheticResults) -> None:
     # the paper's Fig. 4: OMoE loses ground as p falls, MMoE barely moves
@@ -132,6 +134,7 @@ def test_onegate_moe_degrades_more_than_mmoe(paper_run: ms.MMoESyntheticResults)
 
 
 @pytest.mark.slow
+@pytest.mark.reproduction
 @pytest.mark.xdist_group("mmoe_paper_run")
 @pytest.mark.xfail(
     strict=False,
