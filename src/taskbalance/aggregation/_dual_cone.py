@@ -22,15 +22,25 @@ from taskbalance.aggregation._qp import (
     _warn,
 )
 
-
 # ---------------------------------------------------------------------- dual-cone projection
 # In scaled variables y = d * v each row reads min yᵀĜy s.t. y >= low; x = y - low >= 0.
+#: up to this K the masked systems are solved at full width (one call, no gathering); above
+#: it the free indices are gathered first, as the systems are then mostly much smaller.
+DENSE_MAX_K = 16
+
+
 def _masked_solve(hat: np.ndarray, free: np.ndarray, rhs: np.ndarray, ridge: float = 0.0):
     """For each row: ``Ĝ_FF z_F = rhs_F`` on its free set F, ``z = 0`` elsewhere.
 
-    Rows with an empty F are skipped and the free indices are gathered first, so the
-    batched solve is only max|F| wide.
+    Small K: every row's system is K×K with the identity outside F (one batched solve).
+    Large K: rows with an empty F are skipped and the free indices are gathered first, so
+    the batched solve is only max|F| wide.
     """
+    k = free.shape[1]
+    if k <= DENSE_MAX_K:
+        eye = np.eye(k)
+        m = np.where(free[:, :, None] & free[:, None, :], hat + ridge * eye, eye)
+        return _solve(m, np.where(free, rhs, 0.0))
     out = np.zeros(free.shape)
     rows = np.flatnonzero(free.any(axis=1))
     if rows.size == 0:
@@ -42,7 +52,7 @@ def _masked_solve(hat: np.ndarray, free: np.ndarray, rhs: np.ndarray, ridge: flo
     m = np.where(valid[:, :, None] & valid[:, None, :], hat[order[:, :, None], order[:, None]], 0)
     m = m + np.eye(n) * ~valid[:, None, :]
     z = _solve(m, np.where(valid, np.take_along_axis(rhs, order, axis=1), 0.0), ridge)
-    sub = np.zeros((rows.size, free.shape[1]))
+    sub = np.zeros((rows.size, k))
     np.put_along_axis(sub, order, np.where(valid, z, 0.0), axis=1)
     out[rows] = sub
     return out
@@ -57,17 +67,21 @@ def _pdas(hat: np.ndarray, low: np.ndarray, cap: int = 12) -> np.ndarray:
     c = low @ hat
     x = np.zeros_like(low)
     active = c >= 0
+    if active.all():
+        return x  # v = u is optimal for every row (no conflict): no solve at all
     todo = np.arange(low.shape[0])
     for _ in range(cap):
-        z = _masked_solve(hat, ~active[todo], -c[todo], ridge=1e-13)
+        act, ct = active[todo], c[todo]
+        z = _masked_solve(hat, ~act, -ct, ridge=1e-13)
         x[todo] = z
-        unit = TOL * np.abs(z + low[todo]).sum(axis=1, keepdims=True)
-        new = np.where(active[todo], z @ hat + c[todo] >= -unit, z < 0)
-        moved = (new != active[todo]).any(axis=1)
+        y = z + low[todo]
+        unit = TOL * np.abs(y).sum(axis=1, keepdims=True)
+        new = np.where(act, y @ hat >= -unit, z < 0)
+        moved = (new != act).any(axis=1)
+        if not moved.any():
+            break
         active[todo] = new
         todo = todo[moved]
-        if todo.size == 0:
-            break
     return np.maximum(x, 0.0)
 
 

@@ -58,11 +58,15 @@ def _prepare(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NonFiniteGradientError("the Gramian is not finite: some task gradient has NaN or inf")
     g = 0.5 * (g + g.T)
     zero = ~(np.diag(g) > 0)  # a zero gradient: its row must be zero as well
-    g[zero, :] = 0.0
-    g[:, zero] = 0.0
-    d = np.where(zero, 1.0, np.sqrt(np.abs(np.diag(g))))
+    if zero.any():
+        g[zero, :] = 0.0
+        g[:, zero] = 0.0
+        d = np.where(zero, 1.0, np.sqrt(np.abs(np.diag(g))))
+        sub: tuple[np.ndarray, ...] | slice = np.ix_(~zero, ~zero)
+    else:
+        d = np.sqrt(np.diag(g))
+        sub = slice(None)
     hat = g / np.outer(d, d)
-    sub = np.ix_(~zero, ~zero)
     try:
         np.linalg.cholesky(hat[sub])
     except np.linalg.LinAlgError:
