@@ -8,8 +8,10 @@ Usage::
 
     python benchmarks/pareto_toy_report.py run --setup toy_cagrad --methods equal,mgda
     python benchmarks/pareto_toy_report.py report          # tables (Markdown) + PNGs
+    python benchmarks/pareto_toy_report.py timing          # ms/step of every method
 
 ``run`` logs one line per method (wall time, step time, final point of every start);
+``timing`` measures the step time of every method over the first 2 000 steps per start;
 ``report`` prints the per-start tables of every stored run and draws the trajectory
 figures into ``docs/img/pareto_toy_<setup>*.png``.
 """
@@ -121,9 +123,33 @@ def report(setups: list[str], out: Path, methods: list[str], img: Path) -> None:
             print(f"\nwrote {path}")
 
 
+def timing(setups: list[str], methods: list[str], steps: int) -> None:
+    """Mean step time of each method over the first ``steps`` steps from every start."""
+    import taskbalance as tb
+
+    torch.set_num_threads(1)
+    print("| method | " + " | ".join(f"{s} ms/step" for s in setups) + " |")
+    print("|---|" + "---:|" * len(setups))
+    for method in methods:
+        cells = []
+        for setup in setups:
+            problem = make_problem(setup)
+            options = problem.method_options(method)
+            try:
+                result = problem.run(
+                    lambda p=problem, o=options, m=method: tb.make(m, p.tasks, **o),
+                    seed=0,
+                    epochs=steps,
+                )
+                cells.append(f"{1e3 * result.step_time:.3f}")
+            except Exception as err:  # the toy's negative losses, GradNorm's missing matrix
+                cells.append(f"fails ({type(err).__name__})")
+        print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["run", "report"])
+    parser.add_argument("action", choices=["run", "report", "timing"])
     parser.add_argument("--setup", default="both", choices=[*SETUPS, "both"])
     parser.add_argument("--methods", default=",".join(PRIORITY + REST))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pareto_toy")
@@ -139,6 +165,8 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.action == "run":
         run(setups, methods, args.out, args.size, args.epochs)
+    elif args.action == "timing":
+        timing(setups, methods, args.epochs or 2000)
     else:
         report(setups, args.out, methods, args.img)
 
