@@ -187,7 +187,7 @@ def _check_not_nested(inputs: Sequence[Tensor], nodes: set[object]) -> None:
 
 
 #: columns per block in :func:`gramian` (a block of K rows then stays in cache).
-GRAMIAN_BLOCK = 4096
+GRAMIAN_BLOCK = 1024
 
 
 def gramian(jacobian: Tensor) -> Tensor:
@@ -196,10 +196,10 @@ def gramian(jacobian: Tensor) -> Tensor:
     For a wide J (K×P, P up to millions) one ``J @ J.T`` is a K×K product with a long inner
     dimension, slow on CPU. The blocks are the batch of one ``bmm`` (a strided view of J, no
     copy): each K×block piece stays in cache, and the batch is split over the threads in a
-    single parallel region (adding the blocks one by one, as before, opened one per block).
-    Measured on the benchmark VM (2 cores, K=10, float32, best decile of 300 calls):
-    P=131k 0.21 ms instead of 0.45 ms with 2 threads (1 thread: 0.47 vs 0.50 ms; one
-    ``J @ J.T``: 1.6 ms); P=659k 2.7 vs 2.9 ms with 1 thread.
+    single parallel region. Measured on the benchmark VM (2 cores, K=10, float32, median
+    of 15 calls), 1024-column blocks against 4096: P=131k 0.21 vs 0.25 ms with 2 threads
+    (1 thread 0.44 vs 0.54); P=659k 1.18 vs 1.49 ms (1 thread 1.90 vs 2.46); one
+    ``J @ J.T`` at P=659k: 4.3 ms.
     """
     k, p = jacobian.shape
     if p <= 2 * GRAMIAN_BLOCK:
