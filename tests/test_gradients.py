@@ -82,6 +82,19 @@ def test_forked_view_fed_to_the_wrong_head_is_refused() -> None:
         Fixed([1.0, 1.0, 1.0]).backward(losses, features=zs)
 
 
+@pytest.mark.parametrize("leaf", [False, True])
+def test_forked_representation_used_directly_is_refused(leaf: bool) -> None:
+    """A head that reads z itself besides its view would lose that part of dL/dz: refused."""
+    body, heads, x = make_model()
+    z = torch.randn(12, 6, requires_grad=True) if leaf else body(x)
+    zs = tb.fork(z, 3)
+    losses = [heads[0](zs[0]).sum(), (heads[1](zs[1]) + z.mean()).sum(), heads[2](zs[2]).sum()]
+    with pytest.raises(tb.BalancerUsageError, match="task '1' uses the representation"):
+        Fixed([1.0, 1.0, 1.0]).backward(losses, features=zs)
+    touched = [*heads.parameters(), *([z] if leaf else body.parameters())]
+    assert all(p.grad is None for p in touched)
+
+
 def test_nested_features_are_refused() -> None:
     body, heads, x = make_model()
     z1 = body[0](x)

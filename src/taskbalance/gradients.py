@@ -460,7 +460,13 @@ def forked_task_jacobian(
         if not loss.requires_grad:
             raise BalancerUsageError(f"loss of task {tasks[i]!r} does not require grad")
         hit: set[object] = set()
-        params = [p for p in _reachable_leaves(loss, stop, hit) if p is not source]
+        params = _reachable_leaves(loss, stop, hit)
+        if source.grad_fn in hit or any(p is source for p in params):
+            # z used besides the view: that part of dL_i/dz would be lost without a word
+            raise BalancerUsageError(
+                f"loss of task {tasks[i]!r} uses the representation given to fork() directly, "
+                f"not only through its view forked[{i}]; feed the task only its view"
+            )
         reached = sorted(view_of[node] for node in hit if node in view_of)
         if reached != [i]:
             raise BalancerUsageError(
