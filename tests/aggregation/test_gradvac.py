@@ -19,19 +19,37 @@ from taskbalance.aggregation.pcgrad import pcgrad_coefficients
 ONES = torch.ones(8, dtype=torch.float64)
 
 
-def direct_gradvac(jac: np.ndarray, targets: np.ndarray, orders: np.ndarray, beta: float):
-    """Algorithm 1 of the paper on the vectors themselves (EMA updated for every pair)."""
-    out, targets = jac.astype(np.float64).copy(), targets.copy()
+def direct_gradvac(
+    jac: np.ndarray, targets: np.ndarray, orders: np.ndarray, beta: float, ema: str = "always"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Algorithm 1 of the paper on the vectors themselves: the g_i^PC, their coefficients and
+    the new targets. A zero vector has no cosine; a target is capped at 1 - 1e-12."""
+    out, coef, targets = jac.astype(np.float64).copy(), np.eye(len(jac)), targets.copy()
     for i in range(jac.shape[0]):
         for j in orders[i]:
             ni, nj = np.linalg.norm(out[i]), np.linalg.norm(jac[j])
-            cos = out[i] @ jac[j] / (ni * nj)
+            if ni == 0.0 or nj == 0.0:
+                continue
+            cos = min(max(out[i] @ jac[j] / (ni * nj), -1.0), 1.0)
             tgt = targets[i, j]
             if cos < tgt:
-                num = tgt * math.sqrt(1 - cos**2) - cos * math.sqrt(1 - tgt**2)
-                out[i] = out[i] + ni * num / (nj * math.sqrt(1 - tgt**2)) * jac[j]
-            targets[i, j] = (1 - beta) * tgt + beta * cos
-    return out, targets
+                t = min(tgt, 1 - 1e-12)
+                num = t * math.sqrt(1 - cos**2) - cos * math.sqrt(1 - t**2)
+                step = ni * num / (nj * math.sqrt(1 - t**2))
+                out[i], coef[i, j] = out[i] + step * jac[j], coef[i, j] + step
+            if ema == "always" or cos < tgt:
+                targets[i, j] = (1 - beta) * tgt + beta * cos
+    return out, coef, targets
+
+
+def integer_jacobian(rng: np.random.Generator, k: int) -> np.ndarray:
+    """Integer rows (an exact Gramian), some of them zero, duplicated or opposite: copies of a
+    row of norm 5, so that their cosines are exactly 1 or -1."""
+    jac = rng.integers(-3, 4, size=(k, 12)).astype(np.float64)
+    for a, b in rng.integers(k, size=(k // 2 + 1, 2)):
+        jac[a] = rng.permutation([1.0, 2.0, 2.0, 4.0] + [0.0] * 8) * rng.choice([-1.0, 1.0], 12)
+        jac[b] = rng.choice([0.0, 1.0, 2.0, -1.0, -2.0]) * jac[a]
+    return jac
 
 
 def random_orders(rng: np.random.Generator, k: int) -> np.ndarray:
@@ -80,9 +98,25 @@ def test_coefficient_space_equals_the_vector_algorithm(seed: int, k: int, p: int
     targets = rng.uniform(-0.9, 0.9, size=(k, k))
     orders = random_orders(rng, k)
     coef, new = gradvac_coefficients(jac @ jac.T, targets, orders, beta=0.3)
-    expected, expected_targets = direct_gradvac(jac, targets, orders, beta=0.3)
+    expected, _, expected_targets = direct_gradvac(jac, targets, orders, beta=0.3)
     np.testing.assert_allclose(coef @ jac, expected, rtol=1e-8, atol=1e-8)
     np.testing.assert_allclose(new, expected_targets, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("ema", ["always", "adjusted"])
+@pytest.mark.parametrize("k", [2, 3, 5, 10])
+def test_matches_the_vector_algorithm_with_degenerate_gradients(k: int, ema: str) -> None:
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        jac = integer_jacobian(rng, k)
+        targets = rng.uniform(-0.9, 0.9, size=(k, k))
+        targets[rng.random((k, k)) < 0.2] = -1.0  # never adjusted
+        orders, beta = random_orders(rng, k), rng.uniform(0.0, 1.0)
+        coef, new = gradvac_coefficients(jac @ jac.T, targets, orders, beta, ema)
+        vectors, expected, expected_targets = direct_gradvac(jac, targets, orders, beta, ema)
+        np.testing.assert_allclose(coef, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+        np.testing.assert_allclose(coef @ jac, vectors, rtol=0, atol=1e-12 * np.abs(jac).sum())
+        np.testing.assert_allclose(new, expected_targets, rtol=0, atol=1e-12)
 
 
 @settings(max_examples=60, deadline=None)

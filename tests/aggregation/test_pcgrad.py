@@ -16,15 +16,24 @@ from taskbalance.aggregation.pcgrad import PCGrad, pcgrad_coefficients, visiting
 ONES = torch.ones(8, dtype=torch.float64)
 
 
-def direct_pcgrad(jac: np.ndarray, orders: np.ndarray) -> np.ndarray:
-    """Algorithm 1 of the paper on the vectors themselves: rows are the projected g_i."""
-    out = jac.astype(np.float64).copy()
+def direct_pcgrad(jac: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 1 of the paper on the vectors themselves: the g_i^PC and their coefficients."""
+    out, coef = jac.astype(np.float64).copy(), np.eye(len(jac))
     for i in range(jac.shape[0]):
         for j in orders[i]:
             dot = out[i] @ jac[j]
             if dot < 0:
-                out[i] = out[i] - dot / (jac[j] @ jac[j]) * jac[j]
-    return out
+                step = -dot / (jac[j] @ jac[j])
+                out[i], coef[i, j] = out[i] + step * jac[j], coef[i, j] + step
+    return out, coef
+
+
+def integer_jacobian(rng: np.random.Generator, k: int) -> np.ndarray:
+    """Integer rows (an exact Gramian), some of them zero, duplicated or opposite."""
+    jac = rng.integers(-3, 4, size=(k, 12)).astype(np.float64)
+    for a, b in rng.integers(k, size=(k // 2 + 1, 2)):
+        jac[b] = rng.choice([0.0, 1.0, 2.0, -1.0, -0.5]) * jac[a]
+    return jac
 
 
 def random_orders(rng: np.random.Generator, k: int) -> np.ndarray:
@@ -54,7 +63,7 @@ def test_coefficient_space_equals_the_vector_algorithm(seed: int, k: int, p: int
     rng = np.random.default_rng(seed)
     jac = rng.normal(size=(k, p)) * 10.0 ** rng.uniform(-3, 3, size=(k, 1))
     orders = random_orders(rng, k)
-    projected = direct_pcgrad(jac, orders)
+    projected, _ = direct_pcgrad(jac, orders)
     coef = pcgrad_coefficients(jac @ jac.T, orders)
     scale = np.linalg.norm(jac, axis=1).max()
     np.testing.assert_allclose(coef @ jac, projected, atol=1e-9 * scale)
@@ -66,6 +75,18 @@ def test_coefficient_space_equals_the_vector_algorithm(seed: int, k: int, p: int
             last = orders[i, -1]
             assert projected[i] @ jac[last] >= -1e-9 * norms[i] * norms[last]
         assert np.linalg.norm(projected[i]) <= norms[i] * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10])
+def test_matches_the_vector_algorithm_with_degenerate_gradients(k: int) -> None:
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        jac = integer_jacobian(rng, k)
+        orders = random_orders(rng, k)
+        coef = pcgrad_coefficients(jac @ jac.T, orders)
+        vectors, expected = direct_pcgrad(jac, orders)
+        np.testing.assert_allclose(coef, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+        np.testing.assert_allclose(coef @ jac, vectors, rtol=0, atol=1e-12 * np.abs(jac).sum())
 
 
 @settings(max_examples=60, deadline=None)

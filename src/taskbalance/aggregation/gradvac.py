@@ -17,8 +17,9 @@ and β = 0 this is exactly PCGrad.
   and torchjd default to 0.5. ``ema="always"`` (default) updates the target for every
   visited pair, as in the paper's algorithm; ``ema="adjusted"`` only when the pair was
   adjusted, as in LibMTL.
-* Everything runs in coefficient space from the Gramian (``g_i^PC = sum_k C_ik g_k``,
-  ``||g_i^PC||² = (C G Cᵀ)_ii``), weights = column sums of C; rows run in parallel.
+* Everything runs in coefficient space from the Gramian (``g_i^PC = sum_k C_ik g_k``),
+  weights = column sums of C; rows run in parallel. A step keeps the part of g_i^PC
+  orthogonal to g_j, so ``||g_i^PC||`` becomes ``||g_i^PC|| sin φ_ij / sin φ̂_ij``.
 * A pair with a zero gradient has no cosine: it is neither adjusted nor averaged. A target
   of exactly 1 cannot be reached by a finite step; it is capped at ``1 - 1e-12``.
 * Orders and seeds as in :class:`~taskbalance.aggregation.pcgrad.PCGrad`; the targets
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.aggregation.base import GradientBalancer
-from taskbalance.aggregation.pcgrad import Order, Reduction, visiting_orders
+from taskbalance.aggregation.pcgrad import Order, Reduction, pair_index, visiting_orders
 from taskbalance.balancer import Tasks
 from taskbalance.registry import register
 
@@ -44,39 +45,56 @@ Ema = Literal["always", "adjusted"]
 MAX_TARGET = 1.0 - 1e-12
 
 
-def gradvac_coefficients(
-    gramian: np.ndarray,
-    targets: np.ndarray,
-    orders: np.ndarray,
-    beta: float,
-    ema: Ema = "always",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(C, new_targets)``: ``g_i^PC = sum_k C_ik g_k`` and the updated φ̂ (K×K)."""
-    g = 0.5 * (gramian + gramian.T)
+def _visit(
+    g: np.ndarray, cols: np.ndarray, at: np.ndarray, old: np.ndarray, checked: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(C entries, cos, adjusted, valid)`` of the pairs, laid out like ``at``, or ``None``
+    if unchecked and some g_i^PC became exactly zero: then rerun checked, to skip its pairs."""
     k = g.shape[0]
-    coef = np.eye(k)
-    coef_g = g.copy()  # C G: row i holds g_i^PC · g_k for every k
-    targets = targets.copy()
-    rows = np.arange(k)
-    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
-    for step in range(orders.shape[1]):
-        j = orders[:, step]
-        norm_i = np.sqrt(np.maximum(np.einsum("ik,ik->i", coef_g, coef), 0.0))
-        norm_j = norms[j]
-        valid = (norm_i > 0.0) & (norm_j > 0.0)
-        denom = np.where(valid, norm_i * norm_j, 1.0)
-        cos = np.clip(np.where(valid, coef_g[rows, j] / denom, 0.0), -1.0, 1.0)
-        target = targets[rows, j]
-        adjust = valid & (cos < target)
-        tgt = np.clip(target, -1.0, MAX_TARGET)
-        sin_t = np.sqrt(1.0 - tgt * tgt)
-        step_ij = norm_i * (tgt * np.sqrt(1.0 - cos * cos) - cos * sin_t)
-        step_ij = np.where(adjust, step_ij / np.where(adjust, norm_j * sin_t, 1.0), 0.0)
-        coef[rows, j] += step_ij
-        coef_g += step_ij[:, None] * g[j]
+    norms = np.sqrt(np.maximum(g.diagonal()[:, None], 0.0))
+    nonzero = norms > 0.0
+    valid, scale = nonzero[cols] & nonzero, np.where(nonzero, norms, 1.0)
+    tgt = np.minimum(old, MAX_TARGET)  # a target below -1 is never reached: not clipped
+    sin_t = np.sqrt(1.0 - tgt * tgt)
+    # adjust iff cos < bar: the test clip(cos) < target on the unclipped cosine
+    bar = np.where(valid & (old > -1.0), np.where(old > 1.0, np.inf, old), -np.inf)
+    coef_g = np.divide(g, scale.T, out=np.empty((k, k)))  # (C G)_ik / ||g_k||
+    flat, g_j = coef_g.reshape(-1), np.take(coef_g / scale, cols, axis=0)
+    one, zero, norm_i = np.ones((k, 1)), np.zeros((k, 1)), norms.copy()
+    cos, steps, adjust = np.empty(old.shape), np.zeros(old.shape), np.empty(old.shape, bool)
+    pairs = zip(at, cos, adjust, valid, bar, steps, tgt / sin_t, sin_t, g_j)
+    for at_s, c, adj, ok, b, step, cot_t, st, gj in pairs:
+        dot = flat.take(at_s)  # g_i^PC · g_j / ||g_j||
+        np.less(np.divide(dot, norm_i, out=c), b, out=adj)
+        if checked:
+            adj &= np.logical_and(ok, norm_i > 0.0, out=ok)
+        perp = norm_i * np.sqrt(np.maximum(one - c * c, zero))  # ||g_i^PC|| sin φ_ij
+        np.copyto(step, perp * cot_t - dot, where=adj)  # the step times ||g_j||
+        coef_g += step * gj
+        np.copyto(norm_i, perp / st, where=adj)
+    if not checked and np.count_nonzero(norm_i) < np.count_nonzero(norms):
+        return None
+    return steps / scale[cols], np.minimum(np.maximum(cos, -1.0), 1.0), adjust, valid
+
+
+def gradvac_coefficients(
+    gramian: np.ndarray, targets: np.ndarray, orders: np.ndarray, beta: float, ema: Ema = "always"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(C, new_targets)``: ``g_i^PC = sum_k C_ik g_k`` and the updated φ̂ (K×K).
+
+    Each pair is visited once: its target is gathered before the loop, its results after."""
+    g = 0.5 * (gramian + gramian.T)
+    cols, at = pair_index(orders)
+    old = targets.reshape(-1)[at]
+    with np.errstate(divide="ignore", invalid="ignore"):  # only in pairs that are masked out
+        visited = _visit(g, cols, at, old, False) or _visit(g, cols, at, old, True)
+        steps, cos, adjust, valid = visited
         update = valid if ema == "always" else adjust
-        targets[rows, j] = np.where(update, (1.0 - beta) * target + beta * cos, target)
-    return coef, targets
+        ema_targets = np.where(update, (1.0 - beta) * old + beta * cos, old)
+    coef, new = np.eye(len(g)), targets.copy()
+    coef.reshape(-1)[at] = steps
+    new.reshape(-1)[at] = ema_targets
+    return coef, new
 
 
 @register("gradvac")

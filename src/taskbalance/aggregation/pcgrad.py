@@ -49,23 +49,36 @@ def visiting_orders(k: int, order: Order, generator: torch.Generator) -> np.ndar
         keys = np.tile(torch.rand(k, generator=generator, dtype=torch.float64).numpy(), (k, 1))
     else:
         raise ValueError(f"order must be 'random', 'shared' or 'fixed', got {order!r}")
-    np.fill_diagonal(keys, np.inf)  # task i itself sorts last and is cut off
+    keys.reshape(-1)[:: k + 1] = np.inf  # task i itself sorts last and is cut off
     return np.argsort(keys, axis=1, kind="stable")[:, : k - 1]
 
 
+def pair_index(orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step-major pairs: ``[s, i]`` is ``(i, orders[i, s])``. Returns the visited tasks
+    ``(K-1, K)`` and the pairs' flat indices into a K×K array ``(K-1, K, 1)``."""
+    k, cols = len(orders), orders.T.astype(np.intp, copy=False)
+    return cols, (cols + np.arange(0, k * k, k))[:, :, None]
+
+
 def pcgrad_coefficients(gramian: np.ndarray, orders: np.ndarray) -> np.ndarray:
-    """Coefficients C ``(K, K)`` with ``g_i^PC = sum_k C_ik g_k`` (rows run in parallel)."""
+    """Coefficients C ``(K, K)`` with ``g_i^PC = sum_k C_ik g_k`` (rows run in parallel).
+
+    Pair (i, j) is visited once, at step s: its step is computed into ``steps[s, i]`` and
+    scattered into C after the loop. The loop keeps C G (``g_i^PC · g_k`` for every k).
+    """
     g = 0.5 * (gramian + gramian.T)
     k = g.shape[0]
+    cols, at = pair_index(orders)
+    sq_j = g.diagonal()[cols][:, :, None]
+    minus_sq_j = np.where(sq_j > 0.0, -sq_j, -np.inf)  # a zero g_j gives a zero step
+    coef_g = g.copy()
+    flat, zero, steps = coef_g.reshape(-1), np.zeros((k, 1)), np.empty(at.shape)
+    for at_s, step, minus_sq, g_j in zip(at, steps, minus_sq_j, np.take(g, cols, axis=0)):
+        # -min(g_i^PC · g_j, 0) / ||g_j||²: nonzero for a conflict only
+        np.divide(np.minimum(flat.take(at_s), zero), minus_sq, out=step)
+        coef_g += step * g_j
     coef = np.eye(k)
-    rows = np.arange(k)
-    sq_norms = np.diag(g)
-    for step in range(orders.shape[1]):
-        j = orders[:, step]
-        dots = np.einsum("ik,ik->i", coef, g[j])  # g_i^PC · g_j  (G symmetric)
-        norm_j = sq_norms[j]
-        conflict = (dots < 0.0) & (norm_j > 0.0)
-        coef[rows, j] -= np.where(conflict, dots / np.where(norm_j > 0.0, norm_j, 1.0), 0.0)
+    coef.reshape(-1)[at] += steps
     return coef
 
 
