@@ -188,38 +188,52 @@ class UniformGradient(GradientBalancer):
 
 
 def timed(
-    configs: dict[str, Callable[[], None]], rounds: int, steps: int
-) -> dict[str, list[float]]:
-    """Seconds per step of each config, one sample per round, interleaved over ``rounds``."""
+    configs: dict[str, Callable[[], None]], rounds: int, steps: int, base: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds per step of each config, one sample per round, interleaved over ``rounds``.
+
+    Returns ``(samples, paired)``: ``paired[name][r]`` is the baseline ``base`` timed right
+    before ``name`` in round r (the baseline is timed again before every configuration), so
+    that each configuration's ratio compares two measurements taken seconds apart; the
+    machine's drift over a round (a round times every configuration) then cancels out.
+    """
     samples: dict[str, list[float]] = {name: [] for name in configs}
+    paired: dict[str, list[float]] = {name: [] for name in configs}
     for fn in configs.values():  # warm-up
         for _ in range(3):
             fn()
+
+    def sample(fn: Callable[[], None]) -> float:
+        t0 = CLOCK()
+        for _ in range(steps):
+            fn()
+        return (CLOCK() - t0) / steps
+
     for _ in range(rounds):
         for name, fn in configs.items():
-            t0 = CLOCK()
-            for _ in range(steps):
-                fn()
-            samples[name].append((CLOCK() - t0) / steps)
-    return samples
+            paired[name].append(sample(configs[base]))
+            samples[name].append(sample(fn))
+    return samples, paired
 
 
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
-def print_table(title: str, samples: dict[str, list[float]], base: str) -> None:
-    """Median ms per step, the ratio of the medians, and the quartiles of the per-round
-    ratios (each round's time over the baseline's in the same round: the spread)."""
+def print_table(
+    title: str, timing: tuple[dict[str, list[float]], dict[str, list[float]]], base: str
+) -> None:
+    """Median ms per step, and the median and quartiles of the paired per-round ratios
+    (each sample over the baseline timed just before it: see :func:`timed`)."""
+    samples, paired = timing
     print(f"\n## {title} (baseline: {base})\n")
-    print("| configuration | ms / step | ratio | per-round ratio, quartiles |")
+    print("| configuration | ms / step | ratio (median of paired) | paired ratio, quartiles |")
     print("|---|---:|---:|---:|")
-    ref = median(samples[base])
     for name, values in samples.items():
-        per_round = sorted(v / b for v, b in zip(values, samples[base]))
+        per_round = sorted(v / b for v, b in zip(values, paired[name]))
         low, high = per_round[len(per_round) // 4], per_round[(3 * len(per_round)) // 4]
         print(
-            f"| {name} | {median(values) * 1e3:.2f} | {median(values) / ref:.3f} "
+            f"| {name} | {median(values) * 1e3:.2f} | {median(per_round):.3f} "
             f"| {low:.3f}–{high:.3f} |"
         )
 
@@ -233,8 +247,7 @@ def section_loss(k: int, rounds: int, steps: int) -> None:
     configs = {"plain sum": step_plain_sum(s)}
     for name in methods_of("loss"):
         configs[name] = step_balancer(s, name, "loss")
-    times = timed(configs, rounds, steps)
-    print_table(f"loss-weighting methods, K={k}", times, "equal")
+    print_table(f"loss-weighting methods, K={k}", timed(configs, rounds, steps, "equal"), "equal")
 
 
 def gradient_methods() -> list[str]:
@@ -262,7 +275,7 @@ def section_features(k: int, rounds: int, steps: int) -> None:
             configs[name] = step_balancer(s, name, "features")
             if name != "gradnorm":
                 configs[f"{name}, forked"] = step_balancer(s, name, "forked")
-    times = timed(configs, rounds, steps)
+    times = timed(configs, rounds, steps, "equal")
     print_table(f"representation (features) mode, K={k}", times, "equal")
 
 
@@ -292,7 +305,7 @@ def section_exact(k: int, rounds: int, steps: int) -> None:
     for name in gradient_methods():
         if "exact" in getattr(tb.get(name), "modes", ("exact",)):
             configs[name] = step_balancer(s, name, "exact")
-    times = timed(configs, rounds, steps)
+    times = timed(configs, rounds, steps, "loop (LibMTL)")
     print_table(f"exact mode, K={k}", times, "loop (LibMTL)")
     equal, loop = median(times["equal"]), median(times["loop (LibMTL)"])
     print(f"\nequal weighting: {equal * 1e3:.2f} ms/step; loop / equal = {loop / equal:.2f}x")

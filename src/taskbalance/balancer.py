@@ -213,7 +213,11 @@ class Balancer:
         dtype = torch.float32
         for item in items:
             dtype = torch.promote_types(dtype, item.dtype)
-        return [item.reshape(()).to(dtype) for item in items]
+        # 0-d losses of the common dtype pass as they are (no view node in their graphs)
+        return [
+            item if item.dim() == 0 and item.dtype == dtype else item.reshape(()).to(dtype)
+            for item in items
+        ]
 
     def values_by_task(
         self, values: Mapping[Any, Any] | Iterable[Any], what: str, *, partial: bool = False
