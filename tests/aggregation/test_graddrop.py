@@ -136,3 +136,32 @@ def test_registered_and_validated() -> None:
         GradDrop(2, leak=1.5)
     with pytest.raises(ValueError, match="leak"):
         GradDrop(2, leak=[0.1, 0.2, 0.3])
+
+
+def masked_graddrop(jac: torch.Tensor, uniform: torch.Tensor, leak: torch.Tensor):
+    """The paper's rule with explicit K×P masks, coordinate by coordinate."""
+    purity = 0.5 * (1 + jac.sum(0) / jac.abs().sum(0).clamp_min(1e-300))
+    keep_positive = uniform < purity
+    mask = torch.where(keep_positive, jac > 0, jac < 0).double()
+    kept = (leak[:, None] + (1 - leak[:, None]) * mask) * jac
+    total = jac.abs().sum(1)
+    fraction = torch.where(total > 0, kept.abs().sum(1) / total.clamp_min(1e-300), 1.0)
+    return kept.sum(0), fraction
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("leaky", [False, True])
+def test_matches_the_masked_rule(seed: int, leaky: bool) -> None:
+    """The mask-free sums equal the rule written with explicit masks (zeros included)."""
+    gen = torch.Generator().manual_seed(seed)
+    k, p = 2 + seed % 4, 500
+    jac = torch.randn(k, p, generator=gen, dtype=torch.float64)
+    jac[torch.rand(k, p, generator=gen) < 0.2] = 0.0  # zero entries
+    jac[:, :7] = 0.0  # all-zero coordinates
+    jac[seed % k] = 0.0 if seed % 3 == 0 else jac[seed % k]  # a zero task gradient
+    leak = torch.rand(k, generator=gen, dtype=torch.float64) if leaky else torch.zeros(k).double()
+    uniform = torch.rand(p, generator=gen, dtype=torch.float64)
+    direction, fraction = graddrop(jac, uniform, leak)
+    expected_d, expected_f = masked_graddrop(jac, uniform, leak)
+    torch.testing.assert_close(direction, expected_d, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fraction, expected_f, rtol=1e-12, atol=1e-12)

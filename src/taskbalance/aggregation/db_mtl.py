@@ -18,9 +18,11 @@ Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Kwok, "Dual-Balancing for Multi-Task Lea
 (``DB_beta``, ``DB_beta_sigma``); σ > 0 makes β_t decay with the step t.
 
 ``needs = "jacobian"``: the EMA holds the full K×P gradients (state in ``state_dict()``,
-in J's dtype and device). Only the exact mode (``shared=``) is offered: in the features mode
-the rows of J belong to the examples of one batch, and averaging them across batches (as
-the EMA would) has no meaning; the authors' code refuses that mode too.
+in J's dtype and device), plus a second K×P buffer that the next average is written into
+(no allocation per step; the old average is replaced only once the new result is finite).
+Only the exact mode (``shared=``) is offered: in the features mode the rows of J belong to
+the examples of one batch, and averaging them across batches (as the EMA would) has no
+meaning; the authors' code refuses that mode too.
 
 The recorded weights are ``w_i = α_i / L_i``: with β = 0 the update is exactly
 ``sum_i w_i g_i``; with β > 0 it also carries the EMA's history, so ``d != wᵀJ``.
@@ -71,6 +73,7 @@ class DBMTL(GradientBalancer):
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.t = 0
         self.buffer: Tensor | None = None
+        self._spare: Tensor | None = None  # storage reused for the next average (not state)
 
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         positive = losses > 0
@@ -79,22 +82,29 @@ class DBMTL(GradientBalancer):
             raise NonPositiveLossError(
                 self.tasks[bad], float(losses[bad]), "DB-MTL (log of losses)"
             )
-        scaled = jacobian / losses.to(jacobian.dtype).unsqueeze(1)
         buffer = self.buffer
-        if buffer is None:
-            buffer = torch.zeros_like(scaled)
-        elif buffer.shape != scaled.shape:
+        if buffer is not None and buffer.shape != jacobian.shape:
             raise BalancerUsageError(
                 f"DB-MTL keeps an average of the gradients of shape {tuple(buffer.shape)}, but "
-                f"this step's are {tuple(scaled.shape)}: the shared parameters changed"
+                f"this step's are {tuple(jacobian.shape)}: the shared parameters changed"
             )
         beta_t = self.beta / float(self.t + 1) ** self.beta_sigma
-        buffer = beta_t * buffer.to(scaled) + (1.0 - beta_t) * scaled
-        direction, scales = magnitude_balance(buffer)
+        # the new average goes into the spare buffer (two K×P passes, no allocation); the
+        # old one stays intact until the result is known to be finite
+        new = self._spare
+        if new is None or new.shape != jacobian.shape or new.dtype != jacobian.dtype:
+            new = torch.empty_like(jacobian)
+        coef = ((1.0 - beta_t) / losses).to(jacobian.dtype).unsqueeze(1)
+        torch.mul(jacobian, coef, out=new)
+        if buffer is not None:
+            new.add_(buffer.to(new), alpha=beta_t)
+        direction, scales = magnitude_balance(new)
         weights = scales / losses.to(scales.dtype)
         # a non-finite result raises in the engine's check and must leave no trace
         if bool(torch.isfinite(direction).all()) and bool(torch.isfinite(weights).all()):
-            self.buffer, self.t = buffer, self.t + 1
+            self._spare, self.buffer, self.t = buffer, new, self.t + 1
+        else:
+            self._spare = new
         return direction, weights
 
     def method_state(self) -> dict[str, Any]:
@@ -104,3 +114,4 @@ class DBMTL(GradientBalancer):
         self.t = int(state["t"])
         buffer = state["buffer"]
         self.buffer = None if buffer is None else buffer.clone()
+        self._spare = None

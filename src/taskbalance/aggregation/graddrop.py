@@ -47,21 +47,43 @@ from taskbalance.registry import register
 
 def sign_purity(jacobian: Tensor) -> Tensor:
     """``P = ½ (1 + sum_i g_i / sum_i |g_i|)`` per coordinate ``(P,)``; ½ where all are 0."""
-    mass = jacobian.abs().sum(dim=0)
-    ratio = jacobian.sum(dim=0) / torch.where(mass > 0, mass, torch.ones_like(mass))
-    return 0.5 * (1.0 + ratio)
+    return _purity(jacobian.sum(dim=0), jacobian.abs().sum(dim=0))
+
+
+def _purity(total: Tensor, mass: Tensor) -> Tensor:
+    return 0.5 * (1.0 + total / torch.where(mass > 0, mass, torch.ones_like(mass)))
 
 
 def graddrop(jacobian: Tensor, uniform: Tensor, leak: Tensor) -> tuple[Tensor, Tensor]:
-    """``(direction (P,), kept fraction (K,))`` for uniforms ``(P,)`` and leaks ``(K,)``."""
-    keep_positive = uniform < sign_purity(jacobian)
-    mask = torch.where(keep_positive, jacobian > 0, jacobian < 0).to(jacobian.dtype)
-    leak = leak.to(jacobian.dtype).unsqueeze(1)
-    kept = (leak + (1.0 - leak) * mask) * jacobian
-    total = jacobian.abs().sum(dim=1)
-    fraction = kept.abs().sum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))
-    fraction = torch.where(total > 0, fraction, torch.ones_like(fraction))
-    return kept.sum(dim=0), fraction
+    """``(direction (P,), kept fraction (K,))`` for uniforms ``(P,)`` and leaks ``(K,)``.
+
+    No K×P mask is formed. With ``A = |J|``, the kept positive parts of the tasks sum to
+    ``Σ_i c_i max(g_i, 0) = ½ (cᵀJ + cᵀA)`` and the negative ones to ``½ (cᵀJ − cᵀA)``
+    (``c = 1 − ℓ``), so ``d = ℓᵀJ + where(U < P, ½(cᵀJ + cᵀA), ½(cᵀJ − cᵀA))``; and
+    ``||M_i ∘ g_i||_1 = ½ (Σ_p A_ip + Σ_p J_ip s_p)`` with ``s = ±1`` the sign kept. J is read
+    three times and ``A`` written once (instead of a dozen K×P temporaries); where every
+    task agrees in sign, ``½(S ± M)`` is exactly S, so the sum is kept exactly.
+    """
+    dtype = jacobian.dtype
+    leak = leak.to(dtype)
+    absolute = jacobian.abs()
+    column_sum, mass = jacobian.sum(dim=0), absolute.sum(dim=0)
+    keep_positive = uniform < _purity(column_sum, mass)
+    if bool((leak != 0).any()):
+        passed, dropped = torch.stack([leak, 1.0 - leak]) @ jacobian  # ℓᵀJ, cᵀJ
+        part = (1.0 - leak) @ absolute  # cᵀA
+        direction = passed + 0.5 * torch.where(keep_positive, dropped + part, dropped - part)
+    else:
+        direction = 0.5 * torch.where(keep_positive, column_sum + mass, column_sum - mass)
+    sign = torch.where(keep_positive, 1.0, -1.0).to(dtype)
+    # the same kernel for both: where every sign is kept, J_ip s_p = A_ip term by term and
+    # the two sums are equal bit for bit (a kept fraction of exactly 1)
+    total = torch.mv(absolute, torch.ones_like(sign))
+    masked = 0.5 * (total + torch.mv(jacobian, sign))  # ||M_i ∘ g_i||_1
+    kept = leak * total + (1.0 - leak) * masked
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    fraction = torch.where(total > 0, kept / safe, torch.ones_like(total))
+    return direction, fraction
 
 
 @register("graddrop")
