@@ -47,11 +47,8 @@ from taskbalance.registry import register
 
 def sign_purity(jacobian: Tensor) -> Tensor:
     """``P = ½ (1 + sum_i g_i / sum_i |g_i|)`` per coordinate ``(P,)``; ½ where all are 0."""
-    return _purity(jacobian.sum(dim=0), jacobian.abs().sum(dim=0))
-
-
-def _purity(total: Tensor, mass: Tensor) -> Tensor:
-    return 0.5 * (1.0 + total / torch.where(mass > 0, mass, torch.ones_like(mass)))
+    mass = jacobian.abs().sum(dim=0)
+    return 0.5 * (1.0 + jacobian.sum(dim=0) / torch.where(mass > 0, mass, torch.ones_like(mass)))
 
 
 def graddrop(jacobian: Tensor, uniform: Tensor, leak: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,23 +56,25 @@ def graddrop(jacobian: Tensor, uniform: Tensor, leak: Tensor) -> tuple[Tensor, T
 
     No K×P mask is formed. With ``A = |J|``, the kept positive parts of the tasks sum to
     ``Σ_i c_i max(g_i, 0) = ½ (cᵀJ + cᵀA)`` and the negative ones to ``½ (cᵀJ − cᵀA)``
-    (``c = 1 − ℓ``), so ``d = ℓᵀJ + where(U < P, ½(cᵀJ + cᵀA), ½(cᵀJ − cᵀA))``; and
-    ``||M_i ∘ g_i||_1 = ½ (Σ_p A_ip + Σ_p J_ip s_p)`` with ``s = ±1`` the sign kept. J is read
-    three times and ``A`` written once (instead of a dozen K×P temporaries); where every
-    task agrees in sign, ``½(S ± M)`` is exactly S, so the sum is kept exactly.
+    (``c = 1 − ℓ``), so ``d = ℓᵀJ + ½ (cᵀJ + s ∘ cᵀA)`` with ``s = +1`` where the positive
+    sign is kept (``U < P``) and ``−1`` elsewhere; and ``||M_i ∘ g_i||_1 = ½ (Σ_p A_ip +
+    Σ_p J_ip s_p)``. J is read three times and ``A`` written once (instead of a dozen K×P
+    temporaries); where every task agrees in sign, ``½(S ± M)`` is exactly the sum S.
     """
     dtype = jacobian.dtype
     leak = leak.to(dtype)
     absolute = jacobian.abs()
     column_sum, mass = jacobian.sum(dim=0), absolute.sum(dim=0)
-    keep_positive = uniform < _purity(column_sum, mass)
+    # U < P  <=>  (2U - 1) M < S  where the mass M > 0 (a coordinate with M = 0 has nothing
+    # to keep); this also keeps every sign where all tasks agree (S = ±M, 0 <= U < 1)
+    keep_positive = torch.addcmul(-mass, uniform.to(dtype), mass, value=2.0) < column_sum
+    sign = keep_positive.to(dtype).mul_(2.0).sub_(1.0)  # +1: positive parts kept
     if bool((leak != 0).any()):
         passed, dropped = torch.stack([leak, 1.0 - leak]) @ jacobian  # ℓᵀJ, cᵀJ
         part = (1.0 - leak) @ absolute  # cᵀA
-        direction = passed + 0.5 * torch.where(keep_positive, dropped + part, dropped - part)
-    else:
-        direction = 0.5 * torch.where(keep_positive, column_sum + mass, column_sum - mass)
-    sign = torch.where(keep_positive, 1.0, -1.0).to(dtype)
+        direction = passed + 0.5 * torch.addcmul(dropped, sign, part)
+    else:  # ½ (S ± M): exactly S where all tasks agree in sign
+        direction = torch.addcmul(column_sum, sign, mass).mul_(0.5)
     # the same kernel for both: where every sign is kept, J_ip s_p = A_ip term by term and
     # the two sums are equal bit for bit (a kept fraction of exactly 1)
     total = torch.mv(absolute, torch.ones_like(sign))
