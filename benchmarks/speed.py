@@ -2,8 +2,9 @@
 
 Model: MLP body 256 -> 512 -> 512 -> 512 (ReLU), K linear heads 512 -> 1, batch 256, MSE
 losses, SGD; CPU. Every configuration runs interleaved with the others (round robin over
-several rounds) and the median per-step time is reported, so slow drift of the machine
-affects all of them alike.
+several rounds), and in every round the baseline is timed again right before each
+configuration: the ratio reported is the median over the rounds of these paired ratios, so
+the machine's drift (slow, or over a round) cancels out.
 
 Sections (``--section``):
 
