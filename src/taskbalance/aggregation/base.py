@@ -29,7 +29,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Balancer, Losses, Tasks, _clone, _SkipStepError, with_reference
+from taskbalance.balancer import (
+    Balancer,
+    Losses,
+    Tasks,
+    _clone,
+    _SkipStepError,
+    detached_stack,
+    with_reference,
+)
 from taskbalance.distributed import Sync
 from taskbalance.errors import BalancerUsageError, NonFiniteGradientError, SolverError
 from taskbalance.gradients import (
@@ -121,8 +129,9 @@ class GradientBalancer(Balancer):
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         """:meth:`weights_from_gramian` on a float64 Gramian checked to be finite."""
-        finite = torch.isfinite(gramian)
-        if not bool(finite.all()):
+        # one reduction in the usual case; a finite Gramian whose sum overflows is let through
+        finite = None if math.isfinite(float(gramian.sum())) else torch.isfinite(gramian)
+        if finite is not None and not bool(finite.all()):
             diagonal_bad = ~torch.isfinite(gramian.diagonal())
             rows_bad = diagonal_bad if bool(diagonal_bad.any()) else (~finite).any(dim=1)
             bad = int(rows_bad.nonzero()[0])
@@ -219,7 +228,7 @@ class GradientBalancer(Balancer):
         boundary = self._begin_call(rerun=False)
         self.last_step_skipped = False
         items = self.split_separate(losses)
-        local = torch.stack([item.detach() for item in items])
+        local = detached_stack(items)
         try:
             if sync is None:
                 stacked = self._check_finite(local)
@@ -330,7 +339,8 @@ class GradientBalancer(Balancer):
         # a finite Gramian (checked in aggregate) and finite weights give a finite wᵀJ;
         # methods that build the direction from J themselves are checked in full.
         direction_ok = self.needs != "jacobian" or bool(torch.isfinite(direction).all())
-        if not bool(torch.isfinite(weights).all()) or not direction_ok:
+        weights_ok = math.isfinite(float(weights.sum())) or bool(torch.isfinite(weights).all())
+        if not weights_ok or not direction_ok:
             raise NonFiniteGradientError(
                 f"{type(self).__name__} produced a non-finite update (weights "
                 f"{weights.tolist()}); the task gradients may be non-finite"
