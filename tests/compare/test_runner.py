@@ -123,3 +123,35 @@ def test_load_run_round_trips_the_history(tmp_path):
     assert history.steps == original.steps
     assert history.weights.tolist() == original.weights.tolist()
     assert history.extra_names == original.extra_names
+
+
+def test_the_code_a_run_depends_on_is_fingerprinted():
+    """Editing a method's module (or what it imports) changes its fingerprint; others keep
+    theirs; presentation modules are not followed."""
+    import taskbalance as tb
+    from taskbalance.compare.fingerprint import dependencies
+
+    pcgrad = dependencies(tb.get("pcgrad"))
+    assert {"taskbalance.aggregation.pcgrad", "taskbalance.aggregation.base"} <= set(pcgrad)
+    assert {"taskbalance.gradients", "taskbalance.balancer"} <= set(pcgrad)
+    assert "taskbalance.aggregation.upgrad" not in pcgrad  # no link between methods
+    assert "taskbalance.aggregation.pcgrad" in dependencies(tb.get("gradvac"))  # imported
+    assert "taskbalance.aggregation._dual_cone" in dependencies(tb.get("upgrad"))
+    assert not any(".compare.report" in m or ".plots" in m for m in pcgrad)
+    assert "taskbalance.compare.problem" in dependencies(TwoRegressions)
+
+
+def test_a_run_of_other_code_is_not_reused(tmp_path, monkeypatch):
+    from taskbalance.compare import runner
+
+    problem = TwoRegressions()
+    run_comparison(problem, ["pcgrad"], 1, tmp_path, progress=False)
+    problem.calls.clear()
+    real = runner.code_fingerprint
+    monkeypatch.setattr(
+        runner, "code_fingerprint", lambda m, p: "edited" if m.__name__ == "PCGrad" else real(m, p)
+    )
+    run_comparison(problem, ["pcgrad"], 1, tmp_path, progress=False)
+    assert problem.calls == [("pcgrad", 0)]  # equal weighting's code did not change
+    config, _ = load_run(run_dir(tmp_path, "pcgrad", 0), problem.tasks)
+    assert config["code"] == "edited"

@@ -6,7 +6,9 @@ Layout of ``out``::
     out/runs/<method>/seed<k>/history_<label>.csv  the balancer's per-step losses and weights
 
 A run is finished when its ``result.json`` exists (it is written last, atomically) and its
-``config`` matches the requested one; rerunning the same command skips finished runs, so an
+``config`` matches the requested one (the problem's settings, method, seed, epochs, options
+and a fingerprint of the code the run depends on, see :mod:`.fingerprint`: an edited method
+or engine reruns its runs); rerunning the same command skips finished runs, so an
 interrupted comparison resumes where it stopped. A run that raises is recorded as failed
 (with the error) and the comparison goes on; it is retried on the next invocation.
 """
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 import taskbalance as tb
+from taskbalance.compare.fingerprint import code_fingerprint
 from taskbalance.compare.problem import ComparisonProblem, RunResult
 from taskbalance.history import History
 from taskbalance.training.joint import make_progress
@@ -121,6 +124,7 @@ def _run_config(problem: ComparisonProblem, method: str, seed: int, epochs: int,
         "seed": seed,
         "epochs": epochs,
         "options": {k: repr(v) for k, v in sorted(options.items())},
+        "code": code_fingerprint(tb.get(method), type(problem)),
     }
 
 
