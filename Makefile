@@ -15,7 +15,7 @@ demo: $(STAMP)
 	.venv/bin/taskbalance demo kendall
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -n auto --dist loadgroup -m "not reproduction"
 
 # the full reproductions left out of `make test` for CI time (MMoE paper run: ~4 min)
@@ -23,8 +23,8 @@ reproduce: $(STAMP)
 	$(PY) -m pytest -q -m reproduction
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py
