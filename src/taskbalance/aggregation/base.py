@@ -115,15 +115,30 @@ class GradientBalancer(Balancer):
 
         The default computes the weights from the Gramian and returns ``wᵀ J``.
         """
-        weights = self.gramian_weights(compute_gramian(jacobian).double(), losses)
+        weights = self.scaled_weights(compute_gramian(jacobian).double(), losses)
         weights = weights.to(jacobian.dtype)
         return weights @ jacobian, weights
+
+    def scaled_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        """:meth:`gramian_weights` times :meth:`direction_scale` of ``||wᵀJ|| = sqrt(wᵀGw)``
+        (for methods with :attr:`scales_direction`): the weights actually applied, computed
+        without a pass over J."""
+        weights = self.gramian_weights(gramian, losses)
+        if not self.scales_direction:
+            return weights
+        w = weights.to(gramian.dtype)
+        factor = self.direction_scale(math.sqrt(max(float(w @ gramian @ w), 0.0)))
+        return weights if factor == 1.0 else weights * factor
+
+    #: the method rescales ``wᵀJ`` by a function of its norm (:meth:`direction_scale`).
+    scales_direction: ClassVar[bool] = False
 
     def direction_scale(self, norm: float) -> float:
         """Factor applied to a combined direction of norm ``norm`` (1: none; Nash-MTL clips).
 
-        Methods that rescale ``wᵀJ`` by its norm implement it here, so that under DDP's
-        features mode the factor is computed from the global norm ``sqrt(wᵀGw)``.
+        Methods that rescale ``wᵀJ`` by its norm set :attr:`scales_direction` and implement
+        this; the norm is ``sqrt(wᵀGw)`` from the Gramian (under DDP's features mode the
+        global Gramian, so every rank applies the same factor).
         """
         return 1.0
 
@@ -299,13 +314,8 @@ class GradientBalancer(Balancer):
             stacked = self._check_finite(loss_sum.to(local.dtype))
             gram = gram_sum / (world * world)
             self._restore_micro()
-            weights = self.gramian_weights(gram, stacked).to(jac.dtype)
-            direction = weights @ jac
-            norm = math.sqrt(max(float(weights.double() @ gram @ weights.double()), 0.0))
-            factor = self.direction_scale(norm)
-            if factor != 1.0:  # the weights recorded are those actually applied
-                direction, weights = direction * factor, weights * factor
-            return stacked, direction, weights
+            weights = self.scaled_weights(gram, stacked).to(jac.dtype)
+            return stacked, weights @ jac, weights
         stacked = self._check_finite(sync.mean([local])[0])
         full, offset = sync.all_gather_columns(jac)
         self._restore_micro()

@@ -25,11 +25,11 @@ Choices, against the official code (AvivNavon/nash-mtl):
 * ``max_norm=1.0`` (official default): this step's combined direction is scaled by
   ``min(1, max_norm / (||d|| + 1e-6))`` as ``clip_grad_norm_`` would (official: the shared
   parameters' gradient); ``max_norm=0`` disables it. The exact solution has ``||d|| = √K``.
-  Under DDP's features mode ``||d||`` is the global direction's norm ``sqrt(αᵀGα)``, so
-  every rank scales alike. The recorded weights (``history``, ``last_weights``, the value
-  ``backward`` returns) are those actually applied, ``c·α`` with the clip factor
-  ``c <= 1``, so that ``d = wᵀJ`` holds; :attr:`NashMTL.alpha` keeps the unclipped
-  solution (the warm start).
+  ``||d||`` is computed from the Gramian, ``sqrt(αᵀGα)`` (no pass over J; under DDP's
+  features mode the global Gramian, so every rank scales alike). The recorded weights
+  (``history``, ``last_weights``, the value ``backward`` returns) are those actually
+  applied, ``c·α`` with the clip factor ``c <= 1``, so that ``d = wᵀJ`` holds;
+  :attr:`NashMTL.alpha` keeps the unclipped solution (the warm start).
 * ``update_weights_every`` (official default 1) is not offered: reusing weights only pays
   off if the K task backward passes are skipped, which is a job for the engine.
 * Task-specific parameters follow the library rule (``task_specific="unweighted"``); the
@@ -113,6 +113,8 @@ def nash_solve(G: np.ndarray, start: np.ndarray, max_iter: int = 100) -> tuple[n
 class NashMTL(GradientBalancer):
     """Nash-MTL (see the module docstring). ``fallbacks`` counts steps that used a fallback."""
 
+    scales_direction = True  # the clip of ||d|| = sqrt(αᵀGα)
+
     def __init__(
         self,
         tasks: Tasks,
@@ -185,14 +187,6 @@ class NashMTL(GradientBalancer):
             if coef < 1.0:
                 return coef
         return 1.0
-
-    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        """``(c·αᵀJ, c·α)``: the clipped direction and the weights actually applied."""
-        direction, weights = super().aggregate(jacobian, losses)
-        coef = self.direction_scale(float(direction.norm())) if self.max_norm > 0 else 1.0
-        if coef < 1.0:
-            direction, weights = direction * coef, weights * coef
-        return direction, weights
 
     def method_state(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "fallbacks": self.fallbacks}
