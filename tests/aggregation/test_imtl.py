@@ -156,6 +156,18 @@ def test_imtl_l_gradient_of_the_scales() -> None:
     assert float(losses[0].grad) == pytest.approx(1.0)
 
 
+def test_imtl_l_is_uncertainty_weighting_with_the_sign_of_s_flipped() -> None:
+    """e^s L - s at s is e^-t L + t at t = -s: from s = 0, with Adam, the same weights."""
+    imtl_l, uncertainty = IMTLL(3), registry.make("uncertainty", 3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        values = torch.rand(3, generator=gen) * 5 + 0.1
+        for bal in (imtl_l, uncertainty):
+            bal([v.clone().requires_grad_() for v in values]).backward()
+        torch.testing.assert_close(imtl_l.last_weights, uncertainty.last_weights)
+    assert not torch.allclose(imtl_l.last_weights, torch.ones(3))  # the scales moved
+
+
 def test_state_round_trip() -> None:
     bal = IMTL(2, variant="hybrid", lr=0.1)
     other = IMTL(2, variant="hybrid", lr=0.1)
