@@ -30,6 +30,7 @@ from taskbalance.errors import (
     NotScalarLossError,
     SolverError,
     TaskBalanceError,
+    TaskBalanceWarning,
     TaskMismatchError,
 )
 from taskbalance.gradients import fork
@@ -80,6 +81,7 @@ __all__ = [
     "SolverError",
     "StaticWeighting",
     "TaskBalanceError",
+    "TaskBalanceWarning",
     "TaskMismatchError",
     "UPGrad",
     "UncertaintyWeighting",

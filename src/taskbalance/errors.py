@@ -68,3 +68,8 @@ class NonFiniteGradientError(SolverError):
     def __init__(self, message: str, task: str | None = None) -> None:
         self.task = task
         super().__init__(message)
+
+
+class TaskBalanceWarning(UserWarning):
+    """A call that runs but probably trains differently from what was meant; the message
+    says what to change. Each kind is warned once per balancer (or once per process)."""
