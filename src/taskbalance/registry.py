@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -51,3 +52,29 @@ def make(name: str, tasks: Any, **kwargs: Any) -> Balancer:
 def list_methods() -> list[str]:
     """Names of every registered method, sorted."""
     return sorted(_REGISTRY)
+
+
+def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """Every keyword a balancer class's constructor accepts, ``tasks`` excluded.
+
+    Follows ``**kw`` up the class hierarchy (a method's own hyper-parameters first, then
+    those of its bases: ``task_specific``, ``nonfinite``, ``record``, ...), so the result is
+    the full set of names that ``cls(tasks, **kwargs)`` takes, each with its default.
+    """
+    found: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        passes_on = False
+        for name, param in inspect.signature(init).parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                passes_on = True
+            elif param.kind is not inspect.Parameter.VAR_POSITIONAL and name not in (
+                "self",
+                "tasks",
+            ):
+                found.setdefault(name, param)
+        if not passes_on:
+            break
+    return found
