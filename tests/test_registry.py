@@ -103,3 +103,119 @@ def test_re_registering_the_same_class_is_allowed(scratch_registry: None) -> Non
 
 def test_scratch_registry_did_not_leak() -> None:
     assert "my_method" not in tb.list_methods()
+
+
+# ---------------------------------------------------------------- misspelt and misplaced arguments
+
+
+def test_make_names_the_method_and_suggests_the_closest_keyword() -> None:
+    with pytest.raises(
+        TypeError, match=r"dwa \(DWA\) got an unexpected argument 'temprature'"
+    ) as info:
+        tb.make("dwa", tasks=2, temprature=2)
+    message = str(info.value)
+    assert "did you mean 'temperature'?" in message
+    for valid in ("tasks", "temperature=2.0", "period='epoch'", "nonfinite='raise'", "record=True"):
+        assert valid in message
+    assert "Balancer.__init__" not in message
+
+
+def test_direct_construction_gives_the_same_message() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"dwa \(DWA\) got an unexpected argument 'temprature'; "
+        r"did you mean 'temperature'\?",
+    ):
+        tb.DWA(2, temprature=2)
+    with pytest.raises(TypeError, match=r"upgrad \(UPGrad\) .*'norm_esp'.*'norm_eps'"):
+        tb.UPGrad(3, norm_esp=1e-4)
+    with pytest.raises(TypeError, match=r"imtl_l \(IMTLL\) .*'l_r'.*did you mean 'lr'"):
+        tb.make("imtl_l", 2, l_r=0.1)
+
+
+def test_every_misspelt_keyword_is_named() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"arguments 'temprature' \(did you mean 'temperature'\?\) "
+        r"and 'perod' \(did you mean 'period'\?\)",
+    ):
+        tb.make("dwa", 2, temprature=2, perod="step")
+
+
+def test_an_unknown_keyword_without_a_close_match_lists_the_valid_ones() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"gls \(GLS\) got an unexpected argument 'temperature'\. "
+        r"Valid arguments: tasks, nonfinite='raise'",
+    ):
+        tb.make("gls", 2, temperature=1.0)
+
+
+def test_a_subclass_lists_its_own_arguments() -> None:
+    class Scaled(tb.DWA):
+        def __init__(self, tasks: int, scale: float = 1.0, **kw: object) -> None:
+            super().__init__(tasks, **kw)
+            self.scale = scale
+
+    with pytest.raises(TypeError, match=r"'scael'; did you mean 'scale'\?.*temperature=2\.0"):
+        Scaled(2, scael=2.0)
+    assert Scaled(2, scale=3.0, temperature=1.0).scale == 3.0
+
+
+def test_a_class_that_takes_any_keyword_keeps_taking_them(scratch_registry: None) -> None:
+    @tb.register("open_options")
+    class Open(tb.EqualWeighting):
+        def __init__(self, tasks: int, **options: object) -> None:
+            super().__init__(tasks)
+            self.options = options
+
+    assert tb.make("open_options", 2, anything=1).options == {"anything": 1}
+
+
+def test_other_type_errors_pass_through_unchanged() -> None:
+    with pytest.raises(TypeError, match="multiple values for argument 'temperature'"):
+        tb.DWA(2, 3.0, temperature=2.0)
+
+
+def test_make_without_tasks_says_how_to_give_them() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"tb\.make\('dwa'\) needs the tasks: .*tasks=2.*"
+        r"tasks=\['seg', 'depth'\]",
+    ):
+        tb.make("dwa", temperature=2.0)
+
+
+def test_a_misspelt_tasks_keyword_suggests_tasks() -> None:
+    with pytest.raises(TypeError, match=r"unexpected argument 'task'; did you mean 'tasks'\?"):
+        tb.make("dwa", task=2)
+
+
+def test_make_takes_hyper_parameters_by_keyword_only() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"by keyword.*got 1 more positional argument \(2\.0\).*"
+        r"temperature=2\.0",
+    ):
+        tb.make("dwa", 2, 2.0)
+
+
+def test_make_with_the_name_and_tasks_swapped() -> None:
+    with pytest.raises(TypeError, match=r"method name first.*got 2\. Call tb\.make\('dwa', tasks"):
+        tb.make(2, "dwa")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"method name first.*got \['seg', 'depth'\]"):
+        tb.make(["seg", "depth"], "dwa")  # type: ignore[arg-type]
+
+
+def test_make_with_tasks_of_the_wrong_type() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"tasks must be the number of tasks \(an int\) or "
+        r"their names.*got 2\.5",
+    ):
+        tb.make("dwa", 2.5)
+
+
+def test_unknown_method_suggests_the_closest_name() -> None:
+    with pytest.raises(KeyError, match=r"unknown method 'gradnrom'; did you mean 'gradnorm'\?"):
+        tb.make("gradnrom", 2)
