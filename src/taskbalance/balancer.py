@@ -22,6 +22,7 @@ weights per micro-batch, state per accumulated step); both are described in
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -37,9 +38,11 @@ from taskbalance.errors import (
     NonFiniteLossError,
     NotScalarLossError,
     TaskMismatchError,
+    warn,
 )
 from taskbalance.history import History
 from taskbalance.learnable import OwnedParameters
+from taskbalance.registry import constructor_parameters
 
 logger = logging.getLogger("taskbalance")
 
@@ -122,8 +125,13 @@ class Balancer:
             the N-th call. See ``docs/scaling.md``. Default 1: every call is a step.
 
     Every call is a training step: it advances the method's state (DWA's period means,
-    RLW's random draws, the step counter) and is recorded in the history. Compute
-    evaluation losses without the balancer (e.g. ``sum(losses)`` or your own weights).
+    RLW's random draws, the step counter) and is recorded in the history. A call with
+    autograd disabled (``torch.no_grad()``, ``torch.inference_mode()``) is refused with
+    :class:`~taskbalance.errors.BalancerUsageError`, as it can only be an evaluation:
+    :meth:`evaluate` gives a weighted validation loss and touches no state.
+
+    Hyper-parameters are the constructor's arguments (:meth:`hyperparameters`, shown by
+    ``repr``); :meth:`load_state_dict` restores state only and keeps them (see there).
 
     Subclasses of loss-weighting methods implement :meth:`compute_weights`; those whose
     combined loss is not a weighted sum (uncertainty weighting, GLS) override
@@ -138,6 +146,12 @@ class Balancer:
     #: under accumulation, every micro-batch starts from the state saved at the start of
     #: the accumulated step (through :meth:`method_state` / :meth:`load_method_state`).
     restores_micro_batches: ClassVar[bool] = True
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Balancer:
+        self = super().__new__(cls)
+        # the constructor's arguments as given, for hyperparameters() / repr / state_dict
+        self._given = (args, kwargs)
+        return self
 
     def __init__(
         self,
@@ -187,8 +201,62 @@ class Balancer:
         """Calls made so far in the open accumulated step (0 right after a step closes)."""
         return 0 if self._open is None else self._open.calls
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor's arguments, defaults filled in (``tasks`` excluded).
+
+        These are what the balancer was built with; :meth:`state_dict` saves them and
+        :meth:`load_state_dict` compares them with its own (the constructor's values win).
+        """
+        params = constructor_parameters(type(self))
+        values = {name: p.default for name, p in params.items()}
+        args, kwargs = getattr(self, "_given", ((), {}))
+        try:
+            bound = inspect.signature(type(self).__init__).bind_partial(self, *args, **kwargs)
+        except TypeError:
+            bound = None
+        if bound is not None:
+            for name, value in bound.arguments.items():
+                if name in ("self", "tasks"):
+                    continue
+                if params.get(name) is None and isinstance(value, dict):
+                    values.update(value)  # the **kw of the leaf constructor
+                else:
+                    values[name] = value
+        return {k: v for k, v in values.items() if v is not inspect.Parameter.empty}
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(tasks={list(self.tasks)})"
+        defaults = constructor_parameters(type(self))
+        shown = [f"tasks={list(self.tasks)}"]
+        for name, value in self.hyperparameters().items():
+            if name in _COMMON_SETTINGS and _same(value, defaults[name].default):
+                continue  # settings every balancer has: only when not the default
+            shown.append(f"{name}={_short_repr(value)}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The balancer's learnable parameters (empty for most methods).
+
+        Uncertainty weighting (``log_vars``), GradNorm (``weights``), IMTL-L / IMTL hybrid
+        (``scales``) and FAMO (``logits``) have some. With ``optimizer="own"`` (the default)
+        they are stepped by the balancer itself: do not give them to your optimizer.
+        """
+        return [p for learnable in self._learnables() for p in learnable.parameters()]
+
+    def attach(self, optimizer: torch.optim.Optimizer, lr: float | None = None) -> None:
+        """Hand the learnable parameters to ``optimizer`` as a param group with weight
+        decay 0 (for a balancer built with ``optimizer="external"``)."""
+        learnables = self._learnables()
+        if not learnables:
+            raise BalancerUsageError(
+                f"{type(self).__name__} has no learnable parameters to attach to an optimizer"
+            )
+        if "optimizer" not in constructor_parameters(type(self)):
+            raise BalancerUsageError(
+                f"{type(self).__name__} steps its parameters itself (its update rule is part "
+                "of the method) and takes no optimizer='external'; nothing to attach"
+            )
+        for learnable in learnables:
+            learnable.attach(optimizer, lr)
 
     # ------------------------------------------------------------------ inputs
     def split_losses(self, losses: Losses) -> list[Tensor]:
@@ -392,6 +460,56 @@ class Balancer:
         self._end_call(stacked, weights, boundary, sync, context)
         return total
 
+    def _check_training_call(self) -> None:
+        """Refuse a step with autograd disabled: it can only be an evaluation, and counting
+        it as a training step would advance the method's state with validation losses."""
+        if not torch.is_grad_enabled():
+            raise BalancerUsageError(
+                f"{type(self).__name__} was called with autograd disabled (torch.no_grad() or "
+                "torch.inference_mode()): every call is a training step and advances the "
+                "method's state and history. For a weighted validation loss use "
+                "balancer.evaluate(losses), which touches no state"
+            )
+
+    def evaluate(self, losses: Losses, **context: Any) -> Tensor:
+        """The combined loss for ``losses`` as this step would weight it, touching no state.
+
+        For logging a weighted validation loss: no history row, no step counted, no period
+        mean, no random draw consumed, no learnable parameter stepped (the method's state is
+        saved and put back). Gradient methods, whose weights come from gradients, weight the
+        losses with the last step's weights (1 before the first step). Runs without
+        autograd and returns a detached scalar; local to this process under DDP.
+        """
+        stacked = self._check_finite_for_evaluate(losses)
+        with torch.no_grad():
+            if self.kind == "gradient":
+                weights = (
+                    torch.ones_like(stacked)
+                    if self.last_weights is None
+                    else self.last_weights.to(stacked)
+                )
+                return (weights * stacked).sum()
+            saved_state, saved_attrs = _clone(self.method_state()), dict(vars(self))
+            try:
+                weights = self.evaluation_weights(stacked, **context)
+                return self.combine(stacked, weights).detach()
+            finally:
+                self.load_method_state(saved_state)
+                vars(self).update(saved_attrs)
+
+    def evaluation_weights(self, losses: Tensor, **context: Any) -> Tensor:
+        """The weights :meth:`evaluate` uses (its caller puts the state back afterwards);
+        by default :meth:`compute_weights`. A method whose weight computation also acts
+        on the past (FAMO's catch-up step of its logits) overrides this."""
+        return self.compute_weights(losses, **context)
+
+    def _check_finite_for_evaluate(self, losses: Losses) -> Tensor:
+        stacked = self._stack(losses).detach()
+        try:
+            return self._check_finite(stacked)
+        except _SkipStepError as err:  # nonfinite="skip_step": an evaluation still reports it
+            raise NonFiniteLossError(err.task, err.value) from None
+
     def backward(
         self,
         losses: Losses,
@@ -579,6 +697,7 @@ class Balancer:
         return {
             "method": self.method_name,
             "tasks": list(self.tasks),
+            "hyperparameters": {k: _plain(v) for k, v in self.hyperparameters().items()},
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "last_weights": self.last_weights,
@@ -587,6 +706,17 @@ class Balancer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`; keep this balancer's hyper-parameters.
+
+        The rule, the same for every method: a checkpoint restores *state* (step counter,
+        history, the method's running values, learnable parameters and their optimizer's
+        moments, random generators); *hyper-parameters* (every constructor argument, e.g.
+        DWA's temperature, a learnable balancer's ``lr``) are the constructor's. Starting
+        values (a ``seed``, uncertainty weighting's ``init``) are superseded by the state
+        they started. When the checkpoint was saved
+        with other values, a :class:`~taskbalance.errors.TaskBalanceWarning` names each one;
+        build the balancer with the checkpoint's values to continue the same run.
+        """
         if state.get("method") != self.method_name:
             raise BalancerUsageError(
                 f"state of method {state.get('method')!r} cannot be loaded into "
@@ -597,10 +727,10 @@ class Balancer:
                 f"state was saved for tasks {list(state['tasks'])}, this balancer has "
                 f"{list(self.tasks)}"
             )
+        self.load_method_state(state["state"])  # first: it refuses a state it cannot take
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self.last_weights = state["last_weights"]
-        self.load_method_state(state["state"])
         if self._open is not None:
             self._open = None
             for learnable in self._learnables():
@@ -608,6 +738,67 @@ class Balancer:
         self._touched = {}
         if self.history is not None and state["history"] is not None:
             self.history.load_state_dict(state["history"])
+        self._compare_hyperparameters(state.get("hyperparameters"))
+
+    def _compare_hyperparameters(self, saved: dict[str, Any] | None) -> None:
+        """Warn (once per load) about hyper-parameters that differ from the checkpoint's."""
+        if saved is None:  # a checkpoint from before hyper-parameters were saved
+            return
+        mine = {k: _plain(v) for k, v in self.hyperparameters().items()}
+        differ = [
+            f"{name}={_short_repr(saved[name])} in the checkpoint, {_short_repr(value)} here"
+            for name, value in mine.items()
+            if name in saved and name not in _RUNTIME_SETTINGS and not _same(saved[name], value)
+        ]
+        if differ:
+            warn(
+                f"{type(self).__name__}.load_state_dict: the checkpoint was saved with other "
+                f"hyper-parameters ({'; '.join(differ)}). The constructor's values are kept "
+                "(a checkpoint restores state only); build the balancer with the checkpoint's "
+                "values to continue the same run"
+            )
+
+
+#: constructor settings every balancer has; ``repr`` shows them only when not the default.
+_COMMON_SETTINGS = frozenset(constructor_parameters(Balancer)) | {"task_specific"}
+#: not compared on load: how a run is executed (``record``, ``distributed``), and starting
+#: values that the checkpoint's state supersedes (a random ``seed``, a learnable's ``init``).
+_RUNTIME_SETTINGS = frozenset({"record", "distributed", "seed", "init"})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain Python values and CPU tensors (loadable with ``weights_only``);
+    objects of other types become their ``repr``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return repr(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of plain values, tensors compared by value (and to equal sequences)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        try:
+            return bool(torch.equal(torch.as_tensor(a).double(), torch.as_tensor(b).double()))
+        except (TypeError, ValueError, RuntimeError):
+            return False
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _short_repr(value: Any) -> str:
+    """A compact repr: tensors as lists of numbers."""
+    if isinstance(value, Tensor):
+        return repr(value.tolist()) if value.numel() <= 16 else f"tensor{tuple(value.shape)}"
+    return repr(value)
 
 
 def _clone(value: Any) -> Any:

@@ -73,3 +73,17 @@ class NonFiniteGradientError(SolverError):
 class TaskBalanceWarning(UserWarning):
     """A call that runs but probably trains differently from what was meant; the message
     says what to change. Each kind is warned once per balancer (or once per process)."""
+
+
+def warn(message: str, category: type[Warning] = TaskBalanceWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside taskbalance (the user's
+    line), however deep in the library the misuse was noticed."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

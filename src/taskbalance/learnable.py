@@ -16,16 +16,23 @@ to hand it to an optimizer with weight decay (AdamW's default is 0.01), which pu
   parameters as a new param group with ``weight_decay=0``. Using the balancer before
   ``attach`` raises :class:`~taskbalance.errors.BalancerUsageError`, and ``attach`` refuses an
   optimizer that already holds them with a non-zero weight decay.
+
+The opposite mistake is caught too: parameters of ``optimizer="own"`` also given to the
+user's optimizer (``Adam([*model.parameters(), *balancer.parameters()])``) would have that
+optimizer's lr and weight decay silently ignored (the balancer steps them first and clears
+their gradient). The first step of such an optimizer warns once per balancer, with the fix.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from taskbalance.errors import BalancerUsageError
+from taskbalance.errors import BalancerUsageError, warn
 
 OptimizerMode = Literal["own", "external"]
 
@@ -40,6 +47,7 @@ class OwnedParameters:
         *,
         optimizer: OptimizerMode = "own",
         lr: float = 1e-3,
+        external_allowed: bool = True,
     ) -> None:
         if optimizer not in ("own", "external"):
             raise ValueError(f"optimizer must be 'own' or 'external', got {optimizer!r}")
@@ -52,11 +60,17 @@ class OwnedParameters:
         self.attached = False
         #: while true, the post-accumulate-grad hook lets gradients add up instead of stepping.
         self.hold = False
+        #: whether the owner can be built with ``optimizer="external"`` (for messages).
+        self.external_allowed = external_allowed
+        self.warned_foreign = False
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         if optimizer == "own":
             for name, p in self.params.items():
-                self._optimizers[name] = torch.optim.Adam([p], lr=lr, weight_decay=0.0)
+                opt = torch.optim.Adam([p], lr=lr, weight_decay=0.0)
+                opt._taskbalance_own = True  # type: ignore[attr-defined]
+                self._optimizers[name] = opt
                 p.register_post_accumulate_grad_hook(self._make_hook(name))
+            _watch(self)
 
     def _make_hook(self, name: str):
         def hook(param: Tensor) -> None:
@@ -181,4 +195,55 @@ class OwnedParameters:
                     param.copy_(value)
         for name, opt_state in state["optimizers"].items():
             if name in self._optimizers:
-                self._optimizers[name].load_state_dict(opt_state)
+                opt = self._optimizers[name]
+                opt.load_state_dict(opt_state)
+                # state only: the hyper-parameters stay the constructor's (Balancer's rule)
+                for group in opt.param_groups:
+                    group["lr"], group["weight_decay"] = self.lr, 0.0
+
+
+# ---------------------------------------------------------------------- foreign optimizers
+#: ``optimizer="own"`` parameter sets alive in this process.
+_OWN: weakref.WeakSet[OwnedParameters] = weakref.WeakSet()
+#: optimizers already checked, with their number of param groups at the time.
+_CHECKED: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
+_HOOK: Any = None
+
+
+def _watch(owned: OwnedParameters) -> None:
+    """Start checking the process's optimizer steps for ``owned``'s parameters."""
+    global _HOOK
+    _OWN.add(owned)
+    if _HOOK is None:
+        _HOOK = register_optimizer_step_pre_hook(_check_foreign_step)
+
+
+def _check_foreign_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimizer step pre-hook: warn if a user's optimizer holds parameters that a
+    balancer steps itself. Each optimizer is looked at once (again if its param groups
+    change in number): a dictionary look-up per step after that."""
+    if getattr(optimizer, "_taskbalance_own", False) or not _OWN:
+        return
+    groups = len(optimizer.param_groups)
+    if _CHECKED.get(optimizer) == groups:
+        return
+    _CHECKED[optimizer] = groups
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for owned in list(_OWN):
+        names = [n for n, p in owned.params.items() if id(p) in held]
+        if not names or owned.warned_foreign:
+            continue
+        owned.warned_foreign = True
+        fix = (
+            "construct the balancer with optimizer='external' and call balancer.attach("
+            "optimizer) to have your optimizer step them"
+            if owned.external_allowed
+            else f"{owned.owner} takes no optimizer='external'"
+        )
+        warn(
+            f"{owned.owner}'s learnable parameters {names} are in an optimizer "
+            f"({type(optimizer).__name__}) that is not the balancer's, but the balancer "
+            "steps them itself (optimizer='own'): that optimizer's lr and weight decay are "
+            "ignored for them. "
+            f"Build your optimizer from the model's parameters only, or {fix}"
+        )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -101,17 +101,85 @@ def test_epoch_mode_without_end_period_keeps_unit_weights() -> None:
         assert bal.last_weights.tolist() == [1.0, 1.0]
 
 
-def test_forgotten_end_period_is_reported(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(dwa_module, "FORGOTTEN_END_PERIOD_STEPS", 5)
-    bal = tb.DWA(2)
-    with caplog.at_level(logging.WARNING, logger="taskbalance"):
-        for _ in range(4):
-            bal(const(1.0, 1.0))
-        assert "end_period" not in caplog.text
+def _steps(bal: tb.DWA, n: int) -> None:
+    for _ in range(n):
         bal(const(1.0, 1.0))
-    assert "end_period" in caplog.text
+
+
+def test_forgotten_end_period_warns_once_at_the_documented_length() -> None:
+    bal = tb.DWA(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing before the documented length
+        _steps(bal, dwa_module.FORGOTTEN_END_PERIOD_STEPS - 1)
+    with pytest.warns(tb.TaskBalanceWarning, match=r"end_period\(\) may have been forgotten"):
+        _steps(bal, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        _steps(bal, 10)
+
+
+def test_warning_points_at_the_callers_line() -> None:
+    bal = tb.DWA(2)
+    _steps(bal, dwa_module.FORGOTTEN_END_PERIOD_STEPS - 1)
+    with pytest.warns(tb.TaskBalanceWarning) as record:
+        bal(const(1.0, 1.0))
+    assert record[0].filename == __file__
+
+
+def test_after_closed_periods_a_period_four_times_the_longest_warns() -> None:
+    bal = tb.DWA(2)
+    for _ in range(3):
+        _steps(bal, 50)
+        bal.end_period()
+    # threshold: max(4 × 50, 100) = 200 steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _steps(bal, 199)
+    with pytest.warns(tb.TaskBalanceWarning, match="the longest so far had 50"):
+        _steps(bal, 1)
+
+
+def test_regular_epochs_never_warn() -> None:
+    bal = tb.DWA(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            _steps(bal, 30)
+            bal.end_period()
+
+
+def test_steps_per_period_closes_periods_by_itself() -> None:
+    auto = tb.DWA(2, steps_per_period=3)
+    manual = tb.DWA(2)
+    losses = [(1.0 + i, 10.0 / (i + 1)) for i in range(12)]
+    for i, pair in enumerate(losses):
+        auto(const(*pair))
+        manual(const(*pair))
+        if i % 3 == 2:
+            manual.end_period()
+        assert torch.equal(auto.last_weights, manual.last_weights)
+    assert auto.last_weights.tolist() != [1.0, 1.0]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_steps_per_period_must_be_a_positive_int(bad: object) -> None:
+    with pytest.raises(ValueError, match="steps_per_period"):
+        tb.DWA(2, steps_per_period=bad)
+
+
+def test_steps_per_period_needs_epoch_periods() -> None:
+    with pytest.raises(ValueError, match="period='epoch'"):
+        tb.DWA(2, steps_per_period=3, period="step")
+
+
+def test_longest_period_survives_a_resume() -> None:
+    bal = tb.DWA(2)
+    _steps(bal, 40)
+    bal.end_period()
+    resumed = tb.DWA(2)
+    resumed.load_state_dict(save_load(bal.state_dict()))
+    with pytest.warns(tb.TaskBalanceWarning, match="the longest so far had 40"):
+        _steps(resumed, 160)
 
 
 def test_end_period_without_steps_is_a_no_op() -> None:

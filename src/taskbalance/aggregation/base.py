@@ -176,6 +176,7 @@ class GradientBalancer(Balancer):
             NonFiniteGradientError: a task gradient (or the update) is NaN or infinite;
                 nothing is written to ``.grad`` and the method's state is unchanged.
         """
+        self._check_training_call()
         losses, reference = with_reference(losses)
         with autocast_disabled(reference):
             return self._backward(losses, shared, features)

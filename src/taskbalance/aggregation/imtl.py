@@ -102,14 +102,6 @@ class _Scales:
             raise AttributeError("IMTL(variant='g') has no learnable loss scales")
         return self.learnable["s"]
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [] if self.learnable is None else self.learnable.parameters()
-
-    def attach(self, optimizer: torch.optim.Optimizer, lr: float | None = None) -> None:
-        """Hand ``s`` to ``optimizer`` (``optimizer='external'`` only), weight decay 0."""
-        if self.learnable is not None:
-            self.learnable.attach(optimizer, lr)
-
     def method_state(self) -> dict[str, Any]:
         return {} if self.learnable is None else self.learnable.state_dict()
 

@@ -9,26 +9,36 @@ so the weights always sum to K; ``w_i = 1`` for the first two periods (t = 1, 2)
 there is no ratio yet. T is the temperature (paper: 2); a larger T flattens the weights.
 
 The paper's period is an epoch and L_i(t) is the task's mean training loss over that epoch
-(``period="epoch"``, the default; call :meth:`DWA.end_period` at each epoch end). A widely
-copied Keras recipe updates every batch from the last two batch losses (``period="step"``).
+(``period="epoch"``, the default; call :meth:`DWA.end_period` at each epoch end — the
+library's training loops and its Lightning integration do — or give ``steps_per_period=N``
+to close a period every N steps). A widely copied Keras recipe updates every batch from the
+last two batch losses (``period="step"``).
+
+A forgotten ``end_period()`` would make DWA equal weighting forever, so an open period that
+grows implausibly long warns once (:class:`~taskbalance.errors.TaskBalanceWarning`): at
+:data:`FORGOTTEN_END_PERIOD_STEPS` steps when no period has been closed yet, and at
+:data:`LONG_PERIOD_FACTOR` times the longest closed period (at least
+:data:`FORGOTTEN_END_PERIOD_MIN` steps) afterwards.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from taskbalance.balancer import Balancer, Tasks
-from taskbalance.errors import BalancerUsageError, NonPositiveLossError
+from taskbalance.errors import BalancerUsageError, NonPositiveLossError, warn
 from taskbalance.registry import register
 
-logger = logging.getLogger("taskbalance")
-
-#: steps in one period after which a forgotten ``end_period()`` is reported.
-FORGOTTEN_END_PERIOD_STEPS = 100_000
+#: steps of a first period after which a forgotten ``end_period()`` is reported (an epoch of
+#: MNIST at batch 32 is 1,875 steps; of NYUv2 at batch 2, 398; of CIFAR-10 at batch 128, 391).
+FORGOTTEN_END_PERIOD_STEPS = 2_000
+#: once periods have closed: a period this many times longer than the longest one so far.
+LONG_PERIOD_FACTOR = 4
+#: ... but never fewer steps than this.
+FORGOTTEN_END_PERIOD_MIN = 100
 
 
 def dwa_weights(previous: Tensor, before: Tensor, temperature: float = 2.0) -> Tensor:
@@ -49,11 +59,23 @@ class DWA(Balancer):
         tasks: Tasks,
         temperature: float = 2.0,
         period: Literal["epoch", "step"] = "epoch",
+        steps_per_period: int | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
         if period not in ("epoch", "step"):
             raise ValueError(f"period must be 'epoch' or 'step', got {period!r}")
+        if steps_per_period is not None and (
+            isinstance(steps_per_period, bool)
+            or not isinstance(steps_per_period, int)
+            or steps_per_period < 1
+            or period != "epoch"
+        ):
+            raise ValueError(
+                "steps_per_period must be a positive int, with period='epoch' (got "
+                f"steps_per_period={steps_per_period!r}, period={period!r})"
+            )
+        self.steps_per_period = steps_per_period
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
@@ -62,6 +84,8 @@ class DWA(Balancer):
         self._count = 0
         self._means: list[Tensor] = []  # mean losses of the last two closed periods
         self._weights: Tensor | None = None
+        self._longest = 0  # steps in the longest period closed so far
+        self._warned = False
 
     def _period_weights(self, like: Tensor) -> Tensor:
         if len(self._means) < 2:
@@ -77,15 +101,25 @@ class DWA(Balancer):
             self._check_positive(losses.double())
         self._sum = losses.double() if self._sum is None else self._sum + losses.double()
         self._count += 1
-        if self.period == "step":
+        if self.period == "step" or self._count == self.steps_per_period:
             self._close_period()
-        elif self._count == FORGOTTEN_END_PERIOD_STEPS:
-            logger.warning(
-                "DWA(period='epoch') saw %d steps without end_period(): its weights change "
-                "only when periods close; call balancer.end_period() at each epoch end",
-                self._count,
+        elif not self._warned and self._count >= self._period_warning_steps():
+            self._warned = True
+            closed = f"the longest so far had {self._longest}" if self._longest else "none closed"
+            warn(
+                f"DWA(period='epoch'): the current period is {self._count} steps long ("
+                f"{closed}); end_period() may have been forgotten, and DWA's weights change "
+                "only when periods close (until two have, it is equal weighting). Call "
+                "balancer.end_period() at the end of every epoch, or build it with "
+                "steps_per_period=<steps per epoch> or period='step'"
             )
         return weights
+
+    def _period_warning_steps(self) -> int:
+        """Open-period length at which a forgotten ``end_period()`` is reported."""
+        if self._longest == 0:
+            return FORGOTTEN_END_PERIOD_STEPS
+        return max(LONG_PERIOD_FACTOR * self._longest, FORGOTTEN_END_PERIOD_MIN)
 
     def end_period(self) -> None:
         """Close the current period: its mean loss becomes L(t-1) for the next weights.
@@ -111,6 +145,7 @@ class DWA(Balancer):
             self._sum, self._count, self._weights = None, 0, None  # drop the bad period
             raise
         self._means = [*self._means, mean][-2:]
+        self._longest = max(self._longest, self._count)
         self._sum, self._count, self._weights = None, 0, None
 
     def _check_positive(self, values: Tensor) -> None:
@@ -124,6 +159,7 @@ class DWA(Balancer):
             "count": self._count,
             "means": list(self._means),
             "weights": self._weights,
+            "longest": self._longest,
         }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
@@ -131,3 +167,4 @@ class DWA(Balancer):
         self._count = int(state["count"])
         self._means = list(state["means"])
         self._weights = state["weights"]
+        self._longest = int(state.get("longest", 0))

@@ -80,7 +80,9 @@ class FAMO(Balancer):
             raise ValueError(f"{len(floor)} min_losses given for {k} tasks")
         self.min_losses = torch.tensor(floor, dtype=torch.float64)
         self.gamma, self.eps, self.max_norm = float(gamma), float(eps), float(max_norm)
-        self.learnable = OwnedParameters("FAMO", {"logits": torch.zeros(k)}, lr=lr)
+        self.learnable = OwnedParameters(
+            "FAMO", {"logits": torch.zeros(k)}, lr=lr, external_allowed=False
+        )
         self._before: Tensor | None = None  # log D(t) of the step awaiting update()
         self._z: Tensor | None = None
         self._c: Tensor | None = None
@@ -149,6 +151,12 @@ class FAMO(Balancer):
         z = self.z.double()
         self._z, self._c = z, (z / gap).sum()
         return (z / gap / self._c).to(losses.dtype)
+
+    def evaluation_weights(self, losses: Tensor, **context: Any) -> Tensor:
+        """The current weights, without the catch-up step of the logits that a training call
+        takes when ``update()`` was not called (``evaluate`` puts the state back)."""
+        self._before = None
+        return self.compute_weights(losses, **context)
 
     def combine(self, losses: Tensor, weights: Tensor) -> Tensor:
         gap = losses - self.min_losses.to(losses) + self.eps

@@ -109,13 +109,6 @@ class UncertaintyWeighting(Balancer):
         """The learnable ``s_i`` (``p_i`` for the positive variant)."""
         return self.learnable["log_vars"]
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return self.learnable.parameters()
-
-    def attach(self, optimizer: torch.optim.Optimizer, lr: float | None = None) -> None:
-        """Hand the parameters to ``optimizer`` (``optimizer='external'`` only), weight decay 0."""
-        self.learnable.attach(optimizer, lr)
-
     @property
     def sigma(self) -> Tensor:
         """Current ``sigma_i`` per task."""
