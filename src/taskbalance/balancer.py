@@ -417,7 +417,11 @@ class Balancer:
         rank) and its gradient is ``sum_i w_i dL_i/dθ`` of the local losses, which DDP
         averages into the global batch's gradient; with ``accumulation_steps=N`` both are
         divided by N.
+
+        Raises:
+            BalancerUsageError: autograd is disabled (an evaluation: use :meth:`evaluate`).
         """
+        self._check_training_call()
         sync = self.current_sync()
         if sync is not None or self.accumulation_steps > 1:
             return self._call_general(losses, sync, context)

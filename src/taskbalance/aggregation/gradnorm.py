@@ -143,6 +143,7 @@ class GradNorm(Balancer):
                 ``nonfinite="skip_step"`` the step is skipped instead (``None`` is returned,
                 :attr:`skipped_steps` counts it, ``last_skip_reason == "gradient"``).
         """
+        self._check_training_call()
         losses, reference = with_reference(losses)
         with autocast_disabled(reference):
             return self._backward(losses, shared, features, last_shared)
