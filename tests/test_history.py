@@ -10,6 +10,7 @@ import torch
 
 import taskbalance as tb
 from conftest import save_load
+from taskbalance.history import CHECKPOINT_ROWS, CHUNK_ROWS
 
 
 def filled() -> tb.History:
@@ -152,3 +153,116 @@ def test_uncertainty_records_sigma() -> None:
     assert torch.equal(bal.history.extra("sigma"), torch.ones(1, 2, dtype=torch.float64))
     row = bal.history.rows()[0]
     assert set(row) == {"step", "loss/a", "loss/b", "weight/a", "weight/b", "sigma/a", "sigma/b"}
+
+
+# ---------------------------------------------------------------------- bounds and streaming
+def grown(n: int, k: int = 2) -> tuple[tb.History, torch.Tensor, torch.Tensor]:
+    """A history of ``n`` rows with distinct, known values (row i: losses i + j, weights -i)."""
+    hist = tb.History([str(j) for j in range(k)])
+    losses = torch.arange(n, dtype=torch.float64)[:, None] + torch.arange(k)
+    weights = -losses
+    for i in range(n):
+        hist.append(i, losses[i], weights[i])
+    return hist, losses, weights
+
+
+def test_a_checkpoint_keeps_the_last_rows_only() -> None:
+    n = CHECKPOINT_ROWS + 1500
+    hist, losses, weights = grown(n)
+    state = save_load(hist.state_dict())
+    assert state["steps"] == list(range(n - CHECKPOINT_ROWS, n))
+    assert torch.equal(state["losses"], losses[-CHECKPOINT_ROWS:])
+    assert torch.equal(state["weights"], weights[-CHECKPOINT_ROWS:])
+    assert len(hist) == n  # memory keeps every row unless told otherwise
+
+
+def test_checkpoint_rows_none_keeps_every_row() -> None:
+    hist, losses, _ = grown(CHECKPOINT_ROWS + 10)
+    hist.checkpoint_rows = None
+    assert torch.equal(hist.state_dict()["losses"], losses)
+
+
+def test_a_balancers_checkpoint_stays_bounded() -> None:
+    bal = tb.make("equal", 3)
+    for _ in range(3 * CHECKPOINT_ROWS):
+        bal(torch.ones(3))
+    state = bal.state_dict()
+    assert len(state["history"]["steps"]) == CHECKPOINT_ROWS
+    resumed = tb.make("equal", 3)
+    resumed.load_state_dict(save_load(state))
+    resumed(torch.ones(3))
+    assert resumed.history.steps[-2:] == [3 * CHECKPOINT_ROWS - 1, 3 * CHECKPOINT_ROWS]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_streaming_writes_every_row_and_bounds_memory(tmp_path: Path) -> None:
+    hist = tb.History(["a", "b"])
+    hist.append(0, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]))
+    path = hist.stream_to(tmp_path / "h.csv", keep=100)
+    n = 3 * CHUNK_ROWS + 7
+    for i in range(1, n):
+        hist.append(i, torch.tensor([float(i), i + 1.0]), torch.tensor([-float(i), 2.0]))
+        assert len(hist) <= 100 + CHUNK_ROWS
+    hist.close()
+    rows = read_csv(path)
+    assert [int(r["step"]) for r in rows] == list(range(n))
+    assert [float(r["loss/a"]) for r in rows] == [float(i) for i in range(n)]
+    assert [float(r["weight/a"]) for r in rows[1:]] == [-float(i) for i in range(1, n)]
+    # what stays in memory is the tail, with the right values
+    assert hist.steps[-1] == n - 1 and len(hist) >= 100
+    assert torch.equal(hist.losses[:, 0], torch.tensor(hist.steps, dtype=torch.float64))
+
+
+def test_a_checkpoint_flushes_the_stream(tmp_path: Path) -> None:
+    hist = tb.History(["a"])
+    path = hist.stream_to(tmp_path / "h.csv")
+    for i in range(5):
+        hist.append(i, torch.tensor([float(i)]), torch.tensor([1.0]))
+    assert read_csv(path) == []  # buffered until a block fills
+    hist.state_dict()
+    assert len(read_csv(path)) == 5
+
+
+def test_a_resumed_run_continues_its_file_without_repeating_rows(tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    bal = tb.make("equal", 2)
+    bal.history.stream_to(path)
+    for _ in range(30):
+        bal(torch.ones(2))
+    state = save_load(bal.state_dict())  # flushed: steps 0..29 are in the file
+    for _ in range(5):
+        bal(torch.ones(2))  # steps 30..34 of the first run: lost with the process
+    bal.history.close()
+    resumed = tb.make("equal", 2)
+    resumed.load_state_dict(state)
+    resumed.history.stream_to(path)
+    for _ in range(10):
+        resumed(2 * torch.ones(2))  # steps 30..39 again
+    resumed.history.close()
+    steps = [int(r["step"]) for r in read_csv(path)]
+    assert steps == list(range(40))
+    assert float(read_csv(path)[-1]["loss/0"]) == 2.0
+
+
+def test_extras_appearing_after_rows_were_dropped_stay_aligned() -> None:
+    hist = tb.History(["a", "b"])
+    hist._keep = 10  # the memory bound of stream_to, without a file
+    for i in range(2 * CHUNK_ROWS + 5):
+        extras = {"sigma": torch.tensor([float(i), 0.0])} if i >= CHUNK_ROWS + 3 else {}
+        hist.append(i, torch.tensor([float(i), 0.0]), torch.tensor([1.0, 1.0]), **extras)
+    sigma = hist.extra("sigma")[:, 0]
+    steps = torch.tensor(hist.steps, dtype=torch.float64)
+    late = steps >= CHUNK_ROWS + 3
+    assert torch.equal(sigma[late], steps[late])
+    assert bool(torch.isnan(sigma[~late]).all())
+    assert torch.equal(hist.losses[:, 0], steps)
+
+
+@pytest.mark.parametrize("keep", [-1, 1.5, True])
+def test_stream_keep_must_be_a_count(tmp_path: Path, keep: object) -> None:
+    with pytest.raises(ValueError, match="keep"):
+        tb.History(["a"]).stream_to(tmp_path / "h.csv", keep=keep)

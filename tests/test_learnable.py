@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -192,3 +194,62 @@ def test_owned_parameters_state_round_trip() -> None:
     no_moments.load_state_dict({"params": state["params"], "optimizers": {}})
     run(no_moments, range(3, 6))
     assert not torch.equal(full["p"], no_moments["p"])
+
+
+# ---------------------------------------------------------------------- foreign optimizers
+def _one_step(bal: tb.Balancer, model: torch.nn.Linear, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    out = model(torch.randn(8, 2))
+    bal([out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "imtl_l"])
+def test_own_parameters_in_the_users_optimizer_warn_once(method: str) -> None:
+    model = torch.nn.Linear(2, 2)
+    bal = tb.make(method, 2)
+    opt = torch.optim.AdamW([*model.parameters(), *bal.parameters()], weight_decay=0.1)
+    with pytest.warns(tb.TaskBalanceWarning, match=r"steps them itself.*optimizer='external'"):
+        _one_step(bal, model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _one_step(bal, model, opt)  # once only
+
+
+def test_the_warning_names_the_parameters_and_the_optimizer() -> None:
+    model = torch.nn.Linear(2, 2)
+    bal = tb.make("uncertainty", 2)
+    opt = torch.optim.SGD([{"params": model.parameters()}, {"params": bal.parameters()}], lr=0.1)
+    with pytest.warns(tb.TaskBalanceWarning, match=r"\['log_vars'\].*\(SGD\)") as record:
+        _one_step(bal, model, opt)
+    assert record[0].filename == __file__  # points at the user's opt.step() line
+
+
+def test_famo_logits_in_the_users_optimizer_warn_without_offering_external() -> None:
+    model = torch.nn.Linear(2, 2)
+    bal = tb.make("famo", 2)
+    opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
+    with pytest.warns(tb.TaskBalanceWarning, match="FAMO takes no optimizer='external'"):
+        _one_step(bal, model, opt)
+
+
+def test_a_model_only_optimizer_and_an_attached_one_do_not_warn() -> None:
+    model = torch.nn.Linear(2, 2)
+    own = tb.make("uncertainty", 2)
+    external = tb.make("uncertainty", 2, optimizer="external")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    external.attach(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for bal in (own, external):
+            _one_step(bal, model, opt)
+
+
+def test_parameters_added_to_a_checked_optimizer_later_are_seen() -> None:
+    model = torch.nn.Linear(2, 2)
+    bal = tb.make("uncertainty", 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _one_step(bal, model, opt)
+    opt.add_param_group({"params": bal.parameters()})
+    with pytest.warns(tb.TaskBalanceWarning, match="log_vars"):
+        _one_step(bal, model, opt)

@@ -76,14 +76,19 @@ class TaskBalanceWarning(UserWarning):
 
 
 def warn(message: str, category: type[Warning] = TaskBalanceWarning) -> None:
-    """``warnings.warn`` attributed to the first caller outside taskbalance (the user's
-    line), however deep in the library the misuse was noticed."""
+    """``warnings.warn`` attributed to the first caller outside taskbalance and torch (the
+    user's line), however deep in the libraries the misuse was noticed."""
     import os
     import sys
     import warnings
 
-    package = os.path.dirname(os.path.abspath(__file__))
+    import torch
+
+    inside = (
+        os.path.dirname(os.path.abspath(__file__)),
+        os.path.dirname(os.path.abspath(torch.__file__)),
+    )
     frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

@@ -264,12 +264,11 @@ class _CsvStream:
             last = _last_line(path)
             if last and not last.startswith("step"):
                 self.last_step = int(float(last.split(",", 1)[0]))
+        self._fh = path.open("a", newline="")  # created now, so that it exists from the start
 
     def write(self, rows: list[dict[str, Any]], header: Any) -> None:
-        if not rows:
+        if not rows or self._fh is None:
             return
-        if self._fh is None:
-            self._fh = self.path.open("a", newline="")
         if self.fields is None:
             self.fields = header()
             csv.writer(self._fh).writerow(self.fields)
