@@ -266,3 +266,10 @@ def test_extras_appearing_after_rows_were_dropped_stay_aligned() -> None:
 def test_stream_keep_must_be_a_count(tmp_path: Path, keep: object) -> None:
     with pytest.raises(ValueError, match="keep"):
         tb.History(["a"]).stream_to(tmp_path / "h.csv", keep=keep)
+
+
+def test_checkpoint_tensors_carry_no_hidden_buffer() -> None:
+    hist, _, _ = grown(CHUNK_ROWS + 5)
+    state = hist.state_dict()
+    for values in (state["losses"], state["weights"]):
+        assert values.untyped_storage().nbytes() == values.numel() * values.element_size()

@@ -61,7 +61,8 @@ class _Column:
         skip = (self.start + first) // CHUNK_ROWS  # chunks wholly before row ``first``
         full = torch.cat([c.to("cpu") for c in self.chunks[skip:]])
         offset = self.start + first - skip * CHUNK_ROWS
-        return full[offset : offset + self.rows - first]
+        # a copy, not a view: a saved view would carry the whole buffer into a checkpoint
+        return full[offset : offset + self.rows - first].clone()
 
     def drop_front(self, n: int) -> None:
         n = min(n, self.rows)
