@@ -2,8 +2,9 @@
 
 * ``taskbalance list``: the registered balancing methods and the reference problems.
 * ``taskbalance demo kendall``: the uncertainty-weighting toy of Kendall et al. (CVPR 2018),
-  printing the learned sigmas against the true noise and the published values, and writing
-  a figure and the per-step history CSV.
+  printing the learned sigmas against the true noise and the published values, whether
+  each of the two claims reproduced (the rule: ``taskbalance.problems.kendall.claims``),
+  and writing a figure and the per-step history CSV.
 
 ``demo`` is a sub-command group: each reference problem adds one command to it.
 """
@@ -139,6 +140,7 @@ def kendall_command(
         PUBLISHED_SIGMA,
         TASKS,
         TRUE_SIGMA,
+        claims,
         plot_sigma,
         run_kendall,
     )
@@ -156,6 +158,10 @@ def kendall_command(
             task, f"{result.sigma[i]:.3f}", f"{TRUE_SIGMA[i]:g}", f"{PUBLISHED_SIGMA[i]:g}"
         )
     console.print(table)
+    for claim in claims(result.sigma):
+        console.print(claim.line(), markup=False, soft_wrap=True)
+    if epochs < 2000:
+        console.print(f"({epochs} epochs, the paper's 2000: sigma has not reached its end value)")
     figure = plot_sigma(result, out / "sigma.png")
     csv = None
     if result.history is not None:

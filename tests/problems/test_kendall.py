@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from taskbalance.cli import app
 from taskbalance.problems import KendallNet, make_data, plot_sigma, run_kendall
-from taskbalance.problems.kendall import ShuffledBatches
+from taskbalance.problems.kendall import ShuffledBatches, claims
 
 
 def test_data_follows_the_recipe() -> None:
@@ -69,3 +71,62 @@ def test_default_recipe_recovers_the_noise_levels() -> None:
     res = run_kendall()
     assert 7.0 <= res.sigma[0] <= 13.0
     assert 0.7 <= res.sigma[1] <= 1.3
+    assert [c.reproduced for c in claims(res.sigma)] == [True, True]  # what `make demo` says
+
+
+def test_claims_on_the_published_and_the_true_values() -> None:
+    on_published, on_true = claims((8.59, 0.92)), claims((10.0, 1.0))
+    assert [c.reproduced for c in on_published] == [True, True]
+    assert [c.reproduced for c in on_true] == [True, True]  # 10/8.59 = +16%, 1/0.92 = +9%
+    assert on_published[1].offsets == (0.0, 0.0)
+    assert on_true[1].offsets == pytest.approx((10 / 8.59 - 1, 1 / 0.92 - 1))
+
+
+def test_claims_far_off_are_not_reproduced() -> None:
+    noise, published = claims((1.0, 1.0))  # sigma1 never grew: 90% and 88% short
+    assert not noise.reproduced and not published.reproduced
+    assert "NOT reproduced" in noise.line() and "NOT reproduced" in published.line()
+    assert "-90.0%" in noise.line() and "+0.0%" in noise.line()
+    noise, published = claims((9.0, 3.0))  # y2's sigma three times its noise
+    assert not noise.reproduced and not published.reproduced
+
+
+def test_claims_tolerances_are_the_documented_ones() -> None:
+    """30% of the true noise (10, 1), 20% of the published run (8.59, 0.92)."""
+    # y1: 7.1 is -29% of 10 and -17.3% of 8.59; 6.9 is -31% and -19.7%
+    assert [c.reproduced for c in claims((7.1, 1.0))] == [True, True]
+    assert [c.reproduced for c in claims((6.9, 1.0))] == [False, True]
+    # y2: 1.29 is +29% of 1 and +40% of 0.92; 0.72 is -28% and -21.7%; 0.74: -26%, -19.6%
+    assert [c.reproduced for c in claims((10.0, 1.29))] == [True, False]
+    assert [c.reproduced for c in claims((10.0, 0.72))] == [True, False]
+    assert [c.reproduced for c in claims((10.0, 0.74))] == [True, True]
+    assert claims((6.9, 1.0), true_tolerance=0.32)[0].reproduced
+    line = claims((8.0, 1.0))[0].line()
+    assert "within 30% of it" in line and "here -20.0%, +0.0%" in line
+    assert ": reproduced (rule" in line and "NOT" not in line
+
+
+@pytest.mark.parametrize(
+    "sigma", [(8.0,), (8.0, 1.0, 1.0), (8.0, 0.0), (-8.0, 1.0), (float("nan"), 1.0)]
+)
+def test_claims_refuse_what_is_not_two_positive_sigmas(sigma: tuple[float, ...]) -> None:
+    with pytest.raises(ValueError, match=r"2 finite positive numbers \(y1, y2\).*KendallResult"):
+        claims(sigma)
+
+
+def test_claims_refuse_a_non_positive_tolerance() -> None:
+    with pytest.raises(ValueError, match="tolerances must be positive fractions"):
+        claims((8.0, 1.0), published_tolerance=0.0)
+
+
+def test_demo_prints_a_verdict_per_claim(tmp_path) -> None:
+    result = CliRunner().invoke(
+        app, ["demo", "kendall", "--epochs", "2", "--out", str(tmp_path), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("paper's claim")]
+    assert len(lines) == 2
+    # two epochs leave sigma1 near 1, far from 10 and from 8.59
+    assert "'sigma learns each task's noise (10, 1)': NOT reproduced here" in lines[0]
+    assert "'sigma matches the published run (8.59, 0.92)': NOT reproduced here" in lines[1]
+    assert "the paper's 2000" in result.output
