@@ -18,6 +18,19 @@ the same backward pass as the task's row of J. By default it is **unweighted**
 ``sum_i w_i L_i``. A parameter reached by two or more tasks that is not declared shared is
 an error: its gradient would otherwise be combined by no rule at all.
 
+In features mode ``shared=`` is not used: the update reaches every parameter the features
+depend on (one backward from Z), and every parameter after Z is task-specific. The balancer
+checks ``shared=`` against the features once and warns when it holds parameters the features
+do not depend on (e.g. ``shared=model`` with the heads). In exact mode a tensor of ``shared``
+that only one task reaches looks like a head passed as shared: it would enter J and get the
+combined update instead of its task's gradient; the balancer warns once
+(:attr:`TaskGradients.single`).
+
+Parameters sharded by FSDP (``fully_shard``, ``FullyShardedDataParallel``) or held as
+DTensors are refused in every mode (:func:`check_not_sharded`): the per-task gradients would
+be taken on copies that FSDP's reduce-scatter never sees. The check costs one dictionary
+look-up unless FSDP or DTensor was imported and a process group is initialised.
+
 Under DDP (see :mod:`taskbalance.distributed`) the engine reduces across ranks itself:
 ``torch.autograd.grad`` never runs DDP's gradient hooks, so in the features mode the body
 is backpropagated with :func:`backprop_to_leaves` (no accumulation into a parameter that
@@ -35,6 +48,8 @@ inside an autocast region computes the same products as outside it.
 from __future__ import annotations
 
 import contextlib
+import sys
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -73,8 +88,24 @@ def autocast_disabled(reference: Tensor | None) -> contextlib.AbstractContextMan
     return torch.autocast(device_type=device_type, enabled=False)
 
 
-def resolve_tensors(shared: nn.Module | Tensor | Iterable[Tensor]) -> list[Tensor]:
-    """The distinct tensors requiring grad in ``shared`` (a module, a tensor or an iterable)."""
+#: what each argument given to :func:`resolve_tensors` must hold, for its error message.
+_EXPECTED = {
+    "shared": "pass the shared trunk (e.g. shared=model.body or model.shared_parameters())",
+    "last_shared=": (
+        "it must be the last shared layer, which every task's loss passes through (e.g. "
+        "last_shared=model.body[-1], or its weight), with parameters that require grad"
+    ),
+}
+
+
+def resolve_tensors(
+    shared: nn.Module | Tensor | Iterable[Tensor], what: str = "shared"
+) -> list[Tensor]:
+    """The distinct tensors requiring grad in ``shared`` (a module, a tensor or an iterable).
+
+    ``what`` names the argument in the error raised when there is none (``"shared"``,
+    ``"last_shared="``).
+    """
     if isinstance(shared, nn.Module):
         items: Iterable[Tensor] = shared.parameters()
     elif isinstance(shared, Tensor):
@@ -85,13 +116,100 @@ def resolve_tensors(shared: nn.Module | Tensor | Iterable[Tensor]) -> list[Tenso
     out = []
     for t in items:
         if not isinstance(t, Tensor):
-            raise TypeError(f"shared must hold tensors, got a {type(t).__name__}")
+            raise TypeError(f"{what} must hold tensors, got a {type(t).__name__}")
         if t.requires_grad and id(t) not in seen:
             seen.add(id(t))
             out.append(t)
     if not out:
-        raise BalancerUsageError("shared holds no tensor that requires grad")
+        hint = _EXPECTED.get(what, "")
+        raise BalancerUsageError(
+            f"{what} holds no tensor that requires grad" + (f"; {hint}" if hint else "")
+        )
     return out
+
+
+def parameter_names(module: object) -> dict[int, str]:
+    """``{id(parameter): name}`` of a module's parameters (empty for anything else)."""
+    if not isinstance(module, nn.Module):
+        return {}
+    return {id(p): name for name, p in module.named_parameters()}
+
+
+def describe_tensors(tensors: Sequence[Tensor], names: dict[int, str], limit: int = 8) -> str:
+    """``"body.0.weight, body.0.bias"``, or shapes where no name is known; at most ``limit``."""
+    shown = [names.get(id(t)) or f"a tensor of shape {tuple(t.shape)}" for t in tensors[:limit]]
+    more = len(tensors) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+# ---------------------------------------------------------------------- FSDP / DTensor
+def sharding_possible() -> bool:
+    """Whether a sharded parameter can exist at all: FSDP or DTensor imported and a process
+    group initialised. Two dictionary look-ups in the usual case."""
+    modules = sys.modules
+    if "torch.distributed.fsdp" not in modules and "torch.distributed.tensor" not in modules:
+        return False
+    distributed = modules.get("torch.distributed")
+    return bool(
+        distributed is not None and distributed.is_available() and distributed.is_initialized()
+    )
+
+
+def _fsdp2_parameter_ids() -> set[int]:
+    """The ids of every parameter that ``fully_shard`` (FSDP2) manages now: the sharded
+    DTensors and the unsharded copies the forward uses (autograd's leaves)."""
+    registry = sys.modules.get("torch.distributed._composable_state")
+    mapping = getattr(registry, "_module_state_mapping", None)
+    ids: set[int] = set()
+    if not mapping:
+        return ids
+    for module, ref in list(mapping.items()):
+        state = ref() if isinstance(ref, weakref.ref) else ref
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            if "FSDP" in type(state).__name__:  # a layout this code does not know: the module's
+                ids.update(id(p) for p in module.parameters())
+            continue
+        for group in groups:
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                for attr in ("sharded_param", "_unsharded_param"):
+                    param = getattr(fsdp_param, attr, None)
+                    if param is not None:
+                        ids.add(id(param))
+    return ids
+
+
+def sharded_tensors(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """Those of ``tensors`` that FSDP manages (FSDP2's sharded and unsharded parameters,
+    FSDP1's flat parameters and the original parameters it flattened) or that are DTensors."""
+    if not sharding_possible():
+        return []
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    managed = _fsdp2_parameter_ids()
+    return [
+        t
+        for t in tensors
+        if id(t) in managed
+        or getattr(t, "_fsdp_flattened", False)  # FSDP1 (FlatParameter and its originals)
+        or (dtensor is not None and isinstance(t, dtensor))
+    ]
+
+
+def check_not_sharded(tensors: Iterable[Tensor], where: str, owner: object = None) -> None:
+    """Refuse parameters sharded by FSDP (or DTensors) with the fix; ``where`` names the
+    method and the mode, e.g. ``"MGDA, exact mode"``; ``owner`` (a module) names them."""
+    found = sharded_tensors(tensors)
+    if not found:
+        return
+    raise BalancerUsageError(
+        f"FSDP-sharded parameters are not supported by gradient methods yet ({where}): "
+        f"{describe_tensors(found, parameter_names(owner))} "
+        f"{'is' if len(found) == 1 else 'are'} managed by FSDP (fully_shard or "
+        "FullyShardedDataParallel) or a DTensor. The per-task gradients would be taken on "
+        "copies that FSDP's reduce-scatter never sees, and the model would train silently "
+        "wrong. Until FSDP is supported, use a loss-weighting method, or DDP "
+        "(DistributedDataParallel), under which every gradient method is exact"
+    )
 
 
 def _reachable_leaves(
@@ -223,6 +341,9 @@ class TaskGradients:
     jacobian: Tensor  # (K, P): row i = flattened d L_i / d inputs
     inputs: list[Tensor]  # the tensors differentiated against (shared params or features)
     own: list[list[tuple[Tensor, Tensor]]] = field(default_factory=list)  # per task (param, grad)
+    #: exact mode, K >= 2: ``(input index, task index)`` of each shared tensor that exactly
+    #: one task reaches (it looks like a head); found from the gradients autograd left None.
+    single: list[tuple[int, int]] = field(default_factory=list)
 
     def gramian(self) -> Tensor:
         return gramian(self.jacobian)
@@ -250,7 +371,12 @@ def task_jacobian(
     owners: dict[int, int] = {}
     own_params: list[list[Tensor]] = []
     for i in range(k):
-        params = [p for p in _reachable_leaves(losses[i], stop) if id(p) not in input_ids]
+        hit: set[object] = set()
+        leaves = _reachable_leaves(losses[i], stop, hit)
+        params = [p for p in leaves if id(p) not in input_ids]
+        if features and not hit and len(params) == len(leaves):
+            # checked first: otherwise the body it reaches reads as an undeclared shared part
+            raise BalancerUsageError(_not_from_features(tasks[i]))
         for p in params:
             if id(p) in owners and owners[id(p)] != i:
                 raise BalancerUsageError(
@@ -264,6 +390,12 @@ def task_jacobian(
     # fp16/bf16 gradients are widened to float32 as they are copied into J (no extra copy)
     jac = torch.empty(k, total, dtype=jacobian_dtype(inputs), device=inputs[0].device)
     own: list[list[tuple[Tensor, Tensor]]] = []
+    unreached: list[tuple[int, Tensor]] = []  # (task, shared tensor) pairs autograd left None
+
+    def zeros(i: int, t: Tensor, row: Tensor) -> Tensor:
+        unreached.append((i, t))  # runs only for a None gradient: nothing on the usual path
+        return row.new_zeros(t.numel())
+
     for i in range(k):
         targets = list(inputs) + own_params[i]
         retain = features or i < k - 1
@@ -274,7 +406,7 @@ def task_jacobian(
             raise BalancerUsageError(f"loss of task {tasks[i]!r} does not depend on the {what}")
         row = jac[i]
         pieces = [
-            g.reshape(-1) if g is not None else row.new_zeros(t.numel())
+            g.reshape(-1) if g is not None else zeros(i, t, row)
             for t, g in zip(inputs, shared_grads)
         ]
         # one copy into the row (fp16/bf16 widened to J's dtype on the way)
@@ -283,7 +415,33 @@ def task_jacobian(
         else:
             torch.cat(pieces, out=row)
         own.append([(p, g) for p, g in zip(own_params[i], grads[len(inputs) :]) if g is not None])
-    return TaskGradients(jac, list(inputs), own)
+    single = _reached_by_one_task(unreached, inputs, k) if unreached and not features else []
+    return TaskGradients(jac, list(inputs), own, single)
+
+
+def _reached_by_one_task(
+    unreached: list[tuple[int, Tensor]], inputs: Sequence[Tensor], k: int
+) -> list[tuple[int, int]]:
+    """``(input index, task)`` of the inputs that all tasks but one leave unreached."""
+    if k < 2:
+        return []
+    missing: dict[int, set[int]] = {}
+    for i, t in unreached:
+        missing.setdefault(id(t), set()).add(i)
+    out = []
+    for j, t in enumerate(inputs):
+        tasks = missing.get(id(t))
+        if tasks is not None and len(tasks) == k - 1:
+            out.append((j, next(i for i in range(k) if i not in tasks)))
+    return out
+
+
+def _not_from_features(task: str, fix: str = "z = body(x); heads(z); features=z") -> str:
+    return (
+        f"the loss of task {task!r} does not depend on features= (was it computed from a "
+        "second forward pass or a copy?); pass features= the very tensor the heads were "
+        f"computed from ({fix})"
+    )
 
 
 def accumulate_grad(param: Tensor, grad: Tensor, *, owned: bool = False) -> None:
@@ -468,6 +626,9 @@ def forked_task_jacobian(
                 f"not only through its view forked[{i}]; feed the task only its view"
             )
         reached = sorted(view_of[node] for node in hit if node in view_of)
+        if not reached:
+            fix = "zs = fork(z, K); head i fed zs[i]; features=zs"
+            raise BalancerUsageError(_not_from_features(tasks[i], fix))
         if reached != [i]:
             raise BalancerUsageError(
                 f"loss of task {tasks[i]!r} must be computed from its own view forked[{i}] "

@@ -13,6 +13,14 @@ exact and features modes and the rule for task-specific parameters, and
 exact mode, sums the ranks' Gramians in the features mode, and averages the parameter
 gradients it writes).
 
+Checks of the arguments, each paid once per balancer or only where it can matter: in exact
+mode a shared tensor that one task alone reaches (a head passed in ``shared=``) is warned
+about once; in features mode ``shared=``, which the engine does not use, is compared with
+what the features depend on at the first call and warned about once if it holds more (the
+heads); parameters sharded by FSDP are refused in every mode (exact: on every call where
+FSDP could be in use; features: at the first such call, the body being found by one walk
+of its graph).
+
 The step runs with autocast disabled for the losses' device type, so ``backward`` may be
 called inside an autocast region (J is at least float32, see :mod:`taskbalance.gradients`).
 A step that raises (a non-finite gradient, a solver failure) leaves the method's state as
@@ -39,7 +47,7 @@ from taskbalance.balancer import (
     with_reference,
 )
 from taskbalance.distributed import Sync
-from taskbalance.errors import BalancerUsageError, NonFiniteGradientError, SolverError
+from taskbalance.errors import BalancerUsageError, NonFiniteGradientError, SolverError, warn
 from taskbalance.gradients import (
     ForkedFeatures,
     TaskGradients,
@@ -48,10 +56,14 @@ from taskbalance.gradients import (
     apply_task_specific,
     autocast_disabled,
     backprop_to_leaves,
+    check_not_sharded,
     check_not_wrapped,
+    describe_tensors,
     feature_leaves,
     forked_task_jacobian,
+    parameter_names,
     resolve_tensors,
+    sharding_possible,
     task_jacobian,
 )
 from taskbalance.gradients import (
@@ -80,6 +92,11 @@ class GradientBalancer(Balancer):
     #: A method whose state is large and which commits it only once its result has passed
     #: the checks of :meth:`_check_result` (DB-MTL) turns this off.
     guards_state: ClassVar[bool] = True
+
+    # one-time checks of the arguments (see the module docstring); set on the instance
+    _warned_heads = False  # exact mode: a head in shared= was warned about
+    _shared_checked = False  # features mode: shared= was compared with the features' body
+    _body_unsharded = False  # features mode: the body was found free of FSDP parameters
 
     def __init__(
         self,
@@ -229,12 +246,67 @@ class GradientBalancer(Balancer):
                     "features= (the shared representation)"
                 )
             inputs = resolve_tensors(shared)
+        forked = isinstance(features, ForkedFeatures)
+        where = f"{type(self).__name__}, {'forked features' if forked else mode} mode"
+        if use_features:
+            self._check_features_body(inputs, shared, where)
+        else:
+            check_not_sharded(inputs, where, shared)
         self.mode = mode
-        if isinstance(features, ForkedFeatures):
+        if forked:
             grads = forked_task_jacobian(items, features, self.tasks)
         else:
             grads = task_jacobian(items, inputs, self.tasks, features=use_features)
+        if grads.single and not self._warned_heads:
+            self._warned_heads = True
+            warn(self._heads_message(grads, shared))
         return grads, use_features
+
+    def _check_features_body(self, inputs: list[Tensor], shared: Any, where: str) -> None:
+        """Features mode, once per balancer: no FSDP parameter in the body (while FSDP can
+        be in use), and ``shared=``, if given, holds nothing the features do not depend on."""
+        check_sharding = not self._body_unsharded and sharding_possible()
+        check_shared = shared is not None and not self._shared_checked
+        if not (check_sharding or check_shared):
+            return
+        leaves = feature_leaves(inputs)
+        if check_sharding:
+            check_not_sharded(leaves, where, shared)
+            self._body_unsharded = True
+        if check_shared:
+            given = resolve_tensors(shared)
+            self._shared_checked = True
+            body = {id(t) for t in leaves}
+            ignored = [t for t in given if id(t) not in body]
+            if ignored:
+                listed = describe_tensors(ignored, parameter_names(shared))
+                warn(
+                    "shared= is not used when features= is given: the update goes from the "
+                    "features back through everything that computes them, and each parameter "
+                    "after the features gets its own task's gradient (task_specific="
+                    f"{self.task_specific!r}). shared= holds {len(ignored)} tensor(s) that the "
+                    f"features do not depend on ({listed}), "
+                    "so they are not treated as shared; pass shared= the module that computes "
+                    "the features (e.g. model.body), or leave shared= out"
+                )
+
+    def _heads_message(self, grads: TaskGradients, shared: Any) -> str:
+        """The warning about shared tensors that one task alone reaches, by task."""
+        names = parameter_names(shared)
+        by_task: dict[int, list[Tensor]] = {}
+        for j, task in grads.single:
+            by_task.setdefault(task, []).append(grads.inputs[j])
+        listed = "; ".join(
+            f"task {self.tasks[task]!r}: {describe_tensors(tensors, names, limit=4)}"
+            for task, tensors in by_task.items()
+        )
+        return (
+            f"shared= holds {len(grads.single)} tensor(s) that only one task's loss reaches "
+            f"({listed}); they look like a head. In shared= a head enters the Gramian and "
+            "gets the combined, weighted update instead of its own task's gradient, which "
+            "changes both the heads' updates and the weights: pass only the trunk as "
+            "shared= (e.g. model.body or model.shared_parameters()). Warned once"
+        )
 
     # ------------------------------------------------------------------ DDP and accumulation
     def _backward_general(

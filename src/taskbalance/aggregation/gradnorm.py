@@ -25,7 +25,13 @@ at the start of the next call. ``last_shared=`` names W (a tensor, tensors or a 
 otherwise W is the last tensor of ``shared`` with at least 2 dimensions (the last layer's
 weight matrix for a module's parameters in definition order). With ``features=Z`` instead,
 ``G_i = w_i ||dL_i/dZ||`` on the shared representation: a cheaper variant (K passes through
-the heads only), not the paper's.
+the heads only), not the paper's. ``last_shared=`` and ``features=`` together are refused
+(one of them would be ignored); a W taken from a ``shared=`` that holds the heads (the last
+matrix is then the last head's) is explained when a task does not reach it.
+
+In exact mode W must not be sharded by FSDP (refused, as for every gradient method: its
+gradient would be taken on an unsharded copy); the features variant's update is the ordinary
+backward of a weighted loss, which FSDP handles.
 
 Under DDP the losses and the gradients on W are averaged over the ranks (with
 ``features=``: the squared norms are summed, ``||dL_i/dZ||²`` of the global batch), so every
@@ -50,7 +56,13 @@ from torch import Tensor
 
 from taskbalance.balancer import Balancer, Losses, Tasks, _SkipStepError, with_reference
 from taskbalance.errors import BalancerUsageError, NonFiniteGradientError, NonPositiveLossError
-from taskbalance.gradients import autocast_disabled, resolve_tensors
+from taskbalance.gradients import (
+    autocast_disabled,
+    check_not_sharded,
+    describe_tensors,
+    parameter_names,
+    resolve_tensors,
+)
 from taskbalance.learnable import OptimizerMode, OwnedParameters
 from taskbalance.registry import register
 
@@ -111,17 +123,36 @@ class GradNorm(Balancer):
             clamped = w.clamp(min=MIN_WEIGHT)
             w.copy_(clamped * (self.num_tasks / clamped.sum()))
 
-    def _layer(self, shared: Any, features: Any, last_shared: Any) -> list[Tensor]:
+    def _layer(self, shared: Any, features: Any, last_shared: Any) -> tuple[list[Tensor], str]:
+        """The tensors W (or the features) and, for the error of a task that does not reach
+        them, what they are."""
         if features is not None:
-            return [features] if isinstance(features, Tensor) else list(features)
+            if last_shared is not None:
+                raise BalancerUsageError(
+                    "GradNorm takes last_shared= or features=, not both: with features= the "
+                    "gradient norms are taken on the representation and last_shared= would "
+                    "be ignored. Drop one (last_shared= is the paper's W)"
+                )
+            return ([features] if isinstance(features, Tensor) else list(features)), "features"
         if last_shared is not None:
-            return resolve_tensors(last_shared)
+            layer = resolve_tensors(last_shared, what="last_shared=")
+            check_not_sharded(layer, "GradNorm, last_shared=", last_shared)
+            return layer, "the layer W (last_shared=)"
         if shared is None:
             raise BalancerUsageError("GradNorm needs last_shared=, shared= or features=")
-        matrices = [t for t in resolve_tensors(shared) if t.dim() >= 2]
+        tensors = resolve_tensors(shared)
+        check_not_sharded(tensors, "GradNorm, W from shared=", shared)
+        matrices = [t for t in tensors if t.dim() >= 2]
         if not matrices:
             raise BalancerUsageError("shared has no tensor with >= 2 dims; pass last_shared=")
-        return matrices[-1:]
+        layer = matrices[-1:]
+        what = (
+            f"the layer W, taken as the last tensor of shared= with >= 2 dims "
+            f"({describe_tensors(layer, parameter_names(shared))}). If shared= holds the "
+            "heads, that is the last head: pass shared= the trunk only (e.g. model.body), "
+            "or last_shared= the last shared layer"
+        )
+        return layer, what
 
     def backward(
         self,
@@ -174,12 +205,12 @@ class GradNorm(Balancer):
             raise NonPositiveLossError(self.tasks[bad], float(stacked[bad]), "GradNorm")
         self.learnable.check_ready()
         self.learnable.to(stacked.device)
-        layer = self._layer(shared, features, last_shared)
+        layer, what = self._layer(shared, features, last_shared)
         task_grads = []
         for task, item in zip(self.tasks, items):
             grads = torch.autograd.grad(item, layer, retain_graph=True, allow_unused=True)
             if all(g is None for g in grads):
-                raise BalancerUsageError(f"loss of task {task!r} does not reach the layer W")
+                raise BalancerUsageError(f"loss of task {task!r} does not reach {what}")
             task_grads.append(grads)
         if sync is None:
             norms = [

@@ -1,0 +1,328 @@
+"""The gradient engine refuses (or warns once about) calls that would train differently from
+what was meant: heads passed as shared, features the losses were not computed from, an empty
+``last_shared=``, and parameters sharded by FSDP."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import taskbalance as tb
+
+TASKS = ["cls", "depth", "seg"]
+X = torch.randn(12, 5, generator=torch.Generator().manual_seed(1))
+
+
+class Net(nn.Module):
+    """A trunk ``body`` and one linear head per task."""
+
+    def __init__(self, k: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(k))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The shared representation (the heads are applied by :func:`losses_of`)."""
+        return self.body(x)
+
+
+def losses_of(net: Net, z: Tensor | list[Tensor]) -> dict[str, Tensor]:
+    """One loss per head; ``z`` is the representation or one view per head."""
+    tasks = TASKS[: len(net.heads)]
+    zs = z if isinstance(z, list) else [z] * len(tasks)
+    return {t: h(zi).pow(2).mean() for t, h, zi in zip(tasks, net.heads, zs)}
+
+
+def step(bal: tb.Balancer, net: Net, mode: str, shared: object) -> None:
+    """One ``backward`` in ``mode`` ("exact", "features" or "forked") with ``shared=``."""
+    z = net.body(X)
+    if mode == "forked":
+        zs = tb.fork(z, len(net.heads))
+        bal.backward(losses_of(net, list(zs)), shared=shared, features=zs)
+    elif mode == "features":
+        bal.backward(losses_of(net, z), shared=shared, features=z)
+    else:
+        bal.backward(losses_of(net, z), shared=shared)
+
+
+@pytest.fixture
+def no_warning() -> Iterator[None]:
+    """Every TaskBalanceWarning raised inside the test becomes an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tb.TaskBalanceWarning)
+        yield
+
+
+def grads_of(module: nn.Module) -> list[Tensor | None]:
+    return [p.grad for p in module.parameters()]
+
+
+# ---------------------------------------------------------------------- heads in shared=
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_heads_in_shared_warn_once_by_name(accumulation_steps: int) -> None:
+    """``shared=model`` puts the heads into J: each is reached by one task only. The warning
+    names them and their task and gives the fix, once per balancer."""
+    net = Net()
+    bal = tb.make("mgda", TASKS, accumulation_steps=accumulation_steps)
+    with pytest.warns(tb.TaskBalanceWarning, match="only one task") as caught:
+        step(bal, net, "exact", net)
+    message = str(caught[0].message)
+    for name in ("heads.0.weight", "heads.0.bias", "heads.2.weight"):
+        assert name in message
+    assert "'cls'" in message and "'seg'" in message and "body.0.weight" not in message
+    assert "pass only the trunk as shared= (e.g. model.body" in message
+    assert caught[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tb.TaskBalanceWarning)
+        for _ in range(2 * accumulation_steps):  # once per balancer
+            step(bal, net, "exact", net)
+    with pytest.warns(tb.TaskBalanceWarning, match="only one task"):  # a new balancer warns
+        step(tb.make("mgda", TASKS), net, "exact", net)
+
+
+def test_heads_in_shared_given_as_tensors_are_named_by_shape() -> None:
+    net = Net()
+    expected = r"task 'cls': a tensor of shape \(1, 6\), a tensor of shape \(1,\); task 'depth'"
+    with pytest.warns(tb.TaskBalanceWarning, match=expected):
+        step(tb.make("upgrad", TASKS), net, "exact", list(net.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["exact", "features", "forked"])
+def test_the_trunk_as_shared_does_not_warn(mode: str, no_warning: None) -> None:
+    net = Net()
+    bal = tb.make("mgda", TASKS)
+    step(bal, net, mode, net.body)
+    step(bal, net, mode, list(net.body.parameters()))
+    assert all(g is not None for g in grads_of(net))
+
+
+def test_one_task_with_the_whole_model_as_shared_does_not_warn(no_warning: None) -> None:
+    """With one task every parameter is reached by that task alone: nothing to tell apart."""
+    net = Net(k=1)
+    step(tb.make("mgda", ["cls"]), net, "exact", net)
+    assert all(g is not None for g in grads_of(net))
+
+
+@pytest.mark.parametrize("mode", ["features", "forked"])
+def test_shared_is_checked_against_the_features_once(mode: str) -> None:
+    """With ``features=`` the engine does not use ``shared=``: the heads, after the
+    features, get their own task's gradient. ``shared=model`` says otherwise: warned once."""
+    net = Net()
+    bal = tb.make("mgda", TASKS)
+    with pytest.warns(tb.TaskBalanceWarning, match="shared= is not used") as caught:
+        step(bal, net, mode, net)
+    message = str(caught[0].message)
+    assert "heads.1.weight" in message and "body.0.weight" not in message
+    assert "pass shared= the module that computes the features" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tb.TaskBalanceWarning)
+        step(bal, net, mode, net)
+
+
+# ---------------------------------------------------------------------- features= not used
+def _second_forward(net: Net, z: Tensor) -> Tensor:
+    return net.body(X)
+
+
+FEATURE_MISTAKES = {
+    "second forward": _second_forward,
+    "fresh tensor": lambda net, z: torch.zeros(12, 6, requires_grad=True),
+    "clone": lambda net, z: z.clone(),
+    "detached copy": lambda net, z: z.detach().requires_grad_(),
+}
+
+
+@pytest.mark.parametrize("mistake", list(FEATURE_MISTAKES))
+def test_features_the_losses_do_not_depend_on_are_named(mistake: str) -> None:
+    net = Net()
+    z = net.body(X)
+    wrong = FEATURE_MISTAKES[mistake](net, z)
+    expected = (
+        r"the loss of task 'cls' does not depend on features= \(was it computed from a second "
+        r"forward pass or a copy\?\)"
+    )
+    with pytest.raises(tb.BalancerUsageError, match=expected):
+        tb.make("mgda", TASKS).backward(losses_of(net, z), features=wrong)
+    assert all(g is None for g in grads_of(net))
+
+
+def test_forked_views_of_another_forward_are_named() -> None:
+    net = Net()
+    used = tb.fork(net.body(X), 3)
+    other = tb.fork(net.body(X), 3)
+    expected = r"the loss of task 'cls' does not depend on features= \(was it computed from a"
+    with pytest.raises(tb.BalancerUsageError, match=expected):
+        tb.make("mgda", TASKS).backward(losses_of(net, list(used)), features=other)
+    assert all(g is None for g in grads_of(net))
+
+
+def test_a_feature_reached_by_some_tasks_only_is_accepted() -> None:
+    """Several features, each reached by some tasks (PLE's per-task inputs): no error."""
+    net = Net()
+    z1, z2 = net.body(X), net.body(X + 1.0)
+    losses = {"cls": net.heads[0](z1).sum(), "depth": net.heads[1](z2).sum()}
+    weights = tb.make("mgda", ["cls", "depth"]).backward(losses, features=[z1, z2])
+    assert weights is not None and all(g is not None for g in grads_of(net.body))
+
+
+# ---------------------------------------------------------------------- GradNorm's layer W
+@pytest.mark.parametrize("frozen", ["module", "empty list"])
+def test_gradnorm_last_shared_without_parameters_is_named(frozen: str) -> None:
+    net = Net()
+    last = net.body[2]
+    if frozen == "module":
+        last.requires_grad_(False)
+    given = last if frozen == "module" else []
+    z = net.body(X)
+    with pytest.raises(
+        tb.BalancerUsageError,
+        match=r"last_shared= holds no tensor that requires grad.*last shared layer",
+    ):
+        tb.make("gradnorm", TASKS).backward(losses_of(net, z), last_shared=given)
+
+
+def test_gradnorm_w_taken_from_a_shared_that_holds_the_heads_is_explained() -> None:
+    """Without ``last_shared=``, W is the last matrix of ``shared=``: with the heads in
+    ``shared=`` that is the last head, which the other tasks do not reach."""
+    net = Net()
+    z = net.body(X)
+    with pytest.raises(
+        tb.BalancerUsageError,
+        match=r"W, taken as the last tensor of shared=.*heads\.2\.weight.*pass shared= the trunk",
+    ):
+        tb.make("gradnorm", TASKS).backward(losses_of(net, z), shared=net)
+
+
+def test_gradnorm_last_shared_and_features_together_are_refused() -> None:
+    net = Net()
+    z = net.body(X)
+    with pytest.raises(tb.BalancerUsageError, match="last_shared= or features=, not both"):
+        tb.make("gradnorm", TASKS).backward(losses_of(net, z), features=z, last_shared=net.body)
+    assert all(g is None for g in grads_of(net))
+
+
+# ---------------------------------------------------------------------- FSDP
+dist = pytest.importorskip("torch.distributed")
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A one-rank gloo process group (FSDP needs one), torn down after this module."""
+    if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
+        pytest.skip("torch.distributed with gloo is not available")
+    if dist.is_initialized():  # pragma: no cover - another test left one behind
+        pytest.skip("a process group is already initialised")
+    store = dist.FileStore(str(Path(tmp_path_factory.mktemp("pg")) / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def fsdp2(net: Net, how: str) -> Net:
+    """``net`` sharded with ``fully_shard``: the body only, each body layer and then the
+    whole model (the body's parameters are then managed by the root), or the root only."""
+    from torch.distributed.fsdp import fully_shard
+
+    if how == "body":
+        fully_shard(net.body)
+    elif how == "nested":
+        fully_shard(net.body[0])
+        fully_shard(net.body[2])
+        fully_shard(net)
+    else:
+        fully_shard(net)
+    return net
+
+
+def fsdp1(net: Net, use_orig_params: bool) -> Net:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1's deprecation notice
+        net.body = FullyShardedDataParallel(
+            net.body, device_id=torch.device("cpu"), use_orig_params=use_orig_params
+        )
+    return net
+
+
+def forward(net: Net, mode: str) -> tuple[dict[str, Tensor], object]:
+    """The losses, and what ``features=`` gets in ``mode``."""
+    z = net(X)
+    if mode == "forked":
+        zs = tb.fork(z, 3)
+        return losses_of(net, list(zs)), zs
+    return losses_of(net, z), (z if mode == "features" else None)
+
+
+SHARDINGS = ["fsdp2 body", "fsdp2 nested", "fsdp2 root", "fsdp1", "fsdp1 orig params"]
+
+
+def sharded(how: str) -> Net:
+    net = Net()
+    if how.startswith("fsdp2"):
+        return fsdp2(net, how.split()[1])
+    return fsdp1(net, use_orig_params=how.endswith("params"))
+
+
+@pytest.mark.parametrize("mode", ["exact", "features", "forked"])
+@pytest.mark.parametrize("how", SHARDINGS)
+def test_sharded_parameters_are_refused_in_every_gradient_mode(
+    process_group: None, how: str, mode: str
+) -> None:
+    net = sharded(how)
+    losses, features = forward(net, mode)
+    shared = net.body if mode == "exact" else None
+    with pytest.raises(
+        tb.BalancerUsageError,
+        match=r"FSDP-sharded parameters are not supported by gradient methods yet \(MGDA, " + mode,
+    ) as caught:
+        tb.make("mgda", TASKS).backward(losses, shared=shared, features=features)
+    assert "use a loss-weighting method, or DDP" in str(caught.value)
+    assert all(g is None for g in grads_of(net))
+
+
+def test_sharded_parameters_given_as_a_list_are_refused(process_group: None) -> None:
+    """``shared=`` the parameters themselves (the root's, unsharded after its forward)."""
+    net = sharded("fsdp2 root")
+    losses, _ = forward(net, "exact")
+    with pytest.raises(tb.BalancerUsageError, match="FSDP-sharded parameters"):
+        tb.make("upgrad", TASKS).backward(losses, shared=list(net.body.parameters()))
+
+
+def test_dtensor_parameters_are_refused(process_group: None) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    weight = nn.Parameter(distribute_tensor(torch.randn(6, 5), mesh, [Replicate()]))
+    z = torch.tanh(X @ weight.to_local().T)
+    net = Net()
+    with pytest.raises(tb.BalancerUsageError, match="FSDP-sharded parameters"):
+        tb.make("mgda", TASKS).backward(losses_of(net, z), shared=[weight])
+
+
+@pytest.mark.parametrize("how", ["fsdp2 body", "fsdp2 nested", "fsdp1"])
+def test_gradnorm_with_a_sharded_layer_w_is_refused(process_group: None, how: str) -> None:
+    net = sharded(how)
+    losses, _ = forward(net, "exact")
+    with pytest.raises(tb.BalancerUsageError, match=r"FSDP-sharded .* \(GradNorm"):
+        tb.make("gradnorm", TASKS).backward(losses, shared=net.body)
+    assert all(g is None for g in grads_of(net))
+
+
+@pytest.mark.parametrize("method", ["equal", "dwa", "gradnorm features"])
+def test_weighted_loss_methods_run_under_fsdp(process_group: None, method: str) -> None:
+    """A loss-weighting method (and GradNorm on the features, whose update is the ordinary
+    backward of a weighted loss) only backpropagates a sum: FSDP is fine with it."""
+    net = sharded("fsdp2 body")
+    losses, z = forward(net, "features")
+    name = method.split()[0]
+    weights = tb.make(name, TASKS).backward(losses, features=z if name == "gradnorm" else None)
+    assert weights is not None
+    assert all(g is not None for g in grads_of(net))
