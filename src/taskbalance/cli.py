@@ -73,12 +73,28 @@ def list_command() -> None:
 @app.command("compare")
 def compare_command(
     problem: Annotated[str, typer.Option(help="Problem name (see `taskbalance list`).")],
-    methods: Annotated[str, typer.Option(help="'all' or comma-separated method names.")] = "all",
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="'all' or comma-separated method specs: NAME or NAME[KEY=VALUE,...], e.g. "
+            "'mgda,cagrad,cagrad[c=0.2]' (each spec is a row).",
+        ),
+    ] = "all",
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            help="METHOD.KEY=VALUE for every row of a method, e.g. cagrad.c=0.2 or "
+            "static.weights=1,2,3 (repeatable; a bracketed value wins).",
+        ),
+    ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1 per method.")] = 3,
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Epochs (steps for the toys); default: problem's.")
     ] = None,
-    size: Annotated[str, typer.Option(help="'full' (documented) or 'small' (seconds).")] = "full",
+    size: Annotated[
+        str, typer.Option(help="'full' (documented) or 'small' (a smoke test, seconds).")
+    ] = "full",
     out: Annotated[
         Path | None,
         typer.Option(help="Run folder (default runs/<problem>); finished runs are reused."),
@@ -88,7 +104,9 @@ def compare_command(
 ) -> None:
     """Run every method x seed on one problem; write a Markdown/CSV table and PNGs."""
     from taskbalance.compare import compare
+    from taskbalance.compare.options import parse_options
     from taskbalance.compare.problem import make_problem
+    from taskbalance.errors import BalancerUsageError
 
     if size not in ("full", "small"):
         raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
@@ -96,32 +114,57 @@ def compare_command(
         built = make_problem(problem, size=size)  # type: ignore[arg-type]
     except KeyError as err:
         raise typer.BadParameter(str(err.args[0]), param_hint="--problem") from None
-    chosen: str | list[str] = (
-        "all" if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
-    )
-    try:
+    try:  # every mistake in the methods or options is refused here, before any training
         report = compare(
             built,
-            chosen,
+            methods,
             seeds,
             out if out is not None else Path("runs") / problem,
+            options=parse_options(option or []),
             epochs=epochs,
             progress=progress,
             force=force,
         )
-    except KeyError as err:
-        raise typer.BadParameter(str(err.args[0]), param_hint="--methods") from None
-    from rich.markdown import Markdown
-
-    console.print(Markdown(report.table_md.read_text()))
-    console.print(f"table: {report.table_md}  {report.table_csv}")
-    for picture in report.pictures:
-        console.print(f"figure: {picture}")
-    failed = report.comparison.failed
-    for record in failed:
-        console.print(f"[red]failed[/red] {record.method} seed {record.seed}: {record.error}")
-    if failed:
+    except BalancerUsageError as err:
+        typer.echo(f"taskbalance compare: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    _print_comparison(report)
+    if report.comparison.failed:
         raise typer.Exit(code=1)
+
+
+def _print_comparison(report) -> None:
+    """The console summary of ``taskbalance compare``: as many columns as fit the terminal
+    (``COLUMNS``), the method names whole, then the options, files and failures."""
+    from rich.markup import escape
+
+    from taskbalance.compare.options import format_value
+    from taskbalance.compare.report import console_table, title
+
+    comparison = report.comparison
+    out = Console()  # reads COLUMNS now
+    table, hidden = console_table(comparison, report.rows, out.width)
+    out.print(escape(title(comparison)), style="bold")
+    out.print(table)
+    if comparison.options:
+        given = " ".join(
+            f"{method}.{key}={format_value(value)}"
+            for method, values in comparison.options.items()
+            for key, value in values.items()
+        )
+        out.print(escape(f"options for every row of their method: {given}"))
+    for method, needs in comparison.left_out.items():
+        flags = " ".join(f"--option {method}.{n}=..." for n in needs)
+        out.print(escape(f"'all' left out {method}: it needs {', '.join(needs)} ({flags})"))
+    if hidden:
+        out.print(escape(f"not shown here: {', '.join(hidden)} (see table.md)"))
+    out.print(escape(f"table: {report.table_md}  {report.table_csv}"))
+    for picture in report.pictures:
+        out.print(escape(f"figure: {picture}"))
+    for record in comparison.failed:
+        out.print(
+            f"[red]failed[/red] {escape(f'{record.method} seed {record.seed}: {record.error}')}"
+        )
 
 
 @demo_app.command("kendall")

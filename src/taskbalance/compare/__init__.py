@@ -2,6 +2,7 @@
 
 from taskbalance.compare.command import ComparisonReport, compare
 from taskbalance.compare.metrics import delta_m, mean_ranks
+from taskbalance.compare.options import MethodSpec, select_methods
 from taskbalance.compare.problem import (
     BalancerFactory,
     ComparisonProblem,
@@ -18,6 +19,7 @@ __all__ = [
     "BalancerFactory",
     "ComparisonProblem",
     "ComparisonReport",
+    "MethodSpec",
     "Metric",
     "RunResult",
     "after_step",
@@ -28,4 +30,5 @@ __all__ = [
     "make_problem",
     "mean_ranks",
     "register_problem",
+    "select_methods",
 ]

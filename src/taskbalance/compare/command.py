@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from taskbalance.compare.plots import write_plots
 from taskbalance.compare.problem import ComparisonProblem, Size, make_problem
@@ -29,6 +30,7 @@ def compare(
     seeds: int | Sequence[int] = 3,
     out: str | Path = "runs/compare",
     *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
     size: Size = "full",
     epochs: int | None = None,
     progress: bool = True,
@@ -36,13 +38,26 @@ def compare(
 ) -> ComparisonReport:
     """Run every method × seed on ``problem`` (cached in ``out``), write tables and PNGs.
 
-    ``problem`` is a registered name (built with ``size``) or a problem instance. See
-    :func:`~taskbalance.compare.runner.run_comparison` for caching and failures.
+    ``problem`` is a registered name (built with ``size``) or a problem instance.
+    ``methods`` is ``"all"`` or method specs, a list or one comma-separated string:
+    ``["mgda", "cagrad[c=0.2]", "static[weights=1,2]"]``; each distinct spec is a row.
+    ``options`` sets constructor arguments for every row of a method,
+    ``{"cagrad": {"c": 0.2}}`` (a bracketed value wins). Everything is checked before the
+    first run starts: a mistake raises :class:`~taskbalance.errors.BalancerUsageError`
+    with the fix in its message. See :func:`~taskbalance.compare.runner.run_comparison`
+    for caching and failures.
     """
     if isinstance(problem, str):
         problem = make_problem(problem, size=size)
     comparison = run_comparison(
-        problem, methods, seeds, out, epochs=epochs, progress=progress, force=force
+        problem,
+        methods,
+        seeds,
+        out,
+        options={k: dict(v) for k, v in (options or {}).items()},
+        epochs=epochs,
+        progress=progress,
+        force=force,
     )
     rows, md, csv_path = write_tables(comparison)
     pictures = write_plots(comparison, rows)

@@ -1,31 +1,46 @@
-"""The comparison table (Markdown and CSV), built only from the stored runs.
+"""The comparison table (Markdown, CSV and the console's), built only from the stored runs.
 
-One row per method: each metric as mean ± std over seeds, Δm% against equal weighting
-(per seed against the baseline's mean over seeds; mean ± std), mean rank over metrics (of
-the seed means), and the mean training-step time relative to equal weighting's.
+One row per method (or variant, ``cagrad[c=0.2]``): each metric as mean ± std over seeds,
+Δm% against equal weighting (per seed against the baseline's mean over seeds; mean ±
+std), mean rank over metrics (of the seed means), and the mean training-step time
+relative to equal weighting's. A row of one seed shows its values alone (no "± 0": one
+seed has no spread). Runs of ``size="small"`` are titled a smoke test.
+
+The console table (:func:`console_table`) never cuts a method name: it puts each spread
+under its mean when the columns do not fit on one line, and if they still do not fit it
+leaves out metric columns (they are in ``table.md``).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
 from taskbalance.compare.metrics import delta_m, mean_ranks
+from taskbalance.compare.options import format_value
 from taskbalance.compare.runner import BASELINE, Comparison
 
 
 @dataclass
 class Row:
-    """One method's line of the table (``None`` where no run of the method finished)."""
+    """One row of the table (``None`` where no run finished; a std is ``None`` when only
+    one seed finished). ``method`` is the row label: ``cagrad`` or ``cagrad[c=0.2]``."""
 
     method: str
     seeds_ok: int
     seeds_failed: int
     mean: dict[str, float] = field(default_factory=dict)
-    std: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float | None] = field(default_factory=dict)
     delta_m: float | None = None
     delta_m_std: float | None = None
     mean_rank: float | None = None
@@ -33,8 +48,8 @@ class Row:
     errors: list[str] = field(default_factory=list)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def build_rows(comparison: Comparison) -> list[Row]:
@@ -78,33 +93,86 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 
+def _metric_cell(row: Row, name: str, sep: str = " ") -> str:
+    if name not in row.mean:
+        return "failed"
+    std = row.std.get(name)
+    mean = _fmt(row.mean[name], 4)
+    return mean if std is None else f"{mean}{sep}± {_fmt(std, 2)}"
+
+
+def _delta_m_cell(row: Row, sep: str = " ") -> str:
+    if row.delta_m is None:
+        return "—"
+    shown = 0.0 if abs(row.delta_m) < 5e-3 else row.delta_m  # no "-0.00"
+    if row.delta_m_std is None:
+        return f"{shown:+.2f}"
+    return f"{shown:+.2f}{sep}± {row.delta_m_std:.2f}"
+
+
+def _seeds_cell(row: Row) -> str:
+    return f"{row.seeds_ok}" + (f" ({row.seeds_failed} failed)" if row.seeds_failed else "")
+
+
+def _header(comparison: Comparison) -> list[str]:
+    metrics = comparison.problem.metrics
+    return [f"{m.name} {'↑' if m.higher_is_better else '↓'}" for m in metrics]
+
+
 def markdown_table(comparison: Comparison, rows: list[Row]) -> str:
     """The table as GitHub Markdown; ↑/↓ marks the direction of each metric."""
     metrics = comparison.problem.metrics
-    header = ["method"]
-    header += [f"{m.name} {'↑' if m.higher_is_better else '↓'}" for m in metrics]
-    header += ["Δm% ↓", "MR ↓", "time ×EW", "seeds"]
+    header = ["method", *_header(comparison), "Δm% ↓", "MR ↓", "time ×EW", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [f"**{row.method}**" if row.method == BASELINE else row.method]
-        for metric in metrics:
-            if metric.name in row.mean:
-                mean, std = row.mean[metric.name], row.std[metric.name]
-                cells.append(f"{_fmt(mean, 4)} ± {_fmt(std, 2)}")
-            else:
-                cells.append("failed")
-        if row.delta_m is None:
-            cells.append("—")
-        else:
-            shown = 0.0 if abs(row.delta_m) < 5e-3 else row.delta_m  # no "-0.00"
-            cells.append(f"{shown:+.2f} ± {row.delta_m_std:.2f}")
-        cells.append(_fmt(row.mean_rank))
-        cells.append(_fmt(row.time_ratio))
-        cells.append(
-            f"{row.seeds_ok}" + (f" ({row.seeds_failed} failed)" if row.seeds_failed else "")
-        )
+        name = row.method.replace("|", "\\|")
+        cells = [f"**{name}**" if row.method == BASELINE else name]
+        cells += [_metric_cell(row, metric.name) for metric in metrics]
+        cells += [_delta_m_cell(row), _fmt(row.mean_rank), _fmt(row.time_ratio)]
+        cells.append(_seeds_cell(row))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_count(comparison: Comparison) -> int:
+    return max((len(r) for r in comparison.runs.values()), default=0)
+
+
+def title(comparison: Comparison) -> str:
+    """One line: the problem, its size (``small`` is called a smoke test), epochs, seeds."""
+    problem = comparison.problem
+    seeds = _seed_count(comparison)
+    counts = f"{comparison.epochs} epochs, {seeds} seed{'s' if seeds != 1 else ''}"
+    if problem.size == "small":
+        return f"{problem.name}: smoke test, not results (size small, {counts})"
+    return f"{problem.name} ({problem.size}, {counts})"
+
+
+def notes(comparison: Comparison) -> list[str]:
+    """What the numbers are, the options in force and the methods left out (Markdown)."""
+    one = _seed_count(comparison) == 1
+    spread = (
+        "Values of one seed (no spread to show: run more seeds to tell a difference from noise)"
+        if one
+        else "Mean ± std over seeds"
+    )
+    lines = [
+        f"{spread}; Δm% against equal weighting (`{BASELINE}`), lower is better; MR: mean "
+        "rank over metrics; time: mean training-step time / equal weighting's."
+    ]
+    if comparison.options:
+        given = ", ".join(
+            f"`{method}.{key}={format_value(value)}`"
+            for method, values in comparison.options.items()
+            for key, value in values.items()
+        )
+        lines.append(f"Options for every row of their method (a bracketed value wins): {given}.")
+    if comparison.left_out:
+        left = ", ".join(
+            f"{method} (needs {', '.join(needs)})" for method, needs in comparison.left_out.items()
+        )
+        lines.append(f"Left out by `all`: {left}.")
+    return lines
 
 
 def write_csv(comparison: Comparison, rows: list[Row], path: Path) -> Path:
@@ -120,7 +188,8 @@ def write_csv(comparison: Comparison, rows: list[Row], path: Path) -> Path:
         for row in rows:
             line: list[object] = [row.method, row.seeds_ok, row.seeds_failed]
             for metric in metrics:
-                line += [row.mean.get(metric.name, ""), row.std.get(metric.name, "")]
+                std = row.std.get(metric.name)
+                line += [row.mean.get(metric.name, ""), "" if std is None else std]
             for value in (row.delta_m, row.delta_m_std, row.mean_rank, row.time_ratio):
                 line.append("" if value is None else value)
             line.append(" | ".join(row.errors))
@@ -133,13 +202,74 @@ def write_tables(comparison: Comparison) -> tuple[list[Row], Path, Path]:
     rows = build_rows(comparison)
     out = comparison.out
     out.mkdir(parents=True, exist_ok=True)
-    problem = comparison.problem
-    seeds = max((len(r) for r in comparison.runs.values()), default=0)
-    title = (
-        f"# {problem.name} ({problem.size}, {comparison.epochs} epochs, {seeds} seeds)\n\n"
-        f"Mean ± std over seeds; Δm% against equal weighting (`{BASELINE}`), lower is better; "
-        "MR: mean rank over metrics; time: mean training-step time / equal weighting's.\n\n"
-    )
+    head = f"# {title(comparison)}\n\n" + "".join(f"{line}\n\n" for line in notes(comparison))
     md = out / "table.md"
-    md.write_text(title + markdown_table(comparison, rows))
+    md.write_text(head + markdown_table(comparison, rows))
     return rows, md, write_csv(comparison, rows, out / "table.csv")
+
+
+#: the console keeps these columns longest (after the method), in this order of priority.
+KEY_COLUMNS = ("Δm% ↓", "MR ↓", "time ×EW", "seeds")
+
+
+def _console_cells(comparison: Comparison, row: Row, split: bool) -> dict[str, str]:
+    sep = "\n" if split else " "
+    cells = {
+        header: _metric_cell(row, metric.name, sep)
+        for header, metric in zip(_header(comparison), comparison.problem.metrics)
+    }
+    cells["Δm% ↓"] = _delta_m_cell(row, sep)
+    cells["MR ↓"] = _fmt(row.mean_rank)
+    cells["time ×EW"] = _fmt(row.time_ratio)
+    cells["seeds"] = _seeds_cell(row)
+    return cells
+
+
+def _rich_table(comparison: Comparison, rows: list[Row], columns: list[str], split: bool) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, header_style="bold")
+    longest = max((len(row.method) for row in rows), default=6)
+    table.add_column("method", no_wrap=True, min_width=longest, overflow="fold")
+    for column in columns:
+        header = column.replace(" ", "\n", 1) if split and column != "seeds" else column
+        table.add_column(header, justify="right", overflow="fold")
+    for row in rows:
+        cells = _console_cells(comparison, row, split)
+        style = "bold" if row.method == BASELINE else ""
+        table.add_row(Text(row.method), *(Text(cells[c]) for c in columns), style=style)
+    return table
+
+
+def console_table(comparison: Comparison, rows: list[Row], width: int) -> tuple[Table, list[str]]:
+    """The table for a console ``width`` columns wide, and the metric columns left out.
+
+    Tried in turn until one fits without cutting anything: every column on one line;
+    every column with each spread under its mean; then without metric columns (the
+    diagnostics not counted in Δm% first, then from the last); then without the key
+    columns, least useful first. Method names are never cut.
+    """
+    metrics = comparison.problem.metrics
+    headers = dict(zip((m.name for m in metrics), _header(comparison)))
+    dropping = [m.name for m in reversed(metrics) if not m.in_delta_m]
+    dropping += [m.name for m in reversed(metrics) if m.in_delta_m]
+    measure = Console(file=io.StringIO(), width=10_000)
+
+    def fits(table: Table) -> bool:  # the width it takes when nothing wraps
+        return Measurement.get(measure, measure.options, table).maximum <= width
+
+    shown = [m.name for m in metrics]
+    keys = list(KEY_COLUMNS)
+    candidates = [(list(shown), keys, False)]
+    for name in [None, *dropping]:
+        if name is not None:
+            shown.remove(name)
+        candidates.append((list(shown), keys, True))
+    for key in ("seeds", "time ×EW", "MR ↓"):
+        keys = [k for k in keys if k != key]
+        candidates.append(([], keys, True))
+    for names, keys, split in candidates:
+        table = _rich_table(comparison, rows, [headers[n] for n in names] + keys, split)
+        if fits(table):
+            break
+    hidden = [m.name for m in metrics if m.name not in names]
+    hidden += [k for k in KEY_COLUMNS if k not in keys]
+    return table, hidden

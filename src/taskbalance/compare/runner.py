@@ -1,9 +1,14 @@
-"""Run every (method, seed) pair of a comparison, caching each finished run on disk.
+"""Run every (row, seed) pair of a comparison, caching each finished run on disk.
 
 Layout of ``out``::
 
-    out/runs/<method>/seed<k>/result.json        metrics, loss curves, step time, extras
-    out/runs/<method>/seed<k>/history_<label>.csv  the balancer's per-step losses and weights
+    out/runs/<row>/seed<k>/result.json        metrics, loss curves, step time, extras
+    out/runs/<row>/seed<k>/history_<label>.csv  the balancer's per-step losses and weights
+
+A row is a method (``<row>`` is its name) or a variant such as ``cagrad[c=0.2]`` (a safe
+directory name of its own, :func:`~taskbalance.compare.options.spec_directory`); the rows
+and their options are chosen and checked by
+:func:`~taskbalance.compare.options.select_methods` before anything trains.
 
 A run is finished when its ``result.json`` exists (it is written last, atomically) and its
 ``config`` matches the requested one (the problem's settings, method, seed, epochs, options
@@ -16,7 +21,6 @@ interrupted comparison resumes where it stopped. A run that raises is recorded a
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import math
@@ -31,18 +35,39 @@ import torch
 
 import taskbalance as tb
 from taskbalance.compare.fingerprint import code_fingerprint
-from taskbalance.compare.problem import ComparisonProblem, RunResult
+from taskbalance.compare.options import (
+    BASELINE,
+    MethodSpec,
+    build_balancer,
+    required_arguments,
+    select_methods,
+    spec_directory,
+)
+from taskbalance.compare.problem import BalancerFactory, ComparisonProblem, RunResult
 from taskbalance.history import History
 from taskbalance.training.joint import make_progress
 
 logger = logging.getLogger("taskbalance")
 
-BASELINE = "equal"
+__all__ = [
+    "BASELINE",
+    "Comparison",
+    "RunRecord",
+    "load_run",
+    "make_factory",
+    "read_history",
+    "required_options",
+    "resolve_methods",
+    "run_comparison",
+    "run_dir",
+    "save_run",
+]
 
 
 @dataclass
 class RunRecord:
-    """One (method, seed) run as stored on disk."""
+    """One (row, seed) run as stored on disk; ``method`` is the row label (``cagrad`` or
+    ``cagrad[c=0.2]``)."""
 
     method: str
     seed: int
@@ -54,12 +79,20 @@ class RunRecord:
 
 @dataclass
 class Comparison:
-    """Every run of a comparison, by method then seed (methods in the requested order)."""
+    """Every run of a comparison, by row label then seed (rows in the requested order).
+
+    ``specs`` holds each row's method and options, ``left_out`` the methods ``"all"`` left
+    out (-> the arguments they need), ``options`` the options given for every row of a
+    method (``{method: {key: value}}``).
+    """
 
     problem: ComparisonProblem
     out: Path
     epochs: int
     runs: dict[str, list[RunRecord]] = field(default_factory=dict)
+    specs: dict[str, MethodSpec] = field(default_factory=dict)
+    left_out: dict[str, list[str]] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def ok(self, method: str) -> list[RunResult]:
         return [r.result for r in self.runs[method] if r.status == "ok" and r.result is not None]
@@ -71,61 +104,57 @@ class Comparison:
 
 def required_options(method: str) -> list[str]:
     """Constructor arguments of ``method`` that have no default (besides ``tasks``)."""
-    params = list(inspect.signature(tb.get(method).__init__).parameters.values())[2:]
-    return [
-        p.name
-        for p in params
-        if p.default is inspect.Parameter.empty
-        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    ]
+    return required_arguments(tb.get(method))
 
 
 def resolve_methods(
-    methods: Sequence[str] | str, problem: ComparisonProblem | None = None
+    methods: Sequence[str] | str,
+    problem: ComparisonProblem | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
-    """``"all"`` or names (aliases allowed) -> registered names, baseline first, no repeats.
+    """The row labels of a comparison, baseline first, no repeats (see
+    :func:`~taskbalance.compare.options.select_methods`, which also checks them).
 
-    ``"all"`` leaves out methods that need an argument the problem does not give in
-    :meth:`~taskbalance.compare.problem.ComparisonProblem.method_options` (static weighting
-    needs its weights); a method named explicitly is always kept (and fails if unbuildable).
+    ``"all"`` leaves out methods that need an argument that neither the problem
+    (:meth:`~taskbalance.compare.problem.ComparisonProblem.method_options`) nor ``options``
+    gives (static weighting needs its weights); a method named explicitly without such an
+    argument is refused.
     """
-    if methods == "all":
-        names = []
-        for name in tb.list_methods():
-            given = problem.method_options(name) if problem is not None else {}
-            missing = [o for o in required_options(name) if o not in given]
-            if missing:
-                logger.info("'all' leaves out %s: it needs %s", name, ", ".join(missing))
-            else:
-                names.append(name)
-    else:
-        names = [tb.get(m).method_name for m in methods]
-    ordered = [BASELINE] + [m for m in names if m != BASELINE]
-    return list(dict.fromkeys(ordered))
+    return [spec.label for spec in select_methods(methods, problem, options).specs]
 
 
-def run_dir(out: Path, method: str, seed: int) -> Path:
-    return out / "runs" / method / f"seed{seed}"
+def run_dir(out: Path, label: str, seed: int) -> Path:
+    """Where the run of row ``label`` (a method name or a spec) with ``seed`` is stored."""
+    return Path(out) / "runs" / spec_directory(label) / f"seed{seed}"
 
 
-def make_factory(problem: ComparisonProblem, method: str, seed: int):
-    """A factory of fresh balancers with the problem's settings (and ``seed`` if accepted)."""
-    options = dict(problem.method_options(method))
-    cls = tb.get(method)
-    if "seed" in inspect.signature(cls.__init__).parameters and "seed" not in options:
-        options["seed"] = seed
+def make_factory(
+    problem: ComparisonProblem, spec: MethodSpec | str, seed: int
+) -> tuple[BalancerFactory, dict[str, Any]]:
+    """A factory of fresh balancers of a row (problem settings, then the row's options, and
+    ``seed`` if the method takes one), and the arguments it passes."""
+    if isinstance(spec, str):
+        name = tb.get(spec).method_name
+        spec = MethodSpec(name, {}, name)
+    _, options = build_balancer(spec, problem, seed)
+    cls = tb.get(spec.method)
     return lambda: cls(problem.tasks, **options), options
 
 
-def _run_config(problem: ComparisonProblem, method: str, seed: int, epochs: int, options: dict):
-    return {
+def _run_config(
+    problem: ComparisonProblem, spec: MethodSpec, seed: int, epochs: int, options: dict
+) -> dict[str, Any]:
+    config = {
         **problem.config(),
-        "method": method,
+        "method": spec.method,
         "seed": seed,
         "epochs": epochs,
         "options": {k: repr(v) for k, v in sorted(options.items())},
-        "code": code_fingerprint(tb.get(method), type(problem)),
+        "code": code_fingerprint(tb.get(spec.method), type(problem)),
     }
+    if spec.label != spec.method:
+        config["label"] = spec.label
+    return config
 
 
 def save_run(directory: Path, config: dict[str, Any], result: RunResult, wall: float) -> None:
@@ -214,41 +243,61 @@ def run_comparison(
     seeds: int | Sequence[int],
     out: str | Path,
     *,
+    options: dict[str, dict[str, Any]] | None = None,
     epochs: int | None = None,
     progress: bool = True,
     force: bool = False,
 ) -> Comparison:
-    """Run (or load from ``out``) every method × seed on ``problem``.
+    """Run (or load from ``out``) every row × seed on ``problem``.
 
     Args:
-        methods: ``"all"`` or method names (see :func:`resolve_methods`); equal weighting
-            (the Δm% baseline) is always run.
+        methods: ``"all"``, specs such as ``"cagrad"`` or ``"cagrad[c=0.2]"`` (a list, or
+            one comma-separated string); see :func:`~taskbalance.compare.options.
+            select_methods`. Equal weighting (the Δm% baseline) is always run.
         seeds: a number of seeds (``0..n-1``) or the seeds themselves.
         out: the run directory; finished runs found there with the same config are reused.
+        options: constructor arguments for every row of a method,
+            ``{"cagrad": {"c": 0.2}}`` (a bracketed value in a spec wins).
         epochs: the length of each run (default: the problem's ``default_epochs``).
         force: rerun even finished runs.
+
+    Raises:
+        BalancerUsageError: an unknown method or option, a method missing an argument, a
+            value its constructor refuses, ...: raised before any run starts.
     """
     out = Path(out)
-    names = resolve_methods(methods, problem)
+    selection = select_methods(methods, problem, options)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     epochs = problem.default_epochs if epochs is None else int(epochs)
-    comparison = Comparison(problem, out, epochs, {m: [] for m in names})
+    specs = {spec.label: spec for spec in selection.specs}
+    comparison = Comparison(
+        problem,
+        out,
+        epochs,
+        {label: [] for label in specs},
+        specs,
+        selection.left_out,
+        selection.options,
+    )
+    for name, needs in selection.left_out.items():
+        logger.info("'all' leaves out %s: it needs %s", name, ", ".join(needs))
     with make_progress(progress, problem.name) as bar:
-        job = bar.add_task(problem.name, total=len(names) * len(seed_list), info="")
-        for method in names:
+        job = bar.add_task(problem.name, total=len(specs) * len(seed_list), info="")
+        for label, spec in specs.items():
             for seed in seed_list:
-                bar.update(job, info=f"{method} seed {seed}")
-                record = _one_run(problem, method, seed, epochs, out, force)
-                comparison.runs[method].append(record)
+                bar.update(job, info=f"{label} seed {seed}")
+                record = _one_run(problem, spec, seed, epochs, out, force)
+                comparison.runs[label].append(record)
                 bar.update(job, advance=1)
     return comparison
 
 
 def _one_run(
-    problem: ComparisonProblem, method: str, seed: int, epochs: int, out: Path, force: bool
+    problem: ComparisonProblem, spec: MethodSpec, seed: int, epochs: int, out: Path, force: bool
 ) -> RunRecord:
-    factory, options = make_factory(problem, method, seed)
-    config = _run_config(problem, method, seed, epochs, options)
+    factory, options = make_factory(problem, spec, seed)
+    config = _run_config(problem, spec, seed, epochs, options)
+    method = spec.label
     directory = run_dir(out, method, seed)
     cached = None if force else load_run(directory, problem.tasks)
     if cached is not None and cached[0] == config:
