@@ -8,6 +8,9 @@ import re
 
 import pytest
 from _compare_fake import TwoRegressions
+
+import taskbalance as tb
+from taskbalance.compare import compare
 from taskbalance.compare.options import (
     parse_option,
     parse_value,
@@ -15,9 +18,6 @@ from taskbalance.compare.options import (
     spec_directory,
     split_specs,
 )
-
-import taskbalance as tb
-from taskbalance.compare import compare
 from taskbalance.compare.runner import load_run, run_comparison, run_dir
 from taskbalance.errors import BalancerUsageError
 
@@ -103,6 +103,7 @@ def test_a_bracketed_value_wins_over_an_option_for_every_row():
         ("static", None, r"static needs weights.*static\[weights=.*--option static\.weights="),
         ("cagrad[rescale=bogus]", None, r"cagrad\[rescale=bogus\] cannot be built: .*rescale"),
         ("", None, r"no method given"),
+        ("cagrad", {"cagrad": 0.2}, r"options\['cagrad'\] must map argument names"),
     ],
 )
 def test_a_bad_selection_is_refused_before_anything_trains(tmp_path, methods, options, message):
@@ -117,6 +118,8 @@ def test_static_fails_before_the_baseline_trains_in_compare(tmp_path):
     problem = TwoRegressions()
     with pytest.raises(BalancerUsageError, match="static needs weights"):
         compare(problem, ["mgda", "static"], 1, tmp_path, progress=False)
+    with pytest.raises(BalancerUsageError, match=r"options\['mgda'\] must map"):
+        compare(problem, ["mgda"], 1, tmp_path, options={"mgda": "upgrad"}, progress=False)
     assert problem.calls == [] and not list(tmp_path.iterdir())
 
 

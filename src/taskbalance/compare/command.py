@@ -54,7 +54,7 @@ def compare(
         methods,
         seeds,
         out,
-        options={k: dict(v) for k, v in (options or {}).items()},
+        options=options,
         epochs=epochs,
         progress=progress,
         force=force,

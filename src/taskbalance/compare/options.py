@@ -289,6 +289,11 @@ def select_methods(
         raise BalancerUsageError(f"no method given: {SPEC_FORM}, or all")
     by_method: dict[str, dict[str, Any]] = {}
     for name, values in (options or {}).items():
+        if not isinstance(values, Mapping):
+            raise BalancerUsageError(
+                f"options[{name!r}] must map argument names to values, e.g. "
+                f"options={{{name!r}: {{'key': value}}}}; got {values!r}"
+            )
         cls = _method(name)
         for key in values:
             _check_key(cls, key)

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +110,7 @@ def required_options(method: str) -> list[str]:
 def resolve_methods(
     methods: Sequence[str] | str,
     problem: ComparisonProblem | None = None,
-    options: dict[str, dict[str, Any]] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[str]:
     """The row labels of a comparison, baseline first, no repeats (see
     :func:`~taskbalance.compare.options.select_methods`, which also checks them).
@@ -243,7 +243,7 @@ def run_comparison(
     seeds: int | Sequence[int],
     out: str | Path,
     *,
-    options: dict[str, dict[str, Any]] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
     epochs: int | None = None,
     progress: bool = True,
     force: bool = False,
