@@ -4,6 +4,11 @@ what was meant: heads passed as shared, features the losses were not computed fr
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +32,14 @@ class Net(nn.Module):
         self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
         self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(k))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The shared representation (the heads are applied by :func:`losses_of`)."""
-        return self.body(x)
+    def forward(self, x: Tensor, mode: str = "exact") -> tuple[dict[str, Tensor], object]:
+        """The losses (heads included, so that FSDP's hooks see the whole forward) and what
+        ``features=`` gets in ``mode``: nothing, the representation or its forked views."""
+        z = self.body(x)
+        if mode == "forked":
+            zs = tb.fork(z, len(self.heads))
+            return losses_of(self, list(zs)), zs
+        return losses_of(self, z), (z if mode == "features" else None)
 
 
 def losses_of(net: Net, z: Tensor | list[Tensor]) -> dict[str, Tensor]:
@@ -209,6 +219,7 @@ def test_gradnorm_last_shared_and_features_together_are_refused() -> None:
 
 # ---------------------------------------------------------------------- FSDP
 dist = pytest.importorskip("torch.distributed")
+FSDP_WORKER = Path(__file__).parent / "distributed" / "fsdp_worker.py"
 
 
 @pytest.fixture(scope="module")
@@ -218,80 +229,91 @@ def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         pytest.skip("torch.distributed with gloo is not available")
     if dist.is_initialized():  # pragma: no cover - another test left one behind
         pytest.skip("a process group is already initialised")
-    store = dist.FileStore(str(Path(tmp_path_factory.mktemp("pg")) / "store"), 1)
+    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
 
-def fsdp2(net: Net, how: str) -> Net:
-    """``net`` sharded with ``fully_shard``: the body only, each body layer and then the
-    whole model (the body's parameters are then managed by the root), or the root only."""
-    from torch.distributed.fsdp import fully_shard
-
-    if how == "body":
-        fully_shard(net.body)
-    elif how == "nested":
-        fully_shard(net.body[0])
-        fully_shard(net.body[2])
-        fully_shard(net)
-    else:
-        fully_shard(net)
-    return net
+def free_port() -> int:
+    """A TCP port that is free on localhost now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def fsdp1(net: Net, use_orig_params: bool) -> Net:
+@contextlib.contextmanager
+def plain_failure() -> Iterator[None]:
+    """A failure re-raised as a bare AssertionError. pytest's report of the original would
+    print the arguments of every frame it went through, and printing a parameter whose
+    storage FSDP has freed crashes the interpreter (and with it the whole run)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):  # pragma: no cover
+        raise
+    except BaseException as err:  # pytest.fail's outcome included
+        raise AssertionError(f"{type(err).__name__}: {err}") from None
+
+
+def sharded(how: str) -> Net:
+    """A fresh :class:`Net` sharded by ``fully_shard`` (FSDP2) or FSDP1:
+
+    * ``fsdp2 body``: the body alone (the heads are plain modules);
+    * ``fsdp2 nested``: each body layer, then the whole model (the body's parameters are
+      DTensors again after the forward, autograd's leaves are FSDP's unsharded copies);
+    * ``fsdp2 root``: the whole model once (the parameters stay unsharded after the forward:
+      plain tensors, known only to FSDP);
+    * ``fsdp1``, ``fsdp1 orig params``: ``FullyShardedDataParallel`` around the body, with a
+      flat parameter or with the original ones exposed (``use_orig_params=True``).
+    """
+    net = Net()
+    if how.startswith("fsdp2"):
+        from torch.distributed.fsdp import fully_shard
+
+        if how == "fsdp2 body":
+            fully_shard(net.body)
+        elif how == "fsdp2 nested":
+            fully_shard(net.body[0])
+            fully_shard(net.body[2])
+            fully_shard(net)
+        else:
+            fully_shard(net)
+        return net
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FSDP1's deprecation notice
         net.body = FullyShardedDataParallel(
-            net.body, device_id=torch.device("cpu"), use_orig_params=use_orig_params
+            net.body, device_id=torch.device("cpu"), use_orig_params=how.endswith("params")
         )
     return net
-
-
-def forward(net: Net, mode: str) -> tuple[dict[str, Tensor], object]:
-    """The losses, and what ``features=`` gets in ``mode``."""
-    z = net(X)
-    if mode == "forked":
-        zs = tb.fork(z, 3)
-        return losses_of(net, list(zs)), zs
-    return losses_of(net, z), (z if mode == "features" else None)
 
 
 SHARDINGS = ["fsdp2 body", "fsdp2 nested", "fsdp2 root", "fsdp1", "fsdp1 orig params"]
 
 
-def sharded(how: str) -> Net:
-    net = Net()
-    if how.startswith("fsdp2"):
-        return fsdp2(net, how.split()[1])
-    return fsdp1(net, use_orig_params=how.endswith("params"))
-
-
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")  # the forked views, not in-place
 @pytest.mark.parametrize("mode", ["exact", "features", "forked"])
 @pytest.mark.parametrize("how", SHARDINGS)
 def test_sharded_parameters_are_refused_in_every_gradient_mode(
     process_group: None, how: str, mode: str
 ) -> None:
     net = sharded(how)
-    losses, features = forward(net, mode)
+    losses, features = net(X, mode)
     shared = net.body if mode == "exact" else None
-    with pytest.raises(
-        tb.BalancerUsageError,
-        match=r"FSDP-sharded parameters are not supported by gradient methods yet \(MGDA, " + mode,
-    ) as caught:
-        tb.make("mgda", TASKS).backward(losses, shared=shared, features=features)
-    assert "use a loss-weighting method, or DDP" in str(caught.value)
-    assert all(g is None for g in grads_of(net))
+    expected = r"FSDP-sharded parameters are not supported by gradient methods yet \(MGDA, "
+    with plain_failure():
+        with pytest.raises(tb.BalancerUsageError, match=expected + mode) as caught:
+            tb.make("mgda", TASKS).backward(losses, shared=shared, features=features)
+        assert "use a loss-weighting method, or DDP" in str(caught.value)
+        assert all(g is None for g in grads_of(net))
 
 
 def test_sharded_parameters_given_as_a_list_are_refused(process_group: None) -> None:
     """``shared=`` the parameters themselves (the root's, unsharded after its forward)."""
     net = sharded("fsdp2 root")
-    losses, _ = forward(net, "exact")
-    with pytest.raises(tb.BalancerUsageError, match="FSDP-sharded parameters"):
+    losses, _ = net(X)
+    with plain_failure(), pytest.raises(tb.BalancerUsageError, match="FSDP-sharded parameters"):
         tb.make("upgrad", TASKS).backward(losses, shared=list(net.body.parameters()))
 
 
@@ -303,17 +325,21 @@ def test_dtensor_parameters_are_refused(process_group: None) -> None:
     weight = nn.Parameter(distribute_tensor(torch.randn(6, 5), mesh, [Replicate()]))
     z = torch.tanh(X @ weight.to_local().T)
     net = Net()
-    with pytest.raises(tb.BalancerUsageError, match="FSDP-sharded parameters"):
+    with plain_failure(), pytest.raises(tb.BalancerUsageError, match="FSDP-sharded parameters"):
         tb.make("mgda", TASKS).backward(losses_of(net, z), shared=[weight])
 
 
+@pytest.mark.parametrize("argument", ["shared", "last_shared"])
 @pytest.mark.parametrize("how", ["fsdp2 body", "fsdp2 nested", "fsdp1"])
-def test_gradnorm_with_a_sharded_layer_w_is_refused(process_group: None, how: str) -> None:
+def test_gradnorm_with_a_sharded_layer_w_is_refused(
+    process_group: None, how: str, argument: str
+) -> None:
     net = sharded(how)
-    losses, _ = forward(net, "exact")
-    with pytest.raises(tb.BalancerUsageError, match=r"FSDP-sharded .* \(GradNorm"):
-        tb.make("gradnorm", TASKS).backward(losses, shared=net.body)
-    assert all(g is None for g in grads_of(net))
+    losses, _ = net(X)
+    with plain_failure():
+        with pytest.raises(tb.BalancerUsageError, match=r"FSDP-sharded .* \(GradNorm"):
+            tb.make("gradnorm", TASKS).backward(losses, **{argument: net.body})
+        assert all(g is None for g in grads_of(net))
 
 
 @pytest.mark.parametrize("method", ["equal", "dwa", "gradnorm features"])
@@ -321,8 +347,42 @@ def test_weighted_loss_methods_run_under_fsdp(process_group: None, method: str) 
     """A loss-weighting method (and GradNorm on the features, whose update is the ordinary
     backward of a weighted loss) only backpropagates a sum: FSDP is fine with it."""
     net = sharded("fsdp2 body")
-    losses, z = forward(net, "features")
+    losses, z = net(X, "features")
     name = method.split()[0]
-    weights = tb.make(name, TASKS).backward(losses, features=z if name == "gradnorm" else None)
-    assert weights is not None
-    assert all(g is not None for g in grads_of(net))
+    with plain_failure():
+        weights = tb.make(name, TASKS).backward(losses, features=z if name == "gradnorm" else None)
+        assert weights is not None
+        assert all(g is not None for g in grads_of(net))
+
+
+def test_two_ranks_refuse_fsdp_and_weighted_losses_match_one_process(tmp_path: Path) -> None:
+    """On 2 gloo ranks (torchrun): MGDA refuses an FSDP2 model in every mode on every rank,
+    and GradNorm's features variant and DWA under FSDP2 train like one process on the
+    global batch (parameters to 1e-5 after 4 SGD steps; see ``fsdp_worker.py``)."""
+    if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
+        pytest.skip("torch.distributed with gloo is not available")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(FSDP_WORKER),
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.fail(f"torchrun failed ({done.returncode}):\n{done.stderr[-6000:]}")
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        refusals = result["refusals"]
+        assert len(refusals) == 9  # 3 shardings x 3 modes
+        for config, message in refusals.items():
+            assert "FSDP-sharded parameters are not supported" in message, config
+        assert set(result["gaps"]) == {"gradnorm root", "gradnorm nested", "dwa root", "dwa nested"}
+        for config, (gap, control) in result["gaps"].items():
+            assert gap <= 1e-5, config
+            assert control > 1e-3, config  # the comparison can fail: one rank's batch differs

@@ -205,7 +205,7 @@ def check_not_sharded(tensors: Iterable[Tensor], where: str, owner: object = Non
         f"FSDP-sharded parameters are not supported by gradient methods yet ({where}): "
         f"{describe_tensors(found, parameter_names(owner))} "
         f"{'is' if len(found) == 1 else 'are'} managed by FSDP (fully_shard or "
-        "FullyShardedDataParallel) or a DTensor. The per-task gradients would be taken on "
+        "FullyShardedDataParallel) or DTensor. The per-task gradients would be taken on "
         "copies that FSDP's reduce-scatter never sees, and the model would train silently "
         "wrong. Until FSDP is supported, use a loss-weighting method, or DDP "
         "(DistributedDataParallel), under which every gradient method is exact"
