@@ -170,3 +170,9 @@ def test_all_takes_static_only_with_its_weights():
 def test_all_can_be_combined_with_variants():
     labels = [s.label for s in select_methods("all,cagrad[c=0.2]", TwoRegressions()).specs]
     assert labels[0] == "equal" and labels[-1] == "cagrad[c=0.2]" and "cagrad" in labels
+
+
+def test_the_progress_bar_shows_a_variant_by_its_label(tmp_path, capsys):
+    problem = TwoRegressions()
+    run_comparison(problem, ["cagrad[c=0.2]"], 1, tmp_path, progress=True)
+    assert "cagrad[c=0.2] seed 0" in capsys.readouterr().out  # not read as rich markup

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 import taskbalance as tb
 from taskbalance.compare.fingerprint import code_fingerprint
@@ -285,7 +286,7 @@ def run_comparison(
         job = bar.add_task(problem.name, total=len(specs) * len(seed_list), info="")
         for label, spec in specs.items():
             for seed in seed_list:
-                bar.update(job, info=f"{label} seed {seed}")
+                bar.update(job, info=escape(f"{label} seed {seed}"))  # not markup
                 record = _one_run(problem, spec, seed, epochs, out, force)
                 comparison.runs[label].append(record)
                 bar.update(job, advance=1)
