@@ -211,7 +211,11 @@ def losses_figure(comparison: Comparison) -> Figure | None:
         for a in axes[:, col]:
             a.grid(alpha=0.25, lw=0.5)
             a.tick_params(labelsize=8)
-            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if epochs <= 12:  # every epoch marked, and a single one in the middle
+                a.set_xticks(range(1, epochs + 1))
+                a.set_xlim(0.6, epochs + 0.4)
+            else:
+                a.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[-1, col].set_xlabel("epoch")
     axes[0, 0].set_ylabel("training loss")
     if relative:
