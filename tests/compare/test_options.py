@@ -170,6 +170,8 @@ def test_all_takes_static_only_with_its_weights():
 def test_all_can_be_combined_with_variants():
     labels = [s.label for s in select_methods("all,cagrad[c=0.2]", TwoRegressions()).specs]
     assert labels[0] == "equal" and labels[-1] == "cagrad[c=0.2]" and "cagrad" in labels
+    listed = select_methods(["mgda,upgrad", "static[weights=1,2]"], TwoRegressions()).specs
+    assert [s.label for s in listed] == ["equal", "mgda", "upgrad", "static[weights=1,2]"]
 
 
 def test_the_progress_bar_shows_a_variant_by_its_label(tmp_path, capsys):

@@ -272,10 +272,10 @@ def select_methods(
     """The rows of a comparison, checked; equal weighting (the Δm% baseline) first.
 
     Args:
-        methods: ``"all"``, a comma-separated string of specs or a sequence of specs (an
-            item ``"all"`` stands for every registered method). ``"all"`` leaves out the
-            methods that need an argument nobody gives (static weighting's weights), and
-            records them in :attr:`Selection.left_out`.
+        methods: ``"all"``, a comma-separated string of specs or a sequence of specs (or of
+            such strings); an item ``"all"`` stands for every registered method, leaving
+            out those that need an argument nobody gives (static weighting's weights),
+            recorded in :attr:`Selection.left_out`.
         problem: gives each method's settings and the tasks the balancers are built on
             (without it, values are not tried on a constructor).
         options: ``{method: {key: value}}`` for every row of that method (aliases allowed).
@@ -284,7 +284,8 @@ def select_methods(
         BalancerUsageError: any of the mistakes listed in the module docstring; nothing
             has trained when it is raised.
     """
-    tokens = split_specs(methods) if isinstance(methods, str) else [str(m) for m in methods]
+    items = [methods] if isinstance(methods, str) else [str(m) for m in methods]
+    tokens = [token for item in items for token in split_specs(item)]
     if not tokens:
         raise BalancerUsageError(f"no method given: {SPEC_FORM}, or all")
     by_method: dict[str, dict[str, Any]] = {}
