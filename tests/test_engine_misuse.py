@@ -181,6 +181,37 @@ def test_a_feature_reached_by_some_tasks_only_is_accepted() -> None:
     assert weights is not None and all(g is not None for g in grads_of(net.body))
 
 
+def test_the_same_feature_given_twice_is_refused() -> None:
+    """``features=[z, z, z]`` (one per task, as with fork) would repeat z's columns in J and
+    backpropagate the direction once per copy: K times the update."""
+    net = Net()
+    z = net.body(X)
+    with pytest.raises(tb.BalancerUsageError, match=r"features\[1\] is features\[0\].*tb.fork"):
+        tb.make("mgda", TASKS).backward(losses_of(net, z), features=[z, z, z])
+    assert all(g is None for g in grads_of(net))
+
+
+@pytest.mark.parametrize("mode", ["features", "forked"])
+def test_a_head_that_reads_the_body_besides_the_features_is_refused(mode: str) -> None:
+    """A head that also reads an inner activation of the body reaches body parameters
+    outside the features: that part of its gradient would skip the balancing (given
+    unweighted, as if the body layer were its own)."""
+    net = Net()
+    inner = net.body[0](X)
+    z = net.body[2](net.body[1](inner))
+    features = tb.fork(z, 3) if mode == "forked" else z
+    losses = losses_of(net, list(features) if mode == "forked" else z)
+    losses["depth"] = losses["depth"] + inner.pow(2).mean()
+    bal = tb.make("mgda", TASKS)
+    with pytest.raises(
+        tb.BalancerUsageError,
+        match=r"the loss of task 'depth' reaches 2 parameters of the body \(0\.weight, 0\.bias\) "
+        r"other than through features=",
+    ):
+        bal.backward(losses, shared=net.body, features=features)
+    assert all(g is None for g in grads_of(net))
+
+
 # ---------------------------------------------------------------------- GradNorm's layer W
 @pytest.mark.parametrize("frozen", ["module", "empty list"])
 def test_gradnorm_last_shared_without_parameters_is_named(frozen: str) -> None:

@@ -289,6 +289,21 @@ def check_not_wrapped(features: Sequence[Tensor]) -> None:
             )
 
 
+def _check_distinct(inputs: Sequence[Tensor]) -> None:
+    """Refuse a feature tensor given twice (its columns repeated in J, the update sent back
+    through it once per copy: a multiple of the right one)."""
+    first: dict[int, int] = {}
+    for i, t in enumerate(inputs):
+        j = first.setdefault(id(t), i)
+        if j != i:
+            raise BalancerUsageError(
+                f"features[{i}] is features[{j}]: a tensor given twice counts its gradient "
+                "twice (its columns repeat in J and the update is backpropagated once per "
+                "copy). Pass it once (features=z); for one view per task use "
+                "zs = tb.fork(z, K) and features=zs"
+            )
+
+
 def _check_not_nested(inputs: Sequence[Tensor], nodes: set[object]) -> None:
     """Refuse feature tensors of which one is computed from another (paths counted twice)."""
     for i, t in enumerate(inputs):
@@ -366,6 +381,7 @@ def task_jacobian(
             )
     stop = {t.grad_fn for t in inputs if t.grad_fn is not None} if features else set()
     if features and len(inputs) > 1:
+        _check_distinct(inputs)
         _check_not_nested(inputs, stop)
     input_ids = {id(t) for t in inputs}
     owners: dict[int, int] = {}

@@ -17,9 +17,10 @@ Checks of the arguments, each paid once per balancer or only where it can matter
 mode a shared tensor that one task alone reaches (a head passed in ``shared=``) is warned
 about once; in features mode ``shared=``, which the engine does not use, is compared with
 what the features depend on at the first call and warned about once if it holds more (the
-heads); parameters sharded by FSDP are refused in every mode (exact: on every call where
-FSDP could be in use; features: at the first such call, the body being found by one walk
-of its graph).
+heads) and a loss that reaches a body parameter other than through the features (a head
+reading an inner activation) is refused; parameters sharded by FSDP are refused in every
+mode (exact: on every call where FSDP could be in use; features: at the first such call).
+The features-mode checks share one walk of the body's graph.
 
 The step runs with autocast disabled for the losses' device type, so ``backward`` may be
 called inside an autocast region (J is at least float32, see :mod:`taskbalance.gradients`).
@@ -97,6 +98,7 @@ class GradientBalancer(Balancer):
     _warned_heads = False  # exact mode: a head in shared= was warned about
     _shared_checked = False  # features mode: shared= was compared with the features' body
     _body_unsharded = False  # features mode: the body was found free of FSDP parameters
+    _bypass_checked = False  # features mode: no loss reaches the body besides the features
 
     def __init__(
         self,
@@ -248,8 +250,9 @@ class GradientBalancer(Balancer):
             inputs = resolve_tensors(shared)
         forked = isinstance(features, ForkedFeatures)
         where = f"{type(self).__name__}, {'forked features' if forked else mode} mode"
+        body = None
         if use_features:
-            self._check_features_body(inputs, shared, where)
+            body = self._check_features_body(inputs, shared, where)
         else:
             check_not_sharded(inputs, where, shared)
         self.mode = mode
@@ -257,18 +260,42 @@ class GradientBalancer(Balancer):
             grads = forked_task_jacobian(items, features, self.tasks)
         else:
             grads = task_jacobian(items, inputs, self.tasks, features=use_features)
+        if body is not None:
+            self._check_no_bypass(grads, body, shared)
         if grads.single and not self._warned_heads:
             self._warned_heads = True
             warn(self._heads_message(grads, shared))
         return grads, use_features
 
-    def _check_features_body(self, inputs: list[Tensor], shared: Any, where: str) -> None:
+    def _check_no_bypass(self, grads: TaskGradients, body: list[Tensor], shared: Any) -> None:
+        """Features mode, first call: no loss reaches a parameter of the body other than
+        through the features (that part of its gradient would be applied unweighted, as if
+        the parameter were the task's own, and never enter J)."""
+        ids = {id(t) for t in body}
+        for task, pairs in zip(self.tasks, grads.own):
+            bypass = [p for p, _ in pairs if id(p) in ids]
+            if bypass:
+                raise BalancerUsageError(
+                    f"the loss of task {task!r} reaches {len(bypass)} parameter"
+                    f"{'s' if len(bypass) > 1 else ''} of the body "
+                    f"({describe_tensors(bypass, parameter_names(shared))}) other than through "
+                    "features= (e.g. a head that also reads an inner activation of the body): "
+                    "that part of its gradient would skip the balancing. Feed the heads only "
+                    "the features, or pass every body output they read as a feature "
+                    "(features=[z, h])"
+                )
+        self._bypass_checked = True
+
+    def _check_features_body(
+        self, inputs: list[Tensor], shared: Any, where: str
+    ) -> list[Tensor] | None:
         """Features mode, once per balancer: no FSDP parameter in the body (while FSDP can
-        be in use), and ``shared=``, if given, holds nothing the features do not depend on."""
+        be in use), and ``shared=``, if given, holds nothing the features do not depend on.
+        Returns the body's parameters while :meth:`_check_no_bypass` is still to run."""
         check_sharding = not self._body_unsharded and sharding_possible()
         check_shared = shared is not None and not self._shared_checked
-        if not (check_sharding or check_shared):
-            return
+        if not (check_sharding or check_shared or not self._bypass_checked):
+            return None
         leaves = feature_leaves(inputs)
         if check_sharding:
             check_not_sharded(leaves, where, shared)
@@ -289,6 +316,7 @@ class GradientBalancer(Balancer):
                     "so they are not treated as shared; pass shared= the module that computes "
                     "the features (e.g. model.body), or leave shared= out"
                 )
+        return None if self._bypass_checked else leaves
 
     def _heads_message(self, grads: TaskGradients, shared: Any) -> str:
         """The warning about shared tensors that one task alone reaches, by task."""
