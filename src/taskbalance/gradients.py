@@ -21,7 +21,12 @@ an error: its gradient would otherwise be combined by no rule at all.
 In features mode ``shared=`` is not used: the update reaches every parameter the features
 depend on (one backward from Z), and every parameter after Z is task-specific. The balancer
 checks ``shared=`` against the features once and warns when it holds parameters the features
-do not depend on (e.g. ``shared=model`` with the heads). In exact mode a tensor of ``shared``
+do not depend on (e.g. ``shared=model`` with the heads). Refused in features mode, each of
+which would train silently wrong: a loss that does not depend on the features (computed from
+a second forward pass or a copy; named before any other check can misread it), the same
+feature given twice (the update would be multiplied), and, at the balancer's first call, a
+loss that reaches a body parameter other than through the features (that part of its
+gradient would skip the balancing). In exact mode a tensor of ``shared``
 that only one task reaches looks like a head passed as shared: it would enter J and get the
 combined update instead of its task's gradient; the balancer warns once
 (:attr:`TaskGradients.single`).
