@@ -308,7 +308,8 @@ def section_exact(k: int, rounds: int, steps: int) -> None:
             configs[name] = step_balancer(s, name, "exact")
     times = timed(configs, rounds, steps, "loop (LibMTL)")
     print_table(f"exact mode, K={k}", times, "loop (LibMTL)")
-    equal, loop = median(times["equal"]), median(times["loop (LibMTL)"])
+    samples = times[0]  # timed() returns (samples, paired)
+    equal, loop = median(samples["equal"]), median(samples["loop (LibMTL)"])
     print(f"\nequal weighting: {equal * 1e3:.2f} ms/step; loop / equal = {loop / equal:.2f}x")
 
 
