@@ -2,9 +2,11 @@
 
 Every balancer has a ``distributed=`` setting: ``"auto"`` (default), ``"off"``, or a
 :class:`torch.distributed.ProcessGroup`. With ``"auto"`` a balancer synchronises over the
-default process group whenever one is initialised with more than one rank, and does
-nothing at all otherwise (no process group, or a world of one): the single-process path
-is unchanged, with no collective and no extra work. ``"off"`` never synchronises (e.g.
+default process group whenever one is initialised — a world of one included: there the
+collectives are trivial, but the representation mode must still keep out of DDP's
+gradient hooks (an ordinary backward through a DDP-wrapped body would leave DDP's
+reduction unfinished) — and does nothing at all without one: the single-process path is
+unchanged, with no collective and no extra work. ``"off"`` never synchronises (e.g.
 when every rank trains its own model); a process group synchronises within that group.
 
 What is synchronised, so that every rank takes the same weights at every step and the
@@ -80,8 +82,7 @@ def check_setting(setting: Any) -> Any:
 def active_sync(setting: Any) -> Sync | None:
     """The :class:`Sync` to use now for ``setting``, or ``None`` when there is nothing to do.
 
-    ``None`` for ``"off"``, when torch.distributed is unavailable or not initialised, and
-    when the group has a single rank.
+    ``None`` for ``"off"`` and when torch.distributed is unavailable or not initialised.
     """
     if isinstance(setting, str) and setting == "off":
         return None
@@ -89,8 +90,6 @@ def active_sync(setting: Any) -> Sync | None:
         return None
     group = None if isinstance(setting, str) else setting
     world = dist.get_world_size(group)
-    if world <= 1:
-        return None
     return Sync(group, world, dist.get_rank(group))
 
 

@@ -44,11 +44,15 @@ def test_nothing_to_synchronise_without_a_process_group() -> None:
         assert tb.make("pcgrad", 3, distributed=setting).current_sync() is None
 
 
-def test_a_world_of_one_is_the_single_process_path(one_rank: Sync) -> None:
-    assert active_sync("auto") is None
-    assert active_sync(dist.group.WORLD) is None
+def test_a_world_of_one_synchronises_too(one_rank: Sync) -> None:
+    # trivially, but on the path that keeps the features mode out of DDP's hooks
+    # (tests/distributed/test_ddp_world_one.py trains through it)
+    for setting in ("auto", dist.group.WORLD):
+        sync = active_sync(setting)
+        assert sync is not None and sync.world_size == 1 and sync.rank == 0
+    assert active_sync("off") is None
     bal = tb.make("upgrad", 2, distributed=dist.group.WORLD)
-    assert bal.current_sync() is None
+    assert bal.current_sync() is not None
 
 
 def test_all_reduce_packs_by_dtype_and_scales(one_rank: Sync) -> None:
