@@ -109,13 +109,6 @@ class GradNorm(Balancer):
         """The current task weights (detached)."""
         return self.learnable["weights"].detach()
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return self.learnable.parameters()
-
-    def attach(self, optimizer: torch.optim.Optimizer, lr: float | None = None) -> None:
-        """Hand the weights to ``optimizer`` (``optimizer='external'`` only), weight decay 0."""
-        self.learnable.attach(optimizer, lr)
-
     def renormalise(self) -> None:
         """Clamp the weights at :data:`MIN_WEIGHT` and rescale them to sum to K."""
         w = self.learnable["weights"]
