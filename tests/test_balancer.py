@@ -477,11 +477,10 @@ def test_steps_and_skipped_steps_are_restored() -> None:
     assert torch.equal(other.last_weights, torch.ones(2))
 
 
-def test_integer_dict_keys_are_matched_or_listed() -> None:
-    bal = tb.EqualWeighting(2)
-    try:
-        total = bal({0: torch.tensor(1.0), 1: torch.tensor(2.0)})
-    except tb.TaskMismatchError as err:
-        assert "unexpected []" not in str(err)
-    else:
-        assert total.item() == 3.0
+def test_integer_dict_keys_are_matched_to_counted_tasks() -> None:
+    """Counted tasks are named "0", "1", ...: a dict with integer keys is matched by name."""
+    bal = tb.StaticWeighting(2, weights=[1.0, 10.0])
+    total = bal({1: torch.tensor(2.0), 0: torch.tensor(1.0)})  # not in task order
+    assert total.item() == 1.0 * 1.0 + 10.0 * 2.0
+    with pytest.raises(tb.TaskMismatchError, match=r"missing \['1'\], unexpected \['2'\]"):
+        bal({0: torch.tensor(1.0), 2: torch.tensor(2.0)})

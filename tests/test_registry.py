@@ -10,11 +10,16 @@ from taskbalance import registry
 SEVEN = ["dtp", "dwa", "equal", "gls", "rlw", "static", "uncertainty"]
 
 
+def use_scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the registry at copies of its tables until ``monkeypatch`` is undone."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+
+
 @pytest.fixture
 def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let a test register classes without leaking them into the real registry."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+    use_scratch_registry(monkeypatch)
 
 
 def test_list_methods_is_sorted_and_has_the_core_methods() -> None:
@@ -101,8 +106,22 @@ def test_re_registering_the_same_class_is_allowed(scratch_registry: None) -> Non
     assert tb.get("gls") is tb.GLS
 
 
-def test_scratch_registry_did_not_leak() -> None:
-    assert "my_method" not in tb.list_methods()
+def test_scratch_registry_does_not_leak() -> None:
+    """Self-contained (no reliance on test order or on the xdist worker): a method and an
+    alias registered inside the scratch registry are gone once it is undone."""
+    before = tb.list_methods()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_scratch_registry(monkeypatch)
+
+        @tb.register("leak_probe", "leak_alias")
+        class Probe(tb.EqualWeighting):
+            pass
+
+        assert tb.get("leak_alias") is Probe
+    assert tb.list_methods() == before
+    for name in ("leak_probe", "leak_alias"):
+        with pytest.raises(KeyError, match=f"unknown method '{name}'"):
+            tb.get(name)
 
 
 # ---------------------------------------------------------------- misspelt and misplaced arguments

@@ -184,7 +184,10 @@ def test_task_types_kind() -> None:
 
 
 def test_task_types_mapping_with_unknown_task_raises() -> None:
-    with pytest.raises((tb.TaskMismatchError, ValueError)):
+    with pytest.raises(
+        tb.TaskMismatchError,
+        match=r"task types do not match the tasks \['seg', 'depth'\].*unexpected \['sgm'\]",
+    ):
         tb.UncertaintyWeighting(
             ["seg", "depth"], variant="paper", task_types={"sgm": "classification"}
         )
