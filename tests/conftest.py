@@ -7,6 +7,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import socket
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,3 +119,40 @@ def assert_same(a: Any, b: Any, path: str = "state") -> None:
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def free_port() -> int:
+    """A TCP port that is free on localhost now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun_command(script: Path, *args: str, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` of ``script`` on ``nproc`` local ranks (a free
+    port on 127.0.0.1)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]
+
+
+def balancer_step(
+    bal: tb.Balancer, losses: Any, shared: Any, features: Any, **context: Any
+) -> None:
+    """Backpropagate ``losses`` through ``bal`` in the mode the method has: the combined
+    loss for loss-weighting methods, the exact mode where the method has it, else the
+    features mode."""
+    if bal.kind == "loss":
+        bal(losses, **context).backward()
+    elif "exact" in getattr(bal, "modes", ("exact",)):
+        bal.backward(losses, shared=shared, **context)
+    else:
+        bal.backward(losses, shared=shared, features=features, **context)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import taskbalance as tb
-from conftest import TinyNet, batch, kpi_from, save_load
+from conftest import TinyNet, balancer_step, batch, kpi_from, save_load
 from taskbalance.registry import constructor_parameters
 
 K = 3
@@ -40,12 +40,7 @@ def train_step(bal: tb.Balancer, model: TinyNet, step: int) -> None:
     z = torch.tanh(model.shared(x))
     losses = [((h(z).squeeze(-1) - y) ** 2).mean() for h, y in zip(model.heads, targets)]
     ctx = {"kpi": kpi_from(losses)} if bal.method_name == "dtp" else {}
-    if bal.kind == "loss":
-        bal(losses, **ctx).backward()
-    elif "exact" in getattr(bal, "modes", ("exact",)):
-        bal.backward(losses, shared=model.shared, **ctx)
-    else:
-        bal.backward(losses, shared=model.shared, features=z, **ctx)
+    balancer_step(bal, losses, model.shared, z, **ctx)
     opt.step()
 
 

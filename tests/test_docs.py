@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import taskbalance as tb
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -145,12 +145,6 @@ def readme_namespace() -> dict[str, Any]:
 
 def live_balancers() -> dict[int, tb.Balancer]:
     return {id(o): o for o in gc.get_objects() if issubclass(type(o), tb.Balancer)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_pages_are_well_formed() -> None:

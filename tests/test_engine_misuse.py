@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import taskbalance as tb
+from conftest import torchrun_command
 
 TASKS = ["cls", "depth", "seg"]
 X = torch.randn(12, 5, generator=torch.Generator().manual_seed(1))
@@ -266,13 +265,6 @@ def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    """A TCP port that is free on localhost now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def plain_failure() -> Iterator[None]:
     """A failure re-raised as a bare AssertionError. pytest's report of the original would
@@ -392,17 +384,7 @@ def test_two_ranks_refuse_fsdp_and_weighted_losses_match_one_process(tmp_path: P
     global batch (parameters to 1e-5 after 4 SGD steps; see ``fsdp_worker.py``)."""
     if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
         pytest.skip("torch.distributed with gloo is not available")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(FSDP_WORKER),
-        str(tmp_path),
-    ]
+    command = torchrun_command(FSDP_WORKER, str(tmp_path))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:

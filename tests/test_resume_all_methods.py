@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import taskbalance as tb
-from conftest import TinyNet, assert_same, batch, kpi_from, save_load
+from conftest import TinyNet, assert_same, balancer_step, batch, kpi_from, save_load
 
 K, FIRST, TOTAL = 3, 4, 7
 
@@ -35,12 +35,7 @@ def run(
         z = torch.tanh(model.shared(x))
         losses = [((h(z).squeeze(-1) - y) ** 2).mean() for h, y in zip(model.heads, targets)]
         ctx = {"kpi": kpi_from(losses)} if method == "dtp" else {}
-        if bal.kind == "loss":
-            bal(losses, **ctx).backward()
-        elif "exact" in getattr(bal, "modes", ("exact",)):
-            bal.backward(losses, shared=model.shared, **ctx)
-        else:
-            bal.backward(losses, shared=model.shared, features=z, **ctx)
+        balancer_step(bal, losses, model.shared, z, **ctx)
         weights.append(bal.last_weights.clone())
         opt.step()
         bal.end_period()

@@ -19,15 +19,15 @@ is sensitive.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import ddp_worker as worker
 import pytest
 import torch
+
+from conftest import torchrun_command
 
 # one worker runs the module fixture once (pytest-xdist --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("ddp_torchrun")
@@ -41,29 +41,12 @@ REQUIRED = {"equal", "dwa", "uncertainty", "mgda", "pcgrad", "upgrad", "nash_mtl
 LAUNCH_TIMEOUT = 300
 
 
-def free_port() -> int:
-    """A TCP port that is free on localhost now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Launch torchrun once; the results of rank 0 and rank 1."""
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(WORKER),
-        str(out),
-    ]
+    command = torchrun_command(WORKER, str(out))
     done = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, check=False
     )
