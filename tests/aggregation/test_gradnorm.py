@@ -88,6 +88,57 @@ def test_larger_gradient_task_loses_weight() -> None:
     assert trajectory[-1][1] < trajectory[10][1] < trajectory[0][1]
 
 
+# ------------------------------------------------------------ the rate-balancing term
+def controlled_losses(layer: torch.Tensor, levels: list[float], norms: list[float]) -> list:
+    """``L_i = level_i + n_i <U, W>`` with ``W = 0`` and ``||U|| = 1``: each loss has the value
+    ``level_i`` and a gradient on W of norm exactly ``n_i``, chosen independently."""
+    u = torch.ones_like(layer) / layer.numel() ** 0.5
+    return [level + n * (u * layer).sum() for level, n in zip(levels, norms)]
+
+
+def test_the_task_that_trains_slower_gains_weight() -> None:
+    """Equal gradients on W, diverging loss histories: only r_i = L̃_i / mean L̃ tells the
+    tasks apart, and the paper's target Ḡ r_i^α puts the slower task (larger L(t)/L(0))
+    above Ḡ, so its weight rises; Σ w = K throughout. Inverting the ratio (L(0)/L(t)),
+    resetting L(0) every step or dropping α (r^0 = 1: no force at all) fail here."""
+    layer = torch.zeros(3, 4, requires_grad=True)
+    bal = GradNorm(["slow", "fast"], alpha=1.5, lr=0.025)
+    weights = []
+    for step in range(8):
+        levels = [2.0 * 0.98**step, 2.0 * 0.8**step]  # the second task trains faster
+        bal.backward(controlled_losses(layer, levels, [1.0, 1.0]), last_shared=layer)
+        weights.append(bal.weights.clone())
+        assert float(bal.weights.sum()) == pytest.approx(2.0, rel=1e-6)
+    # step 0: every ratio is 1 and the gradients are equal: nothing to correct
+    assert weights[0].tolist() == [1.0, 1.0]
+    slow = torch.stack(weights[1:])[:, 0]
+    assert bool((slow.diff() > 0).all()), slow  # rises at every step
+    assert weights[-1][0] > 1.05 and weights[-1][1] < 0.95
+    ratios = bal.history.extra("loss_ratio")[-1]
+    torch.testing.assert_close(ratios, torch.tensor([0.98**7, 0.8**7], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("alpha", "slow_task_gains"), [(0.0, False), (0.12, False), (1.5, True)])
+def test_alpha_sets_the_strength_of_the_rate_balancing(alpha: float, slow_task_gains: bool) -> None:
+    """Task 0 has the larger gradient (G = 1.1 vs 0.9, Ḡ = 1) and trains slower (r = 1.2 vs
+    0.8). Its target Ḡ r^α is 1.2^0.12 = 1.022 < 1.1 for α = 0.12 (the gradient term wins:
+    it loses weight) and 1.2^1.5 = 1.31 > 1.1 for α = 1.5 (the rate term wins: it gains)."""
+    layer = torch.zeros(2, 5, requires_grad=True)
+    bal = GradNorm(2, alpha=alpha, lr=0.025)
+    bal.backward(controlled_losses(layer, [2.0, 2.0], [1.0, 1.0]), last_shared=layer)
+    assert bal.weights.tolist() == [1.0, 1.0]  # no force yet
+    bal.backward(controlled_losses(layer, [1.5, 1.0], [1.1, 0.9]), last_shared=layer)
+    torch.testing.assert_close(
+        bal.history.extra("loss_ratio")[-1], torch.tensor([0.75, 0.5], dtype=torch.float64)
+    )
+    w = bal.weights
+    assert float(w.sum()) == pytest.approx(2.0, rel=1e-6)
+    if slow_task_gains:
+        assert w[0] > 1.0 > w[1], w
+    else:
+        assert w[0] < 1.0 < w[1], w
+
+
 def test_weights_sum_to_k_and_stay_positive() -> None:
     model = TinyNet(3)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
