@@ -11,7 +11,8 @@ Usage::
     python benchmarks/pareto_toy_report.py timing          # ms/step of every method
 
 ``run`` logs one line per method (wall time, step time, final point of every start);
-``timing`` measures the step time of every method over the first 2 000 steps per start;
+``timing`` measures the step time of every method over the first 2 000 steps per start
+(``--engine``: every step through ``balancer.backward``, the toy's path before its lean one);
 ``report`` prints the per-start tables of every stored run and draws the trajectory
 figures into ``docs/img/pareto_toy_<setup>*.png``.
 """
@@ -123,25 +124,36 @@ def report(setups: list[str], out: Path, methods: list[str], img: Path) -> None:
             print(f"\nwrote {path}")
 
 
-def timing(setups: list[str], methods: list[str], steps: int) -> None:
-    """Mean step time of each method over the first ``steps`` steps from every start."""
+def timing(setups: list[str], methods: list[str], steps: int, lean: bool = True) -> None:
+    """Mean step time of each method over the first ``steps`` steps from every start.
+
+    Two numbers per cell: the wall time of a step measured by the problem (what a run
+    reports) and this process's CPU time per step (less disturbed by other jobs on a
+    shared machine). ``lean=False`` sends every step through the engine
+    (``balancer.backward``), as before the toy's lean path: the before/after comparison.
+    """
     import taskbalance as tb
 
     torch.set_num_threads(1)
+    path = "lean path where it applies" if lean else "engine path"
+    print(f"{steps} steps per start, {path}; wall / CPU ms per step\n")
     print("| method | " + " | ".join(f"{s} ms/step" for s in setups) + " |")
     print("|---|" + "---:|" * len(setups))
     for method in methods:
         cells = []
         for setup in setups:
             problem = make_problem(setup)
+            problem.lean = lean  # type: ignore[attr-defined]
             options = problem.method_options(method)
             try:
+                begin = time.process_time()
                 result = problem.run(
                     lambda p=problem, o=options, m=method: tb.make(m, p.tasks, **o),
                     seed=0,
                     epochs=steps,
                 )
-                cells.append(f"{1e3 * result.step_time:.3f}")
+                cpu = (time.process_time() - begin) / steps / len(result.extras["starts"])
+                cells.append(f"{1e3 * result.step_time:.3f} / {1e3 * cpu:.3f}")
             except Exception as err:  # the toy's negative losses, GradNorm's missing matrix
                 cells.append(f"fails ({type(err).__name__})")
         print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
@@ -156,6 +168,9 @@ def main() -> None:
     parser.add_argument("--size", default="full", choices=["small", "full"])
     parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
     parser.add_argument("--epochs", type=int, default=None, help="steps (default: published)")
+    parser.add_argument(
+        "--engine", action="store_true", help="timing: every step through balancer.backward"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     # near the front Nash-MTL's system has no solution and CAGrad's solver may stop early:
@@ -166,7 +181,7 @@ def main() -> None:
     if args.action == "run":
         run(setups, methods, args.out, args.size, args.epochs)
     elif args.action == "timing":
-        timing(setups, methods, args.epochs or 2000)
+        timing(setups, methods, args.epochs or 2000, lean=not args.engine)
     else:
         report(setups, args.out, methods, args.img)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from taskbalance.problems.pareto_toy import (
     min_loss,
     on_front,
     pareto_theta2,
+    takes_lean_path,
     toy_losses,
 )
 
@@ -29,6 +31,7 @@ from taskbalance.problems.pareto_toy import (
 pytestmark = pytest.mark.xdist_group("pareto_toy_small_runs")
 
 F64 = torch.float64
+THREADS_AT_IMPORT = torch.get_num_threads()
 
 
 def _at(x1: float, x2: float, scale: tuple[float, float] = (1.0, 1.0)) -> list[float]:
@@ -169,6 +172,71 @@ def test_adam_matches_torch_adam_exactly() -> None:
     assert torch.equal(ours.detach(), ref.detach())
 
 
+# ---------------------------------------------------------------- the lean path
+# every method whose step the toy computes without the engine (takes_lean_path)
+LEAN = ("equal", "rlw", "mgda", "pcgrad", "cagrad", "nash_mtl", "upgrad", "aligned_mtl", "gradvac")
+
+
+def _same_state(a, b) -> bool:
+    """Nested state dicts equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("method", LEAN)
+def test_lean_path_is_the_engine_bit_for_bit(method: str, caplog) -> None:
+    # far from the front (L1 scaled by 0.1), next to it (Nash-MTL falls back there) and
+    # next to the balanced optimum (CAGrad's solver switches to its interior point)
+    caplog.set_level(logging.ERROR, logger="taskbalance")
+    for problem, start in (
+        (NashMTLToy(), (9.0, 9.0)),
+        (NashMTLToy(), (-0.3, -8.3)),
+        (CAGradToy(), (0.01, -8.3)),
+    ):
+        lean = tb.make(method, problem.tasks, **problem.method_options(method))
+        engine = tb.make(method, problem.tasks, **problem.method_options(method))
+        assert takes_lean_path(lean)
+        fast = problem.trajectory(lean, start, 120)
+        slow = problem.trajectory(engine, start, 120, lean=False)
+        assert torch.equal(fast, slow), (start, (fast - slow).abs().max())
+        assert lean.steps == engine.steps == 120
+        assert _same_state(lean.state_dict(), engine.state_dict())
+
+
+def test_lean_path_only_where_it_is_the_engines_step() -> None:
+    tasks = ("L1", "L2")
+    engine_only = [
+        tb.make("imtl", tasks),  # overrides backward
+        tb.make("graddrop", tasks),  # needs J
+        tb.make("db_mtl", tasks),  # needs J
+        tb.make("mgda_ub", tasks),  # features mode only
+        tb.make("famo", tasks),  # an update after the step
+        tb.make("uncertainty", tasks),  # learnable parameters, its own combine
+        tb.make("dtp", tasks),  # KPIs
+        tb.make("mgda", tasks, accumulation_steps=2),
+        tb.make("equal", tasks, accumulation_steps=2),
+    ]
+    for balancer in engine_only:
+        assert not takes_lean_path(balancer), balancer
+    problem = CAGradToy(lean=True)
+    for balancer in (engine_only[0], engine_only[1], engine_only[3], engine_only[7]):
+        # ... and still run, through the engine
+        assert problem.trajectory(balancer, (1.0, -8.0), 4).shape == (5, 2)
+        assert balancer.steps == (2 if balancer.accumulation_steps == 2 else 4)
+
+
 # ---------------------------------------------------------------- the problems
 def test_registered_with_published_settings() -> None:
     assert {"toy_cagrad", "toy_nashmtl"} <= set(list_problems())
@@ -188,7 +256,6 @@ def test_registered_with_published_settings() -> None:
 
 @pytest.fixture(scope="module")
 def small_runs() -> dict[str, list]:
-    torch.set_num_threads(1)
     problem = CAGradToy(size="small")
     out = {}
     for method in ("equal", "mgda"):
@@ -201,6 +268,11 @@ def small_runs() -> dict[str, list]:
         out[method] = [problem.run(factory, seed=0, epochs=problem.default_epochs)]
         assert len(calls) == 3  # a fresh balancer per start
     return out
+
+
+def test_fixtures_leave_the_thread_count_alone(small_runs) -> None:
+    # the runs use 2-element tensors, which never use intra-op threads: nothing to set
+    assert torch.get_num_threads() == THREADS_AT_IMPORT
 
 
 def test_small_run_reports_everything(small_runs) -> None:

@@ -44,15 +44,20 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from taskbalance.aggregation.base import GradientBalancer
+from taskbalance.balancer import Balancer
 from taskbalance.compare.problem import (
     BalancerFactory,
     ComparisonProblem,
     Metric,
     RunResult,
+    Size,
     after_step,
     balanced_backward,
     register_problem,
 )
+from taskbalance.distributed import active_sync
+from taskbalance.errors import NonFiniteGradientError
 from taskbalance.history import History
 
 TASKS = ("L1", "L2")
@@ -127,6 +132,84 @@ class _ToyLosses(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (jac,) = ctx.saved_tensors
         return grad @ jac, None
+
+
+def takes_lean_path(balancer: Any) -> bool:
+    """Whether the toy may compute ``balancer``'s step without the gradient engine.
+
+    True, without KPIs, gradient accumulation or DDP, for:
+
+    * a gradient method whose step is the base class's unchanged (weights from the Gramian,
+      ``d = wᵀJ``: MGDA, PCGrad, CAGrad, Nash-MTL, UPGrad, Aligned-MTL, GradVac, ...),
+      defined in exact mode;
+    * a loss-weighting method whose combined loss is the base class's ``Σ w_i L_i`` with no
+      learnable parameter and no update after the step (equal weighting, RLW, DWA, ...).
+
+    The others (IMTL and GradNorm, which override the step; GradDrop and DB-MTL, which need
+    J itself; uncertainty weighting, FAMO, DTP, ...) take the engine's path.
+    """
+    cls = type(balancer)
+    if (
+        not isinstance(balancer, Balancer)
+        or balancer.uses_kpi
+        or balancer.accumulation_steps != 1
+        or active_sync(balancer.distributed) is not None
+    ):
+        return False
+    if isinstance(balancer, GradientBalancer):
+        return (
+            cls.needs == "gramian"
+            and "exact" in cls.modes
+            and _inherited(cls, GradientBalancer, ("backward", "_backward", "aggregate"))
+            and _inherited(cls, GradientBalancer, ("scaled_weights", "gramian_weights"))
+        )
+    return (
+        cls.kind == "loss"
+        and not balancer.parameters()
+        and not callable(getattr(balancer, "update", None))
+        and _inherited(cls, Balancer, ("__call__", "backward", "combine"))
+    )
+
+
+def _inherited(cls: type, base: type, names: tuple[str, ...]) -> bool:
+    """Whether ``cls`` uses ``base``'s own version of every method in ``names``."""
+    return all(getattr(cls, name) is getattr(base, name) for name in names)
+
+
+def _lean_step(balancer: Balancer, theta: Tensor, scale: tuple[float, float]) -> bool:
+    """One step of a :func:`takes_lean_path` balancer at ``theta``: set ``theta.grad``.
+
+    What ``balancer.backward(losses, shared=[theta])`` (or ``balancer(losses).backward()``)
+    does on the toy, minus the per-step overhead of autograd and of the engine's checks of
+    its arguments. The Jacobian J is the hand-derived one, which is also what autograd
+    returns through :class:`_ToyLosses` (rows ``e_iᵀJ``). A gradient method gets the
+    Gramian ``J Jᵀ`` in J's dtype, then float64, as from
+    :func:`taskbalance.gradients.gramian`, and its weights from its own
+    :meth:`~taskbalance.aggregation.base.GradientBalancer.scaled_weights`; a loss-weighting
+    method its weights from its own ``compute_weights``. The step is recorded with
+    :meth:`~taskbalance.balancer.Balancer.record_step` and the gradient is ``wᵀJ`` in J's
+    dtype. Returns False (and does nothing) when a loss or J is not finite: the engine's
+    path then handles the step (raising or skipping it as the balancer is configured).
+    Non-finite weights of a gradient method raise
+    :class:`~taskbalance.errors.NonFiniteGradientError`, as the engine does.
+    """
+    losses, jac = _losses_and_jacobian(theta.detach(), scale)
+    if not (math.isfinite(float(losses.sum())) and math.isfinite(float(jac.sum()))):
+        return False
+    balancer.last_step_skipped = False
+    if isinstance(balancer, GradientBalancer):
+        weights = balancer.scaled_weights((jac @ jac.T).double(), losses).to(jac.dtype)
+        if not math.isfinite(float(weights.sum())):  # the engine's final check
+            raise NonFiniteGradientError(
+                f"{type(balancer).__name__} produced a non-finite update (weights "
+                f"{weights.tolist()}) on the toy at theta={theta.tolist()}"
+            )
+        balancer.mode = "exact"
+    else:
+        weights = balancer.compute_weights(losses)
+    balancer.record_step(losses, weights)
+    theta.grad = weights.to(jac.dtype) @ jac
+    return True
 
 
 def pareto_theta2(theta1: Tensor) -> Tensor:
@@ -213,6 +296,12 @@ class ParetoToy(ComparisonProblem):
 
     setup: ClassVar[ToySetup]
 
+    def __init__(self, size: Size = "full", *, lean: bool = True) -> None:
+        """``lean=False``: every step through the engine (``balancer.backward``), for
+        checking the lean path (:func:`takes_lean_path`), which gives the same results."""
+        super().__init__(size)
+        self.lean = bool(lean)
+
     @property
     def tasks(self) -> tuple[str, ...]:
         return TASKS
@@ -242,25 +331,41 @@ class ParetoToy(ComparisonProblem):
         """Label of each start point (keys of ``histories`` and ``extras['starts']``)."""
         return [f"start{i + 1}" for i in range(len(self.setup.starts))]
 
-    def _trajectory(self, balancer: Any, start: tuple[float, float], steps: int) -> Tensor:
-        """Optimise from ``start``; return θ before every step and at the end, ``(steps+1, 2)``."""
+    def trajectory(
+        self, balancer: Any, start: tuple[float, float], steps: int, *, lean: bool | None = None
+    ) -> Tensor:
+        """Optimise θ from ``start`` for ``steps`` steps with ``balancer`` (Adam at the set-up's
+        lr, loss scale of the set-up); return θ before every step and at the end,
+        ``(steps + 1, 2)`` float32. :meth:`run` calls it once per start with a fresh
+        balancer; a test can run one start, or any number of steps, the same way.
+
+        ``lean`` (default: the problem's ``lean``): balancers that :func:`takes_lean_path`
+        skip the gradient engine (see :func:`_lean_step`); ``lean=False`` sends every step
+        through ``balancer.backward``. Both give the same trajectory bit for bit (tested).
+        """
+        lean = self.lean if lean is None else lean
         theta = nn.Parameter(torch.tensor(start, dtype=torch.float32))
         adam = _Adam(theta, self.setup.lr)
         features_only = "exact" not in getattr(balancer, "modes", ("exact",))
-        trajectory = torch.empty(steps + 1, 2)
+        fast = lean and takes_lean_path(balancer)
+        path = torch.empty(steps + 1, 2)
         scale = self.setup.scale
         for step in range(steps):
-            trajectory[step] = theta.detach()
+            path[step] = theta.detach()
+            theta.grad = None
+            if fast and _lean_step(balancer, theta, scale):
+                adam.step()
+                balancer.end_period()
+                continue
             z = theta * 1.0 if features_only else theta
             losses = _ToyLosses.apply(z, scale).unbind()
-            theta.grad = None
             feats = z if features_only else None
             balanced_backward(balancer, losses, [theta], feats, kpi=lambda ls=losses: self._kpi(ls))
             adam.step()
             after_step(balancer, lambda: list(_ToyLosses.apply(theta, scale).unbind()))
             balancer.end_period()
-        trajectory[steps] = theta.detach()
-        return trajectory
+        path[steps] = theta.detach()
+        return path
 
     def _kpi(self, losses: tuple[Tensor, ...]) -> dict[str, float]:
         """DTP's KPIs: ``exp(−(L_i − min L_i))`` (1 at the task's optimum), clamped at 1e-3."""
@@ -285,7 +390,7 @@ class ParetoToy(ComparisonProblem):
                     print(f"{self.name}: {label} {start}, {steps} steps", flush=True)
                 balancer = make_balancer()
                 begin = time.perf_counter()
-                trajectories.append(self._trajectory(balancer, start, steps))
+                trajectories.append(self.trajectory(balancer, start, steps))
                 seconds += time.perf_counter() - begin
                 if balancer.history is not None:
                     histories[label] = _thin_history(balancer.history, HISTORY_ROWS)
