@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -281,7 +282,6 @@ def test_small_run_reports_everything(small_runs) -> None:
     for result in (r[0] for r in small_runs.values()):
         assert set(result.metrics) == {m.name for m in problem.metrics}
         assert all(math.isfinite(v) for v in result.metrics.values())
-        assert 0 <= result.metrics["front_reached"] <= 3
         assert result.steps == steps and result.step_time > 0
         assert set(result.histories) == {"start1", "start2", "start3"}
         for history in result.histories.values():
@@ -294,6 +294,13 @@ def test_small_run_reports_everything(small_runs) -> None:
             assert s["trajectory"][0] == s["start"]
             assert s["trajectory"][-1] == s["theta"]
             assert s["losses"] == pytest.approx(_at(*s["theta"]))
+        for s in starts.values():  # the verdict is the tolerance applied to the distance
+            assert s["front_reached"] == (s["front_distance"] <= FRONT_TOL)
+            assert s["front_distance"] == pytest.approx(
+                float(front_distance(torch.tensor(s["theta"])))
+            )
+        reached = sum(s["front_reached"] for s in starts.values())
+        assert result.metrics["front_reached"] == reached
         mean_l1 = sum(s["losses"][0] for s in starts.values()) / 3
         assert result.metrics["L1_final"] == pytest.approx(mean_l1)
         assert result.metrics["L1_gap"] == pytest.approx(mean_l1 - min_loss())
@@ -340,3 +347,156 @@ def test_plot_comparison_writes_pngs(small_runs, tmp_path) -> None:
         assert path.parent == tmp_path and path.suffix == ".png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert problem.plot_comparison({}, tmp_path / "none") == []
+
+
+# ---------------------------------------------------------------- the published claims
+# docs/pareto_toy.md reports each claim from the full runs. Here: a shortened version of
+# each, in the papers' set-ups (same function, starts, Adam lr 1e-3 and method settings),
+# cut where the outcome is already decided, in `make test`; and the full runs, asserting
+# the documented outcome of every start, under the `reproduction` marker (`make reproduce`).
+UPPER_LEFT, LOWER_LEFT, UPPER_RIGHT = CAGradToy.setup.starts  # (−8.5, 7.5), (−8.5, −5), (9, 9)
+
+
+@functools.cache
+def _path(problem_cls: type, method: str, start: tuple[float, float], steps: int, **options):
+    """θ along ``steps`` steps of ``method`` from ``start`` (float64 ``(steps + 1, 2)``),
+    in the set-up of ``problem_cls`` with its method settings updated by ``options``;
+    computed once per session (tests share runs). No history: only θ is looked at."""
+    problem = problem_cls()
+    settings = {**problem.method_options(method), **options, "record": False}
+    balancer = tb.make(method, problem.tasks, **settings)
+    logger = logging.getLogger("taskbalance")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # Nash-MTL's and CAGrad's per-step solver warnings
+    try:
+        return problem.trajectory(balancer, start, steps).double()
+    finally:
+        logger.setLevel(level)
+
+
+def _moved(path: torch.Tensor, last: int) -> float:
+    """How far θ strays from its final value over the last ``last`` steps."""
+    return float((path[-last - 1 :] - path[-1]).norm(dim=1).max())
+
+
+def test_claim_equal_weighting_stalls_off_the_front_from_two_of_three_starts() -> None:
+    # CAGrad's Fig. 1: Adam on L1 + L2 reaches the front only from the lower start. From the
+    # two upper ones it falls within ~4k steps into the valley of log|u_i| (u_i = 0) and
+    # crawls: full run, θ2 from 3.2 at step 4k to 2.15 at 100k. Here 12k steps.
+    for start in (UPPER_LEFT, UPPER_RIGHT):
+        path = _path(CAGradToy, "equal", start, 12_000)
+        assert float(front_distance(path[-1])) > 5.0
+        assert _moved(path, 6_000) < 0.3  # measured 0.15 and 0.22
+    path = _path(CAGradToy, "equal", LOWER_LEFT, 12_000)
+    assert float(front_distance(path[-1])) < 1e-3  # on the front from step ~10k
+    assert float(balanced_distance(path[-1])) < 0.1  # at the minimiser of L1 + L2 (0.047)
+
+
+def test_claim_cagrad_leaves_the_valley_where_equal_weighting_stalls() -> None:
+    # from where equal weighting stands after 12k steps, 4k more: equal weighting (and
+    # CAGrad with c = 0, the same update) moves ~0.05, CAGrad (c = 0.5) goes ~0.6 further
+    # down the valley, on its way out to the balanced optimum (full run: at ~64k steps)
+    for start in (UPPER_LEFT, UPPER_RIGHT):
+        stall = tuple(_path(CAGradToy, "equal", start, 12_000)[-1].tolist())
+        equal = _path(CAGradToy, "equal", stall, 4_000)
+        cagrad = _path(CAGradToy, "cagrad", stall, 4_000)
+        assert float((equal - equal[0]).norm(dim=1).max()) < 0.15
+        assert float(cagrad[0, 1] - cagrad[-1, 1]) > 0.4  # θ2 down the valley
+        assert float(front_distance(cagrad[-1])) < float(front_distance(equal[-1])) - 0.3
+
+
+def test_claim_mgda_and_pcgrad_stop_on_the_front_far_from_the_balanced_point() -> None:
+    # from the lower start, where equal weighting and CAGrad go to the balanced optimum
+    # (θ1 = 0), MGDA stops where it meets the front, at its end θ1 = −7 (full run: −6.998),
+    # PCGrad near it (full run: −6.71); both are decided within ~9k steps
+    mgda = _path(CAGradToy, "mgda", LOWER_LEFT, 9_000)
+    assert float(front_distance(mgda[-1])) < 1e-3
+    assert float(mgda[-1, 0]) < -6.9 and _moved(mgda, 1_000) < 0.01  # stopped there
+    pcgrad = _path(CAGradToy, "pcgrad", LOWER_LEFT, 6_000)
+    assert float(front_distance(pcgrad[-1])) < 1e-3
+    assert float(pcgrad[-1, 0]) < -6.0 and _moved(pcgrad, 1_000) < 0.01
+
+
+def test_claim_cagrad_reaches_the_balanced_optimum_from_the_lower_start() -> None:
+    # full run: within 1e-3 of (0, y*(0)) from every start (from the lower one by step 15k,
+    # from the upper ones by ~64k, after leaving the valley: see the test above)
+    path = _path(CAGradToy, "cagrad", LOWER_LEFT, 15_000)
+    assert float(balanced_distance(path[-1])) < 1e-3
+    assert float(front_distance(path[-1])) < 1e-3
+
+
+def test_claim_nash_mtl_reaches_the_front_where_equal_weighting_stalls() -> None:
+    # Nash-MTL's Fig. 2 (L1 × 0.1): from (9, 9) equal weighting, PCGrad and CAGrad stall;
+    # Nash-MTL crosses the same valley and reaches the front at step ~15.2k (then moves
+    # along it: full run, θ1 = −3.58 at 35k)
+    start = NashMTLToy.setup.starts[2]
+    nash = _path(NashMTLToy, "nash_mtl", start, 16_500)
+    assert float(front_distance(nash[-1])) <= FRONT_TOL
+    equal = _path(NashMTLToy, "equal", start, 16_500)
+    assert float(front_distance(equal[-1])) > 5.0 and _moved(equal, 6_000) < 0.3
+
+
+@functools.cache
+def _full_run(problem_cls: type, method: str) -> list[dict]:
+    """Per-start outcomes (``extras["starts"]``) of the documented run: the paper's steps."""
+    problem = problem_cls()
+    options = problem.method_options(method)
+    logger = logging.getLogger("taskbalance")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        result = problem.run(
+            lambda: tb.make(method, problem.tasks, **options),
+            seed=0,
+            epochs=problem.default_epochs,
+        )
+    finally:
+        logger.setLevel(level)
+    return list(result.extras["starts"].values())
+
+
+@pytest.mark.reproduction
+def test_full_run_equal_weighting_stuck_from_two_of_three_starts() -> None:
+    ends = _full_run(CAGradToy, "equal")
+    assert [s["front_reached"] for s in ends] == [False, True, False]
+    assert ends[0]["front_distance"] > 5.0 and ends[2]["front_distance"] > 5.0  # 10.6, 10.7
+    assert ends[1]["dist_balanced"] < 1e-3
+
+
+@pytest.mark.reproduction
+@pytest.mark.parametrize("method", ["mgda", "pcgrad"])
+def test_full_run_on_the_front_far_from_the_balanced_point(method: str) -> None:
+    ends = _full_run(CAGradToy, method)
+    assert all(s["front_reached"] for s in ends)
+    assert min(s["dist_balanced"] for s in ends) > 2.0  # MGDA 3.50, PCGrad 2.52 at least
+
+
+@pytest.mark.reproduction
+def test_full_run_cagrad_at_the_balanced_optimum_from_every_start() -> None:
+    ends = _full_run(CAGradToy, "cagrad")
+    assert all(s["dist_balanced"] < 1e-3 for s in ends)
+    for s in ends:
+        assert s["losses"] == pytest.approx([-15.0916, -15.0916], abs=1e-3)
+
+
+@pytest.mark.reproduction
+def test_full_run_nash_mtl_on_the_front_from_five_of_five_starts() -> None:
+    ends = _full_run(NashMTLToy, "nash_mtl")
+    assert all(s["front_reached"] for s in ends)
+    # documented non-reproduction of "balanced": from three starts it ends next to the
+    # minimiser of 0.1 L1 + L2 on the front (θ1 = −5.727), far from θ1 = 0
+    assert sum(s["theta"][0] < -5.0 for s in ends) >= 3
+
+
+@pytest.mark.reproduction
+@pytest.mark.parametrize("method", ["equal", "pcgrad", "cagrad"])
+def test_full_run_nash_setup_stuck_from_the_rightmost_start_only(method: str) -> None:
+    ends = _full_run(NashMTLToy, method)
+    assert [s["front_reached"] for s in ends] == [True, True, False, True, True]
+
+
+@pytest.mark.reproduction
+def test_full_run_nash_setup_mgda_leans_to_one_task() -> None:
+    ends = _full_run(NashMTLToy, "mgda")
+    assert all(s["front_reached"] for s in ends)
+    assert sum(s["theta"][0] > 6.0 for s in ends) >= 3  # L1 near its best, L2 far

@@ -98,7 +98,14 @@ def _losses_and_jacobian(theta: Tensor, scale: tuple[float, float]) -> tuple[Ten
     Python floats (double precision; a 2-vector is far below the cost of a tensor op) and
     returned in ``theta``'s dtype.
     """
-    x1, x2 = theta.tolist()
+    losses, jac = _toy_floats(*theta.tolist(), scale)
+    return torch.tensor(losses, dtype=theta.dtype), torch.tensor(jac, dtype=theta.dtype)
+
+
+def _toy_floats(
+    x1: float, x2: float, scale: tuple[float, float]
+) -> tuple[list[float], list[list[float]]]:
+    """:func:`_losses_and_jacobian` in Python floats: ``([L1, L2], [[dL1/dθ], [dL2/dθ]])``."""
     t, h = math.tanh(-x2), math.tanh(0.5 * x2)
     c1, c2 = max(h, 0.0), max(-h, 0.0)
     dh = 0.5 * (1.0 - h * h)
@@ -115,7 +122,7 @@ def _losses_and_jacobian(theta: Tensor, scale: tuple[float, float]) -> tuple[Ten
         grad1 = c1 * df * -0.5 + c2 * d / 5.0
         grad2 = dc1 * f - c1 * df * sign * (1.0 - t * t) + dc2 * g + c2 * 0.02 * (x2 + 8.0)
         jac.append([s * grad1, s * grad2])
-    return torch.tensor(losses, dtype=theta.dtype), torch.tensor(jac, dtype=theta.dtype)
+    return losses, jac
 
 
 class _ToyLosses(torch.autograd.Function):
@@ -193,9 +200,11 @@ def _lean_step(balancer: Balancer, theta: Tensor, scale: tuple[float, float]) ->
     Non-finite weights of a gradient method raise
     :class:`~taskbalance.errors.NonFiniteGradientError`, as the engine does.
     """
-    losses, jac = _losses_and_jacobian(theta.detach(), scale)
-    if not (math.isfinite(float(losses.sum())) and math.isfinite(float(jac.sum()))):
+    values, rows = _toy_floats(*theta.tolist(), scale)
+    if not math.isfinite(sum(values) + sum(rows[0]) + sum(rows[1])):
         return False
+    losses = torch.tensor(values, dtype=theta.dtype)
+    jac = torch.tensor(rows, dtype=theta.dtype)
     balancer.last_step_skipped = False
     if isinstance(balancer, GradientBalancer):
         weights = balancer.scaled_weights((jac @ jac.T).double(), losses).to(jac.dtype)
