@@ -12,12 +12,14 @@ import torch
 
 import taskbalance as tb
 from taskbalance.compare.problem import list_problems, make_problem
+from taskbalance.errors import NonFiniteLossError
 from taskbalance.problems.pareto_toy import (
     FRONT_TOL,
     PARETO_THETA2,
     CAGradToy,
     NashMTLToy,
     _Adam,
+    _lean_step,
     _losses_and_jacobian,
     balanced_distance,
     front_distance,
@@ -165,9 +167,11 @@ def test_adam_matches_torch_adam_exactly() -> None:
     ours = torch.nn.Parameter(torch.tensor([-8.5, 7.5]))
     ref = torch.nn.Parameter(torch.tensor([-8.5, 7.5]))
     adam, opt = _Adam(ours, 1e-3), torch.optim.Adam([ref], lr=1e-3)
-    for _ in range(150):
+    for i in range(150):
         g = torch.randn(2, generator=gen) * 10
         ours.grad, ref.grad = g.clone(), g.clone()
+        if i % 7 == 3:  # a skipped step leaves no gradient: not a step for Adam
+            ours.grad = ref.grad = None
         adam.step()
         opt.step()
     assert torch.equal(ours.detach(), ref.detach())
@@ -214,6 +218,18 @@ def test_lean_path_is_the_engine_bit_for_bit(method: str, caplog) -> None:
         assert torch.equal(fast, slow), (start, (fast - slow).abs().max())
         assert lean.steps == engine.steps == 120
         assert _same_state(lean.state_dict(), engine.state_dict())
+
+
+def test_lean_step_leaves_a_non_finite_point_to_the_engine() -> None:
+    balancer = tb.make("mgda", ("L1", "L2"))
+    theta = torch.nn.Parameter(torch.tensor([math.nan, 1.0]))
+    assert not _lean_step(balancer, theta, (1.0, 1.0))
+    assert theta.grad is None and balancer.steps == 0 and len(balancer.history) == 0
+    with pytest.raises(NonFiniteLossError, match="L1"):  # the engine's verdict
+        CAGradToy().trajectory(balancer, (math.nan, 1.0), 1)
+    skipping = tb.make("equal", ("L1", "L2"), nonfinite="skip_step")
+    CAGradToy().trajectory(skipping, (math.nan, 1.0), 2)
+    assert skipping.skipped_steps == 2 and skipping.steps == 0
 
 
 def test_lean_path_only_where_it_is_the_engines_step() -> None:
