@@ -3,7 +3,7 @@ PY     := .venv/bin/python
 PIP    := .venv/bin/pip
 STAMP  := .venv/.installed
 
-.PHONY: demo test reproduce lint bench clean
+.PHONY: demo test reproduce lint bench mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -28,6 +28,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py
+
+# mutation testing of one method file against its own test file (docs/mutation.md):
+# make mutate FILE=src/taskbalance/aggregation/mgda.py [QUICK=1] [MAX=20]; ALL=1 for every file
+mutate: $(STAMP)
+	$(PY) benchmarks/mutate.py $(if $(ALL),--all) $(if $(QUICK),--quick) $(if $(MAX),--max $(MAX)) $(FILE)
 
 clean:
 	rm -rf .venv runs .pytest_cache .ruff_cache .hypothesis

@@ -113,6 +113,19 @@ def test_normalizations() -> None:
         MGDA(2, normalization="l1")  # type: ignore[arg-type]
 
 
+def test_l2_normalization_of_short_and_zero_gradients() -> None:
+    """``"l2"`` divides by the gradient norm also below 1, and a zero norm counts as 1."""
+    short = torch.tensor([[0.5, 0.0], [0.0, 0.25]], dtype=torch.float64)
+    ones = torch.ones(2, dtype=torch.float64)
+    # unit gradients (1,0), (0,1) -> the midpoint; unnormalised it would be w ∝ (4, 16)
+    np.testing.assert_allclose(mgda_weights(short @ short.T, ones, "l2").numpy(), [0.5, 0.5])
+    zero = np.array([[0.0, 0.0], [0.0, 9.0]])  # the Gramian of g1 = 0, g2 = (0, 3)
+    np.testing.assert_allclose(gradient_normalizers(zero, np.ones(2), "l2"), [1.0, 3.0])
+    # g1 / 1 = 0 is the min-norm point: all weight on the task already at a stationary point
+    w = mgda_weights(torch.from_numpy(zero), torch.ones(2, dtype=torch.float64), "l2")
+    np.testing.assert_allclose(w.numpy(), [1.0, 0.0], atol=1e-12)
+
+
 @pytest.mark.parametrize("features", [False, True])
 @pytest.mark.parametrize("normalization", ["none", "l2", "loss+"])
 def test_end_to_end_through_the_engine(features: bool, normalization: str) -> None:
