@@ -31,6 +31,7 @@ Usage::
     python benchmarks/mutate.py --all --json runs/mutation.json           # every method file
     python benchmarks/mutate.py --list src/taskbalance/weighting/dwa.py   # mutants, no run
     python benchmarks/mutate.py --only 3,7 --show src/taskbalance/weighting/dwa.py
+    python benchmarks/mutate.py --only 6 --tests tests/test_learnable.py src/.../famo.py
 
 ``make mutate FILE=src/taskbalance/aggregation/mgda.py [QUICK=1] [MAX=n]`` runs the first
 form.
@@ -505,14 +506,20 @@ def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, str, f
 
 
 def mutate_file(
-    path: str, limit: int, *, only: list[int] | None, show: bool, tree: Path
+    path: str,
+    limit: int,
+    *,
+    only: list[int] | None,
+    show: bool,
+    tree: Path,
+    tests: list[str] | None = None,
 ) -> FileResult:
     source = (ROOT / path).read_text()
     sites, every = find_mutants(path, source)
     chosen = select(path, every, limit)
     if only is not None:
         chosen = [m for m in chosen if m.index in only]
-    result = FileResult(path, tests_for(path), sites)
+    result = FileResult(path, tests or tests_for(path), sites)
     print(f"\n## {path}: {len(chosen)} of {sites} mutation sites; tests {' '.join(result.tests)}")
     status, failure, seconds = run_tests(tree, result.tests, timeout=1800)
     if status != "passed":
@@ -557,6 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--show", action="store_true", help="print each mutant's diff")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--tests",
+        default=None,
+        help="run these test files (comma-separated) instead of the method's own, e.g. to "
+        "check that a survivor is killed elsewhere",
+    )
     args = parser.parse_args(argv)
     files = method_files() if args.all else args.files
     if not files:
@@ -566,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     limit = args.max or (QUICK_MAX if args.quick else DEFAULT_MAX)
     only = [int(i) for i in args.only.split(",")] if args.only else None
+    tests = args.tests.split(",") if args.tests else None
     for path in files:
         rel = Path(path).resolve().relative_to(ROOT) if Path(path).is_absolute() else Path(path)
         if not (ROOT / rel).is_file():
@@ -587,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with scratch_tree() as tree:
         for path in files:
-            results.append(mutate_file(path, limit, only=only, show=args.show, tree=tree))
+            results.append(
+                mutate_file(path, limit, only=only, show=args.show, tree=tree, tests=tests)
+            )
     print("\n| file | mutants | killed | kill rate | survivors (line: mutation) |")
     print("|---|---:|---:|---:|---|")
     for r in results:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from _gradcheck import check_engine
+from _gradcheck import check_engine, losses_and_features
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -154,6 +154,19 @@ def test_imtl_l_gradient_of_the_scales() -> None:
     # d/ds (e^s L - s) = e^s L - 1 = L - 1 at s = 0; d/dL = e^s = 1
     np.testing.assert_allclose(bal.log_scales.grad.numpy(), [2.0, -0.5])
     assert float(losses[0].grad) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("variant", ["l", "hybrid"])
+def test_gradient_variants_step_the_scales_on_e_s_l_minus_s(variant: str) -> None:
+    """IMTL's ``l`` and ``hybrid`` variants: backward leaves d/ds (e^s L - s) = L - 1 at s = 0
+    in ``s.grad`` (for the user's optimizer)."""
+    bal = IMTL(2, variant=variant, optimizer="external")  # type: ignore[arg-type]
+    bal.attach(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    model, _, losses = losses_and_features(2, 0)
+    values = torch.stack([loss.detach() for loss in losses])
+    assert bool((values > 1.2).any() and (values != 1).all())
+    bal.backward(losses, shared=model.shared)
+    torch.testing.assert_close(bal.log_scales.grad, values - 1, rtol=1e-6, atol=1e-7)
 
 
 def test_imtl_l_is_uncertainty_weighting_with_the_sign_of_s_flipped() -> None:

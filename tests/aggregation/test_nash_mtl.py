@@ -96,6 +96,38 @@ def test_duplicated_gradients_are_solvable() -> None:
     torch.testing.assert_close(alpha, torch.full((2,), 1 / math.sqrt(10), dtype=torch.float64))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_newton_converges_from_far_starts(seed: int) -> None:
+    """Gradient norms 1e-3..1e3 and a start 1e-4..1e4 off in every coordinate: the Newton
+    steps are damped (a backtracking line search on f(a) = aᵀGa/2 - Σ log a_i, which
+    rejects full steps on these draws) and still reach G a = 1/a to machine precision."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 8))
+    jac = rng.standard_normal((k, int(rng.integers(k, k + 5)))) * 10.0 ** rng.uniform(
+        -3, 3, size=(k, 1)
+    )
+    gram = jac @ jac.T / np.linalg.norm(jac @ jac.T)
+    start = 10.0 ** rng.uniform(-4, 4, size=k)
+    a, residual = nash_mtl.nash_solve(gram, start)
+    assert residual < 1e-12
+    np.testing.assert_allclose(a * (gram @ a), np.ones(k), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("max_norm", "norm", "expected"),
+    [
+        (1e-5, 1e-5, 1e-5 / (1e-5 + 1e-6)),  # clip_grad_norm_'s max_norm / (norm + 1e-6)
+        (1.0, 3.0, 1.0 / (3.0 + 1e-6)),
+        (1.0, 0.5, 1.0),  # below max_norm: unchanged
+        (0.0, 3.0, 1.0),  # max_norm = 0: no clipping
+    ],
+)
+def test_direction_scale_is_clip_grad_norms_coefficient(
+    max_norm: float, norm: float, expected: float
+) -> None:
+    assert NashMTL(2, max_norm=max_norm).direction_scale(norm) == pytest.approx(expected, rel=1e-12)
+
+
 # ---------------------------------------------------------------------- through backward
 class Net(nn.Module):
     def __init__(self, k: int) -> None:

@@ -129,6 +129,32 @@ def test_torchjd_regularisation() -> None:
     np.testing.assert_allclose(upgrad_weights(tiny), [1.0, 0.75], atol=1e-12)  # exact: scale-free
 
 
+CONFLICT = torch.tensor([[1.0, -0.9], [-0.9, 1.0]], dtype=torch.float64)  # cos = -0.9
+
+
+@pytest.mark.parametrize("scale", [1e-4, 0.1, 4.0])
+def test_each_regulariser_alone(scale: float) -> None:
+    """K = 2 with g1·g2 < 0: v(e1) = (1, -G12/G22)/2, v(e2) = (-G12/G11, 1)/2, so the
+    weights are (1 - G12/G11, 1 - G12/G22)/2, on G / trace(G) + reg_eps I when regularised."""
+    gram = scale * CONFLICT
+    np.testing.assert_allclose(upgrad_weights(gram), [0.95, 0.95], atol=1e-12)  # scale-free
+    # reg_eps alone: G / trace = [[0.5, -0.45], [-0.45, 0.5]] (any trace), + 0.5 I
+    ridge = 0.5 * (1 + 0.45 / (0.5 + 0.5))
+    np.testing.assert_allclose(upgrad_weights(gram, reg_eps=0.5), [ridge, ridge], atol=1e-12)
+    # norm_eps alone: a Gramian with trace(G) < norm_eps is zero, the weights are p = 1/2;
+    # above it the normalisation alone changes nothing (the projection is scale-free)
+    small = 2 * scale < 1e-3
+    expected = [0.5, 0.5] if small else [0.95, 0.95]
+    np.testing.assert_allclose(upgrad_weights(gram, norm_eps=1e-3), expected, atol=1e-12)
+
+
+def test_default_is_exact_at_any_scale() -> None:
+    """UPGrad's defaults (norm_eps = reg_eps = 0) neither zero a tiny Gramian nor ridge it."""
+    tiny = 1e-8 * CONFLICT
+    weights = UPGrad(2).weights_from_gramian(tiny, torch.ones(2, dtype=torch.float64))
+    np.testing.assert_allclose(weights.numpy(), [0.95, 0.95], atol=1e-12)
+
+
 @pytest.mark.parametrize("features", [False, True])
 def test_end_to_end_through_the_engine(features: bool) -> None:
     check_engine(UPGrad(3), lambda g: upgrad_weights(g), features=features)

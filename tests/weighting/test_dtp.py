@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import taskbalance as tb
-from conftest import const
+from conftest import const, save_load
 
 
 def focal(kpi: float, gamma: float) -> float:
@@ -119,6 +119,40 @@ def test_kpi_as_tensor_list_and_dict_agree() -> None:
         results.append(bal.last_weights)
     for weights in results[1:]:
         torch.testing.assert_close(weights, results[0], rtol=1e-6, atol=0)
+
+
+class TwoRanks:
+    """A stand-in for the DDP synchronisation: the other rank's KPIs are (0.2, 0.4)."""
+
+    def mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        other = torch.tensor([0.2, 0.4], dtype=torch.float64)
+        return [(t + other) / 2 for t in tensors]
+
+
+def test_kpis_are_averaged_over_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    bal = tb.DTP(2, alpha=1.0)
+    monkeypatch.setattr(bal, "current_sync", lambda: TwoRanks())
+    assert bal.update_kpi([0.6, 0.8]).tolist() == pytest.approx([0.4, 0.6])
+
+
+def test_accumulated_step_folds_in_the_mean_kpi_of_its_micro_batches() -> None:
+    bal = tb.DTP(1, alpha=1.0, accumulation_steps=2)
+    bal(const(1.0), kpi=[0.2])
+    bal(const(1.0), kpi=[0.6])  # closes the step: the average becomes (0.2 + 0.6) / 2
+    assert bal.kpi.tolist() == pytest.approx([0.4])
+    bal(const(1.0))
+    assert bal.last_weights.item() == pytest.approx(focal(0.4, 1.0), rel=1e-6)
+
+
+def test_state_round_trip_restores_the_kpi_average() -> None:
+    bal = tb.DTP(2, alpha=0.5)
+    bal(const(1.0, 1.0), kpi=[0.6, 0.2])
+    bal(const(1.0, 1.0), kpi=[0.2, 0.8])
+    other = tb.DTP(2, alpha=0.5)
+    other.load_state_dict(save_load(bal.state_dict()))
+    assert other.kpi.tolist() == pytest.approx([0.4, 0.5])
+    other(const(1.0, 1.0))  # no KPI: the restored average is used
+    assert other.last_weights.tolist() == pytest.approx([focal(0.4, 1), focal(0.5, 1)], rel=1e-6)
 
 
 def test_first_call_without_kpi_raises() -> None:

@@ -148,6 +148,16 @@ def test_backward_clips_the_shared_gradient() -> None:
     assert float(norm) == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_backward_does_not_clip_by_default() -> None:
+    """max_norm = 0 (the default) means no clipping: backward is famo(losses).backward()."""
+    model, plain = TinyNet(2), TinyNet(2)
+    FAMO(2).backward(task_losses(model, 0), shared=model.shared.parameters())
+    FAMO(2)(task_losses(plain, 0)).backward()
+    for p, q in zip(model.shared.parameters(), plain.shared.parameters(), strict=True):
+        assert float(q.grad.norm()) > 0
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
 def train(famo: FAMO, model: TinyNet, opt: torch.optim.Optimizer, steps: range) -> list:
     out = []
     for step in steps:

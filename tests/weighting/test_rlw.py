@@ -97,3 +97,9 @@ def test_weights_are_a_distribution(k: int, seed: int) -> None:
         assert weights.sum().item() == pytest.approx(1.0, abs=1e-12)
     if k == 1:
         assert bal.last_weights.item() == 1.0
+
+
+def test_the_default_seed_is_zero() -> None:
+    """RLW(k) reproduces the same draws run after run: those of seed=0."""
+    torch.testing.assert_close(draw(tb.RLW(3), 5), draw(tb.RLW(3, seed=0), 5), rtol=0, atol=0)
+    assert not torch.equal(draw(tb.RLW(3), 1)[0], draw(tb.RLW(3, seed=1), 1)[0])

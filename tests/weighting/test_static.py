@@ -81,3 +81,13 @@ def test_integer_keys_for_counted_tasks() -> None:
     bal = tb.StaticWeighting(2, weights={1: 2.0, 0: 1.0})  # not in task order
     assert bal.tasks == ("0", "1")
     assert bal(const(1.0, 10.0)).item() == 1.0 * 1.0 + 2.0 * 10.0
+
+
+@pytest.mark.parametrize("weights", [[0.0, 1.0], [0.5, 2.0]])
+def test_zero_and_positive_weights_do_not_warn(
+    weights: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="taskbalance"):
+        bal = tb.StaticWeighting(["main", "aux"], weights=weights)
+    assert caplog.records == []
+    assert bal(const(2.0, 4.0)).item() == weights[0] * 2.0 + weights[1] * 4.0

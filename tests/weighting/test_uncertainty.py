@@ -198,3 +198,13 @@ def test_loading_a_state_of_another_variant_raises() -> None:
     positive = tb.UncertaintyWeighting(2, variant="positive")
     with pytest.raises(tb.TaskBalanceError):
         positive.load_state_dict(save_load(kendall.state_dict()))
+
+
+def test_own_optimizer_default_learning_rate() -> None:
+    """optimizer="own" steps the log-variances with Adam at lr = 1e-3 by default: Adam's
+    first step moves each by lr against the sign of its gradient (1 - L_i at s = 0)."""
+    bal = tb.UncertaintyWeighting(["a", "b"])
+    bal(const(3.0, 0.5, requires_grad=True)).backward()
+    torch.testing.assert_close(
+        bal.log_vars.detach(), torch.tensor([1e-3, -1e-3]), rtol=1e-4, atol=0
+    )
