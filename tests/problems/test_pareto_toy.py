@@ -22,6 +22,7 @@ from taskbalance.problems.pareto_toy import (
     _lean_step,
     _losses_and_jacobian,
     balanced_distance,
+    first_on_front,
     front_distance,
     min_loss,
     on_front,
@@ -149,6 +150,25 @@ def test_front_helpers() -> None:
     assert not bool(on_front(torch.tensor([0.0, y0 + 2 * FRONT_TOL])))
     assert on_front(torch.tensor([[0.0, 0.0], [-6.0, -8.41]])).tolist() == [False, True]
     assert float(balanced_distance(torch.tensor([3.0, y0 + 4.0]))) == pytest.approx(5.0)
+
+
+def test_first_on_front_is_the_first_point_within_the_tolerance() -> None:
+    gen = torch.Generator().manual_seed(3)
+    path = torch.rand(9000, 2, generator=gen, dtype=F64) * 22 - 11
+    # the first 5000 points in the band of θ2 that is checked, all ≥ 0.85 off the front
+    path[:5000:2, 1] = -7.5 + 0.1 * path[:5000:2, 1].abs() / 11
+    path[1:5000:2, 1] = -9.6 + 0.1 * path[1:5000:2, 1].abs() / 11
+    s = torch.linspace(-8, 8, 9000, dtype=F64)
+    front = torch.stack([s, pareto_theta2(s)], dim=1)
+    for offset, first in ((0.0, 5000), (0.09, 5000), (0.11, None), (-0.11, None)):
+        path[5000] = front[5000] + torch.tensor([0.0, offset], dtype=F64)
+        brute = (front_distance(path) <= FRONT_TOL).nonzero()
+        assert first_on_front(path) == int(brute[0, 0])
+        assert first is None or first == int(brute[0, 0])
+        assert first is not None or int(brute[0, 0]) > 5000
+    path[:, 1] = 2.0  # nowhere near it
+    assert first_on_front(path) is None
+    assert first_on_front(front) == int((s >= -7.1).nonzero()[0, 0])  # clamped beyond ±7
 
 
 def test_gradient_descent_on_the_sum_reaches_the_balanced_optimum() -> None:
@@ -509,6 +529,9 @@ def test_full_run_nash_mtl_on_the_front_from_five_of_five_starts() -> None:
 def test_full_run_nash_setup_stuck_from_the_rightmost_start_only(method: str) -> None:
     ends = _full_run(NashMTLToy, method)
     assert [s["front_reached"] for s in ends] == [True, True, False, True, True]
+    if method != "pcgrad":  # at the minimiser of 0.1 L1 + L2 on the front, θ1 = 7(2/11 − 1)
+        for s in (s for s in ends if s["front_reached"]):
+            assert s["theta"][0] == pytest.approx(7 * (2 / 11 - 1), abs=0.01)
 
 
 @pytest.mark.reproduction
