@@ -10,8 +10,10 @@ from _gradcheck import adversarial_jacobians, brute_box, brute_min_norm, conflic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from taskbalance.aggregation import _dual_cone, _qp
 from taskbalance.aggregation._dual_cone import project_dual_cone
 from taskbalance.aggregation._qp import min_norm_weights
+from taskbalance.aggregation._simplex import project_simplex
 from taskbalance.errors import SolverError
 
 ADVERSARIAL = adversarial_jacobians(seed=1)
@@ -233,3 +235,133 @@ def test_float32_gramian_of_rank_deficient_jacobian(caplog: pytest.LogCaptureFix
     assert w @ exact @ w <= brute_min_norm(exact)[0] + 1e-5 * scale
     for i in range(6):
         assert v[i] @ exact @ v[i] <= brute_box(exact, np.eye(6)[i])[0] + 1e-5 * scale
+
+
+# ------------------------------------------------------------------ each exact path alone
+def _random_jacobians(count: int = 40) -> list[np.ndarray]:
+    """Full row rank, K = 2..8, gradient norms 1e-3..1e3."""
+    out = []
+    for seed in range(count):
+        rng = np.random.default_rng(seed)
+        k = int(rng.integers(2, 9))
+        out.append(rng.normal(size=(k, k + 3)) * 10.0 ** rng.uniform(-3, 3, size=(k, 1)))
+    return out
+
+
+def _minor_cycle_jacobians() -> list[np.ndarray]:
+    """K = 3..8, P = 2..K+3: draws on which Wolfe's method or Lawson–Hanson steps back
+    (a minor cycle: the new support's minimiser leaves the feasible set)."""
+    out = []
+    for seed in (2, 6, 8, 12, 13, 18, 20, 22, 33, 35, 36, 71, 86):
+        rng = np.random.default_rng(seed)
+        k = int(rng.integers(3, 9))
+        p = int(rng.integers(2, k + 4))
+        out.append(rng.normal(size=(k, p)) * 10.0 ** rng.uniform(-1, 1, size=(k, 1)))
+    return out
+
+
+PROBLEMS = _random_jacobians() + ADVERSARIAL
+
+
+def _must_not_run(name: str):
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{name} ran")
+
+    return refuse
+
+
+def test_the_primal_dual_pass_alone_solves_these_problems(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module docstring's fast path: on these problems (random, and the adversarial ones:
+    collinear, opposite, zero, duplicated, rank one, norms 1e-6..1e6) the primal-dual
+    active-set point passes the KKT check, so neither Wolfe / Lawson–Hanson nor the
+    fallback runs. A broken fast path would otherwise only cost time."""
+    monkeypatch.setattr(_qp._MinNorm, "wolfe", _must_not_run("Wolfe"))
+    monkeypatch.setattr(_dual_cone, "_lawson_hanson", _must_not_run("Lawson-Hanson"))
+    monkeypatch.setattr(_qp, "_fista", _must_not_run("the fallback"))
+    monkeypatch.setattr(_dual_cone, "_fista", _must_not_run("the fallback"))
+    for jac in PROBLEMS:
+        gram = jac @ jac.T
+        k = gram.shape[0]
+        assert_min_norm_kkt(jac, min_norm_weights(gram))
+        v = project_dual_cone(gram, np.eye(k))
+        for i in range(k):
+            assert_box_kkt(jac, np.eye(k)[i], v[i])
+
+
+def test_the_finite_active_set_methods_need_no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the primal-dual pass, Wolfe's method and Lawson–Hanson (finite, exact) reach
+    a KKT point on the same problems, and on draws where they step back, without the
+    accelerated-gradient fallback."""
+    monkeypatch.setattr(_qp, "_fista", _must_not_run("the fallback"))
+    monkeypatch.setattr(_dual_cone, "_fista", _must_not_run("the fallback"))
+    for jac in PROBLEMS + _minor_cycle_jacobians():
+        gram = jac @ jac.T
+        k = gram.shape[0]
+        assert_min_norm_kkt(jac, min_norm_weights(gram, pdas=False))
+        v = project_dual_cone(gram, np.eye(k), pdas=False)
+        for i in range(k):
+            assert_box_kkt(jac, np.eye(k)[i], v[i])
+
+
+@pytest.mark.parametrize(
+    ("v", "total", "expected"),
+    [
+        ([0.2, 0.3, 0.1], 1.0, [0.2 + 0.4 / 3, 0.3 + 0.4 / 3, 0.1 + 0.4 / 3]),  # shift up
+        ([0.5, 0.5, 2.0], 1.0, [0.0, 0.0, 1.0]),  # one coordinate dominates
+        ([1.0, 0.8, -3.0], 1.0, [0.6, 0.4, 0.0]),  # θ = 0.4 on the top two
+        ([1.0, 2.0], 4.0, [1.5, 2.5]),  # another total
+    ],
+)
+def test_simplex_projection_by_hand(v: list[float], total: float, expected: list[float]) -> None:
+    np.testing.assert_allclose(project_simplex(np.array(v), total), expected, atol=1e-15)
+
+
+def test_kkt_check_of_the_dual_cone_projection() -> None:
+    """``_box_violations`` flags exactly the rows that break a KKT condition."""
+    gram = np.array([[1.0, -1.0], [-1.0, 2.0]])  # g1 = (1, 0), g2 = (-1, 1)
+    _, d, hat = _qp._prepare(gram)
+    low = np.eye(2)[:1] * d  # the row u = e1 in scaled variables
+    exact = np.array([[0.0, 0.5]]) * d  # v = (1, 1/2): (Gv)_2 = 0 on the free index
+    assert not _dual_cone._box_violations(hat, low, exact).any()
+    for bad in (
+        [0.0, 0.0],  # v = u: (Gv)_2 = -1 < 0, Jᵀv is outside the dual cone
+        [0.0, 0.75],  # free index with (Gv)_2 = 0.5 != 0: not complementary
+        [0.0, 0.6],  # the same, with x_2 = 0.6 √2 < 1 in scaled variables
+        [0.0, np.nan],
+        [-0.1, 0.5],  # below the lower bound
+    ):
+        assert _dual_cone._box_violations(hat, low, np.array([bad]) * d).all(), bad
+
+
+def test_fallbacks_on_nearly_collinear_gradients(caplog: pytest.LogCaptureFixture) -> None:
+    """Capped at one step, both solvers fall back to accelerated projected gradient; on
+    nearly collinear gradients (the largest eigenvalue of the scaled Gramian near K) its
+    step must follow that eigenvalue, or it diverges and the best point stays far off."""
+    rng = np.random.default_rng(8)
+    jac = rng.normal(size=(1, 8)) + 0.3 * rng.normal(size=(6, 8))
+    jac[1] = -jac[1]  # some conflict, so that the projections move
+    gram = jac @ jac.T
+    with caplog.at_level(logging.WARNING, logger="taskbalance"):
+        w = min_norm_weights(gram, pdas=False, max_iter=1)
+        v = project_dual_cone(gram, np.eye(6), pdas=False, max_iter=1)
+    assert "min-norm solver" in caplog.text and "dual-cone projection" in caplog.text
+    best, _ = brute_min_norm(gram)
+    assert w @ gram @ w <= best * (1 + 1e-6) + 1e-12
+    for i in range(6):
+        best_i, _ = brute_box(gram, np.eye(6)[i])
+        assert (v[i] >= np.eye(6)[i]).all()
+        assert v[i] @ gram @ v[i] <= best_i * (1 + 1e-5) + 1e-12
+
+
+def test_many_tasks_take_the_gathered_solves() -> None:
+    """K = 24 > DENSE_MAX_K: the masked systems are gathered to their free indices."""
+    assert _dual_cone.DENSE_MAX_K < 24
+    rng = np.random.default_rng(4)
+    jac = rng.normal(size=(24, 30))
+    gram = jac @ jac.T
+    u = np.eye(24)[:4]
+    np.testing.assert_allclose(project_dual_cone(gram, u), pgd_box(gram, u), atol=1e-6)
+    for pdas in (True, False):
+        v = project_dual_cone(gram, u, pdas=pdas)
+        for i in range(4):
+            assert_box_kkt(jac, u[i], v[i])
