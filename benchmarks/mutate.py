@@ -8,7 +8,8 @@ across its boundary (``<`` â†’ ``<=``), an arithmetic operator swapped (``+`` â†
 dropped, a state update (``self.x = ...``, ``x += ...``, an in-place ``x.mul_(...)``)
 skipped, or a weights function returning equal weights of the same total
 (``w * 0 + w.mean()``). Each mutant is run against the method's test file only
-(``pytest -x -q -n 0 -p no:randomly -m "not reproduction" tests/<area>/test_<method>.py``):
+(``pytest -x -q -n 0 -p no:randomly -m "not reproduction" --hypothesis-seed=0
+tests/<area>/test_<method>.py``):
 a failing test *kills* it; a mutant the tests pass on *survives*, and is either a gap in
 the tests or equivalent to the original (docs/mutation.md lists each one and which).
 
@@ -16,8 +17,10 @@ The source tree is never touched: ``src/``, ``tests/`` and ``pyproject.toml`` ar
 into a temporary directory, each mutant is written there (and the original text put back
 after it), the tests run there with ``PYTHONPATH`` pointing at the copy, and the
 directory is removed at the end, on Ctrl-C included. The tests run with one thread
-(``OMP_NUM_THREADS=1``), at ``nice`` 10, one mutant at a time; hypothesis' example
-database is cleared before each mutant, so a mutant is killed by the suite as CI runs it.
+(``OMP_NUM_THREADS=1``), at ``nice`` 10, one mutant at a time. Hypothesis draws with a
+fixed seed (``--hypothesis-seed=0``) and its example database is cleared before each
+mutant: every mutant meets the same examples, so a measurement can be repeated (with fresh
+random draws a mutant near a tolerance is killed in one run and not in the next).
 
 Mutants are chosen deterministically: every mutation site of the file (code inside
 ``raise``, ``assert``, f-strings, warning and logging calls and ``__repr__`` is left
@@ -472,6 +475,7 @@ def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, str, f
         "no:cacheprovider",
         "-m",
         "not reproduction",
+        "--hypothesis-seed=0",
         *tests,
     ]
     t0 = time.perf_counter()
@@ -585,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (ROOT / rel).is_file():
             parser.error(f"{path}: no such file under {ROOT}")
     files = [str(Path(p).resolve().relative_to(ROOT)) for p in files]
+    for path in files:
+        missing = [t for t in (tests or tests_for(path)) if not (ROOT / t).is_file()]
+        if missing:
+            parser.error(f"{path}: no test file {', '.join(missing)}; name one with --tests")
 
     if args.list:
         for path in files:
