@@ -16,7 +16,7 @@ the tests or equivalent to the original (docs/mutation.md lists each one and whi
 The source tree is never touched: ``src/``, ``tests/`` and ``pyproject.toml`` are copied
 into a temporary directory, each mutant is written there (and the original text put back
 after it), the tests run there with ``PYTHONPATH`` pointing at the copy, and the
-directory is removed at the end, on Ctrl-C included. The tests run with one thread
+directory is removed at the end, on Ctrl-C (or SIGTERM) included. The tests run with one thread
 (``OMP_NUM_THREADS=1``), at ``nice`` 10, one mutant at a time. Hypothesis draws with a
 fixed seed (``--hypothesis-seed=0``) and its example database is cleared before each
 mutant: every mutant meets the same examples, so a measurement can be repeated (with fresh
@@ -606,6 +606,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"        -> {m.replacement}")
         return 0
 
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # a background run ignores Ctrl-C: SIGTERM / SIGHUP clean up the same way
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     results = []
     with scratch_tree() as tree:
         for path in files:
