@@ -29,9 +29,14 @@ training accuracy): the batch accuracy for a classification task, and
 standard deviation (1 for a perfect fit, ``e^-1`` when the error is one standard
 deviation); both clamped to ``[1e-3, 1]`` so that the KPI never leaves (0, 1].
 
-Metrics, per task ``t``: ``t_acc`` (test accuracy, higher is better) or ``t_mae`` (test
-mean absolute error in the target's own unit, lower is better), both counted in Δm%, and
-``t_loss`` (the test loss, a diagnostic left out of Δm%).
+Losses of binary tasks: binary cross-entropy on one logit; their KPI is the batch accuracy.
+
+Metrics, per task ``t``: ``t_acc`` (test accuracy, higher is better), ``t_auc`` (a binary
+task's test ROC AUC, higher is better) or ``t_mae`` (test mean absolute error in the
+target's own unit, lower is better), all counted in Δm%, then any summary metrics of the
+problem (:meth:`SupervisedProblem.summary_metrics`), and ``t_loss`` (the test loss, a
+diagnostic left out of Δm%). A problem with a validation set also reports every metric on
+it, in ``RunResult.extras["validation"]``.
 """
 
 from __future__ import annotations
@@ -58,9 +63,11 @@ from taskbalance.compare.problem import (
     after_step,
     balanced_backward,
 )
+from taskbalance.problems._scores import roc_auc
 from taskbalance.training.joint import make_progress
 
-TaskKind = Literal["classification", "regression"]
+TaskKind = Literal["classification", "binary", "regression"]
+KINDS: tuple[str, ...] = ("classification", "binary", "regression")
 
 #: the lowest KPI handed to a balancer (DTP's ``log k`` must stay finite).
 MIN_KPI = 1e-3
@@ -72,8 +79,9 @@ class SupervisedTask:
 
     Args:
         name: the task name (the balancer's task, the model's head).
-        kind: ``"classification"`` (integer class targets, logits out) or ``"regression"``
-            (a standardised float target, one output).
+        kind: ``"classification"`` (integer class targets, logits out), ``"binary"`` (0/1
+            float targets, one logit out; reported by its ROC AUC) or ``"regression"`` (a
+            standardised float target, one output).
         unit: the unit of the reported MAE (documentation only).
     """
 
@@ -82,18 +90,22 @@ class SupervisedTask:
     unit: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("classification", "regression"):
-            raise ValueError(f"kind must be 'classification' or 'regression', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
 
 
 @dataclass(frozen=True)
 class SupervisedData:
-    """In-memory train and test sets: inputs and one target tensor per task name.
+    """In-memory train, test and (optional) validation sets: inputs and one target tensor
+    per task name.
 
-    Classification targets are ``long`` of shape ``(N,)``; regression targets are float of
-    shape ``(N,)``, already standardised with training statistics. ``scales[task]`` is a
-    regression target's training standard deviation in its own unit (the reported MAE is
-    ``scale · MAE`` on the standardised target; 1 when absent).
+    Classification targets are ``long`` of shape ``(N,)``; binary targets float 0/1 of shape
+    ``(N,)``; regression targets are float of shape ``(N,)``, already standardised with
+    training statistics. ``scales[task]`` is a regression target's training standard
+    deviation in its own unit (the reported MAE is ``scale · MAE`` on the standardised
+    target; 1 when absent). With ``x_val``/``y_val`` every run also reports its metrics on
+    the validation set (``RunResult.extras["validation"]``), for model selection and the
+    tuned-static baseline; the test set is then reported, never used for a choice.
     """
 
     x_train: Tensor
@@ -101,15 +113,19 @@ class SupervisedData:
     x_test: Tensor
     y_test: dict[str, Tensor]
     scales: dict[str, float] = field(default_factory=dict)
+    x_val: Tensor | None = None
+    y_val: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
+        if (self.x_val is None) != (self.y_val is None):
+            raise ValueError("give both x_val and y_val, or neither")
         for task, scale in self.scales.items():
             if not scale > 0:
                 raise ValueError(f"the scale of {task!r} must be positive, got {scale}")
-        for x, ys, part in (
-            (self.x_train, self.y_train, "train"),
-            (self.x_test, self.y_test, "test"),
-        ):
+        parts = [(self.x_train, self.y_train, "train"), (self.x_test, self.y_test, "test")]
+        if self.x_val is not None and self.y_val is not None:
+            parts.append((self.x_val, self.y_val, "validation"))
+        for x, ys, part in parts:
             for task, y in ys.items():
                 if y.shape != (len(x),):
                     raise ValueError(
@@ -142,18 +158,23 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def task_loss(task: SupervisedTask, output: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy on logits ``(B, C)`` or MSE on a ``(B, 1)`` / ``(B,)`` prediction."""
+    """Cross-entropy on logits ``(B, C)``, binary cross-entropy on one logit ``(B, 1)`` /
+    ``(B,)``, or MSE on a ``(B, 1)`` / ``(B,)`` prediction."""
     if task.kind == "classification":
         return F.cross_entropy(output, target)
+    if task.kind == "binary":
+        return F.binary_cross_entropy_with_logits(output.reshape(target.shape), target)
     return F.mse_loss(output.reshape(target.shape), target)
 
 
 def task_kpi(task: SupervisedTask, output: Tensor, target: Tensor) -> float:
-    """The task's KPI on a batch, in ``[MIN_KPI, 1]``: accuracy, or ``exp(-MAE)`` for a
-    regression on a standardised target."""
+    """The task's KPI on a batch, in ``[MIN_KPI, 1]``: accuracy (a binary task: logit above
+    0 for a positive), or ``exp(-MAE)`` for a regression on a standardised target."""
     with torch.no_grad():
         if task.kind == "classification":
             value = (output.argmax(dim=1) == target).double().mean()
+        elif task.kind == "binary":
+            value = ((output.reshape(target.shape) > 0) == (target == 1)).double().mean()
         else:
             value = torch.exp(-(output.reshape(target.shape) - target).abs().double().mean())
     return min(max(float(value), MIN_KPI), 1.0)
@@ -162,9 +183,12 @@ def task_kpi(task: SupervisedTask, output: Tensor, target: Tensor) -> float:
 def task_metrics(
     task: SupervisedTask, output: Tensor, target: Tensor, scale: float = 1.0
 ) -> dict[str, float]:
-    """``{name_acc or name_mae, name_loss}`` of one task on a whole evaluation set; a
-    regression's MAE is multiplied by ``scale`` (the target's standard deviation)."""
+    """``{name_acc, name_auc or name_mae; name_loss}`` of one task on a whole evaluation
+    set; a regression's MAE is multiplied by ``scale`` (the target's standard deviation)."""
     loss = float(task_loss(task, output, target))
+    if task.kind == "binary":
+        auc = roc_auc(output.reshape(target.shape), target, name=f"task {task.name!r}")
+        return {f"{task.name}_auc": auc, f"{task.name}_loss": loss}
     if task.kind == "classification":
         acc = float((output.argmax(dim=1) == target).double().mean())
         return {f"{task.name}_acc": acc, f"{task.name}_loss": loss}
@@ -246,13 +270,33 @@ class SupervisedProblem(ComparisonProblem):
         for task in self.supervised_tasks():
             if task.kind == "classification":
                 out.append(Metric(f"{task.name}_acc", task.name, higher_is_better=True))
+            elif task.kind == "binary":
+                out.append(Metric(f"{task.name}_auc", task.name, higher_is_better=True))
             else:
                 out.append(Metric(f"{task.name}_mae", task.name, higher_is_better=False))
+        out.extend(self.summary_metrics())
         for task in self.supervised_tasks():
             out.append(
                 Metric(f"{task.name}_loss", task.name, higher_is_better=False, in_delta_m=False)
             )
         return tuple(out)
+
+    def summary_metrics(self) -> tuple[Metric, ...]:
+        """Metrics over all tasks (e.g. a mean AUC), listed after the per-task ones and
+        computed by :meth:`summary_values`. None by default."""
+        return ()
+
+    def summary_values(
+        self, outputs: dict[str, Tensor], targets: dict[str, Tensor]
+    ) -> dict[str, float]:
+        """The values of :meth:`summary_metrics` from one evaluation set's outputs and
+        targets (by task name)."""
+        return {}
+
+    def run_extras(self, model: nn.Module, data: SupervisedData) -> dict[str, Any]:
+        """Anything more a run reports about the trained model (JSON-serialisable; added to
+        ``RunResult.extras``). Nothing by default."""
+        return {}
 
     def data(self) -> SupervisedData:
         """The data set, built on first use and then cached on the instance."""
@@ -300,6 +344,10 @@ class SupervisedProblem(ComparisonProblem):
                 model, balancer, optimizer, data, order, epochs, progress
             )
             metrics = self.evaluate(model, data)
+            extras: dict[str, Any] = {"skipped_steps": balancer.skipped_steps}
+            if data.x_val is not None:
+                extras["validation"] = self.evaluate(model, data, part="validation")
+            extras.update(self.run_extras(model, data))
         histories = {"main": balancer.history} if balancer.history is not None else {}
         return RunResult(
             metrics=metrics,
@@ -307,7 +355,7 @@ class SupervisedProblem(ComparisonProblem):
             step_time=seconds / steps if steps else 0.0,
             steps=steps,
             histories=histories,
-            extras={"skipped_steps": balancer.skipped_steps},
+            extras=extras,
         )
 
     def _train(
@@ -369,19 +417,31 @@ class SupervisedProblem(ComparisonProblem):
         return {t.name: task_loss(t, outputs[t.name], ys[t.name]) for t in self.supervised_tasks()}
 
     def evaluate(
-        self, model: nn.Module, data: SupervisedData, chunk: int = 1024
+        self,
+        model: nn.Module,
+        data: SupervisedData,
+        chunk: int = 4096,
+        part: Literal["test", "validation"] = "test",
     ) -> dict[str, float]:
-        """Every metric on the whole test set (``model.eval()``, no gradients)."""
+        """Every metric on the whole test (or validation) set (``model.eval()``, no
+        gradients)."""
+        if part == "test":
+            x_all, targets = data.x_test, data.y_test
+        elif data.x_val is not None and data.y_val is not None:
+            x_all, targets = data.x_val, data.y_val
+        else:
+            raise ValueError(f"{self.name} has no validation set")
         model.eval()
         pieces: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
         with torch.no_grad():
-            for x in data.x_test.split(chunk):
+            for x in x_all.split(chunk):
                 outputs = model.heads(model.features(x), x)  # type: ignore[operator]
                 for t in self.tasks:
                     pieces[t].append(outputs[t])
+        joined = {t: torch.cat(p) for t, p in pieces.items()}
         metrics: dict[str, float] = {}
         for task in self.supervised_tasks():
-            output = torch.cat(pieces[task.name])
             scale = data.scales.get(task.name, 1.0)
-            metrics.update(task_metrics(task, output, data.y_test[task.name], scale))
+            metrics.update(task_metrics(task, joined[task.name], targets[task.name], scale))
+        metrics.update(self.summary_values(joined, targets))
         return {m.name: metrics[m.name] for m in self.metrics}
