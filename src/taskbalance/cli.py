@@ -72,12 +72,19 @@ def list_command() -> None:
 
 @app.command("compare")
 def compare_command(
-    problem: Annotated[str, typer.Option(help="Problem name (see `taskbalance list`).")],
+    problem: Annotated[
+        str,
+        typer.Option(
+            help="Problem name (see `taskbalance list`), optionally with constructor options: "
+            "NAME[KEY=VALUE,...], e.g. 'penguins[data_seed=1]'."
+        ),
+    ],
     methods: Annotated[
         str,
         typer.Option(
             help="'all' or comma-separated method specs: NAME or NAME[KEY=VALUE,...], e.g. "
-            "'mgda,cagrad,cagrad[c=0.2]' (each spec is a row).",
+            "'mgda,cagrad,cagrad[c=0.2]' (each spec is a row); the baseline rows "
+            "single_task and tuned_static run where named ('all' adds the problem's own).",
         ),
     ] = "all",
     option: Annotated[
@@ -97,29 +104,39 @@ def compare_command(
     ] = "full",
     out: Annotated[
         Path | None,
-        typer.Option(help="Run folder (default runs/<problem>); finished runs are reused."),
+        typer.Option(
+            help="Run folder (default runs/<problem>, a safe name for a problem with "
+            "options); finished runs are reused."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rerun finished runs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run every method x seed on one problem; write a Markdown/CSV table and PNGs."""
     from taskbalance.compare import compare
-    from taskbalance.compare.options import parse_options
-    from taskbalance.compare.problem import make_problem
+    from taskbalance.compare.options import (
+        build_problem,
+        parse_options,
+        parse_problem,
+        spec_directory,
+    )
     from taskbalance.errors import BalancerUsageError
 
     if size not in ("full", "small"):
         raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
     try:
-        built = make_problem(problem, size=size)  # type: ignore[arg-type]
+        label = parse_problem(problem)[2]
+        built = build_problem(problem, size=size)  # type: ignore[arg-type]
     except KeyError as err:
         raise typer.BadParameter(str(err.args[0]), param_hint="--problem") from None
+    except BalancerUsageError as err:
+        raise typer.BadParameter(str(err), param_hint="--problem") from None
     try:  # every mistake in the methods or options is refused here, before any training
         report = compare(
             built,
             methods,
             seeds,
-            out if out is not None else Path("runs") / problem,
+            out if out is not None else Path("runs") / spec_directory(label),
             options=parse_options(option or []),
             epochs=epochs,
             progress=progress,
@@ -139,7 +156,7 @@ def _print_comparison(report) -> None:
     from rich.markup import escape
 
     from taskbalance.compare.options import format_value
-    from taskbalance.compare.report import console_table, title
+    from taskbalance.compare.report import baseline_notes, console_table, title
 
     comparison = report.comparison
     out = Console()  # reads COLUMNS now
@@ -156,6 +173,10 @@ def _print_comparison(report) -> None:
     for method, needs in comparison.left_out.items():
         flags = " ".join(f"--option {method}.{n}=..." for n in needs)
         out.print(escape(f"'all' left out {method}: it needs {', '.join(needs)} ({flags})"))
+    for name, reason in comparison.unavailable.items():
+        out.print(escape(f"'all' left out {name}: {reason}"))
+    for line in baseline_notes(comparison):
+        out.print(escape(line.replace("`", "")))
     if hidden:
         out.print(escape(f"not shown here: {', '.join(hidden)} (see table.md)"))
     out.print(escape(f"table: {report.table_md}  {report.table_csv}"))

@@ -1,8 +1,9 @@
 """``taskbalance compare``: every method on the same work, with tables and pictures."""
 
+from taskbalance.compare.baselines import BASELINE_ROWS, Tuning, tuning_candidates
 from taskbalance.compare.command import ComparisonReport, compare
 from taskbalance.compare.metrics import delta_m, mean_ranks
-from taskbalance.compare.options import MethodSpec, select_methods
+from taskbalance.compare.options import MethodSpec, build_problem, select_methods
 from taskbalance.compare.problem import (
     BalancerFactory,
     ComparisonProblem,
@@ -16,14 +17,17 @@ from taskbalance.compare.problem import (
 )
 
 __all__ = [
+    "BASELINE_ROWS",
     "BalancerFactory",
     "ComparisonProblem",
     "ComparisonReport",
     "MethodSpec",
     "Metric",
     "RunResult",
+    "Tuning",
     "after_step",
     "balanced_backward",
+    "build_problem",
     "compare",
     "delta_m",
     "list_problems",
@@ -31,4 +35,5 @@ __all__ = [
     "mean_ranks",
     "register_problem",
     "select_methods",
+    "tuning_candidates",
 ]

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from taskbalance.compare.options import build_problem
 from taskbalance.compare.plots import write_plots
-from taskbalance.compare.problem import ComparisonProblem, Size, make_problem
+from taskbalance.compare.problem import ComparisonProblem, Size
 from taskbalance.compare.report import Row, write_tables
 from taskbalance.compare.runner import Comparison, run_comparison
 
@@ -38,9 +39,13 @@ def compare(
 ) -> ComparisonReport:
     """Run every method × seed on ``problem`` (cached in ``out``), write tables and PNGs.
 
-    ``problem`` is a registered name (built with ``size``) or a problem instance.
-    ``methods`` is ``"all"`` or method specs, a list or one comma-separated string:
-    ``["mgda", "cagrad[c=0.2]", "static[weights=1,2]"]``; each distinct spec is a row.
+    ``problem`` is a registered name, optionally with constructor options in brackets
+    (``"penguins[data_seed=1]"``, read as method specs are; built with ``size``), or a
+    problem instance. ``methods`` is ``"all"`` or method specs, a list or one
+    comma-separated string: ``["mgda", "cagrad[c=0.2]", "static[weights=1,2]"]``; each
+    distinct spec is a row. ``"single_task"`` and ``"tuned_static"`` add the baseline rows
+    of :mod:`~taskbalance.compare.baselines` (``"all"`` adds the problem's own
+    :attr:`~taskbalance.compare.problem.ComparisonProblem.baselines`).
     ``options`` sets constructor arguments for every row of a method,
     ``{"cagrad": {"c": 0.2}}`` (a bracketed value wins). Everything is checked before the
     first run starts: a mistake raises :class:`~taskbalance.errors.BalancerUsageError`
@@ -48,7 +53,7 @@ def compare(
     for caching and failures.
     """
     if isinstance(problem, str):
-        problem = make_problem(problem, size=size)
+        problem = build_problem(problem, size=size)
     comparison = run_comparison(
         problem,
         methods,

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from taskbalance.compare.baselines import SINGLE_TASK
 from taskbalance.compare.report import Row
 from taskbalance.compare.runner import BASELINE, Comparison
 
@@ -284,6 +285,8 @@ def write_plots(comparison: Comparison, rows: list[Row]) -> list[Path]:
         plot_losses(comparison, out / "losses.png"),
         plot_delta_m(comparison, rows, out / "delta_m.png"),
     ]
-    results = {m: comparison.ok(m) for m in comparison.runs if comparison.ok(m)}
+    results = {  # not single_task: its results combine K runs and carry no extras
+        m: comparison.ok(m) for m in comparison.runs if comparison.ok(m) and m != SINGLE_TASK
+    }
     paths += comparison.problem.plot_comparison(results, out)
     return [p for p in paths if p is not None]

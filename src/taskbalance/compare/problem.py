@@ -8,14 +8,18 @@ tables and pictures.
 
 Problems register themselves with :func:`register_problem` and are built by name with
 :func:`make_problem`; ``size="small"`` is a configuration that runs in seconds (for tests
-and CI), ``size="full"`` the documented one.
+and CI), ``size="full"`` the documented one. For the baseline rows
+(:mod:`~taskbalance.compare.baselines`) a problem may declare :attr:`~ComparisonProblem.
+baselines`, report validation metrics (:attr:`~ComparisonProblem.has_validation`) and
+override :meth:`~ComparisonProblem.combine_single_task`.
 """
 
 from __future__ import annotations
 
 import importlib
+import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -77,6 +81,15 @@ class ComparisonProblem(ABC):
     name: ClassVar[str] = ""
     #: one line for ``taskbalance list``.
     description: ClassVar[str] = ""
+    #: the baseline rows ``--methods all`` adds for this problem, from
+    #: :data:`~taskbalance.compare.baselines.BASELINE_ROWS` (``"single_task"``,
+    #: ``"tuned_static"``); a baseline named explicitly runs on any problem.
+    baselines: ClassVar[tuple[str, ...]] = ()
+    #: whether every run reports its metrics on a validation split as
+    #: ``RunResult.extras["validation"]`` (metric name -> value); the ``tuned_static``
+    #: baseline selects its weights on them and is refused where this is ``False``.
+    #: A subclass may make it a property (e.g. when a constructor option removes the split).
+    has_validation: bool = False
 
     def __init__(self, size: Size = "full") -> None:
         if size not in ("small", "full"):
@@ -119,6 +132,25 @@ class ComparisonProblem(ABC):
     def config(self) -> dict[str, Any]:
         """What identifies this problem's work (part of the cache key of a run)."""
         return {"problem": self.name, "size": self.size}
+
+    def combine_single_task(self, results_by_task: Mapping[str, RunResult]) -> dict[str, float]:
+        """The metrics of the ``single_task`` baseline from its K runs (task -> the run of
+        the network trained on that task alone).
+
+        Default: a metric of task ``k`` (:attr:`Metric.task`) is taken from run ``k``; any
+        other metric (a summary such as a mean AUC over tasks, with ``task="all"``) is the
+        mean of its values over the K runs. Override this where such a metric can be
+        recomputed from the per-task ones (a mean AUC is the mean of each task's AUC, each
+        from its own run), which the default cannot know.
+        """
+        combined: dict[str, float] = {}
+        for metric in self.metrics:
+            if metric.task in results_by_task:
+                combined[metric.name] = float(results_by_task[metric.task].metrics[metric.name])
+            else:
+                values = [float(r.metrics[metric.name]) for r in results_by_task.values()]
+                combined[metric.name] = statistics.fmean(values)
+        return combined
 
 
 def balanced_backward(
@@ -186,12 +218,23 @@ def _load_builtin() -> None:
         importlib.import_module(module)
 
 
-def make_problem(name: str, size: Size = "full", **kwargs: Any) -> ComparisonProblem:
-    """Build the comparison problem registered as ``name``."""
+def problem_class(name: str) -> type[ComparisonProblem]:
+    """The class registered as ``name``.
+
+    Raises:
+        KeyError: no problem of that name (the message lists the known ones).
+    """
     _load_builtin()
     if name not in _PROBLEMS:
         raise KeyError(f"unknown problem {name!r}; known problems: {', '.join(sorted(_PROBLEMS))}")
-    return _PROBLEMS[name](size=size, **kwargs)
+    return _PROBLEMS[name]
+
+
+def make_problem(name: str, size: Size = "full", **kwargs: Any) -> ComparisonProblem:
+    """Build the comparison problem registered as ``name`` (``kwargs``: its constructor's
+    options; a spec with options in brackets is read by
+    :func:`~taskbalance.compare.options.build_problem`)."""
+    return problem_class(name)(size=size, **kwargs)
 
 
 def list_problems() -> dict[str, str]:

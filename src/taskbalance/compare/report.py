@@ -1,10 +1,14 @@
 """The comparison table (Markdown, CSV and the console's), built only from the stored runs.
 
-One row per method (or variant, ``cagrad[c=0.2]``): each metric as mean ± std over seeds,
-Δm% against equal weighting (per seed against the baseline's mean over seeds; mean ±
-std), mean rank over metrics (of the seed means), and the mean training-step time
-relative to equal weighting's. A row of one seed shows its values alone (no "± 0": one
-seed has no spread). Runs of ``size="small"`` are titled a smoke test.
+One row per method (or variant, ``cagrad[c=0.2]``, or baseline row): each metric as mean
+± std over seeds, Δm% against equal weighting (per seed against the baseline's mean over
+seeds; mean ± std), with a finished ``single_task`` row also Δm% against the single-task
+networks (the same way), mean rank over metrics (of the seed means), and the mean
+training-step time relative to equal weighting's. A row of one seed shows its values alone
+(no "± 0": one seed has no spread). Runs of ``size="small"`` are titled a smoke test. The
+notes say what the baseline rows are, the weights ``tuned_static`` chose and what tuning
+cost (also in the CSV's ``weights``, ``tuning_runs``, ``tuning_seconds`` and
+``tuning_ew_runs`` columns, present when ``tuned_static`` is a row).
 
 The console table (:func:`console_table`) never cuts a method name: it puts each spread
 under its mean when the columns do not fit on one line, and if they still do not fit it
@@ -26,6 +30,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from taskbalance.compare.baselines import BASELINE_ROWS, SINGLE_TASK, TUNED_STATIC, TUNING_SEED
 from taskbalance.compare.metrics import delta_m, mean_ranks
 from taskbalance.compare.options import format_value
 from taskbalance.compare.runner import BASELINE, Comparison
@@ -43,6 +48,8 @@ class Row:
     std: dict[str, float | None] = field(default_factory=dict)
     delta_m: float | None = None
     delta_m_std: float | None = None
+    delta_m_stl: float | None = None
+    delta_m_stl_std: float | None = None
     mean_rank: float | None = None
     time_ratio: float | None = None
     errors: list[str] = field(default_factory=list)
@@ -53,7 +60,9 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def build_rows(comparison: Comparison) -> list[Row]:
-    """Rows sorted by Δm% (baseline first, methods without a finished run last)."""
+    """Rows: equal weighting first, then the baseline rows (``single_task``,
+    ``tuned_static``), then the methods sorted by Δm% (those without a finished run
+    last)."""
     metrics = comparison.problem.metrics
     rows: dict[str, Row] = {}
     step_times: dict[str, float] = {}
@@ -75,6 +84,12 @@ def build_rows(comparison: Comparison) -> list[Row]:
             deltas = [delta_m(r.metrics, base.mean, metrics) for r in comparison.ok(method)]
             row.delta_m, row.delta_m_std = _mean_std(deltas)
             row.time_ratio = step_times[method] / step_times[BASELINE]
+    stl = rows.get(SINGLE_TASK)
+    if stl is not None and stl.seeds_ok:
+        for method, row in rows.items():
+            if row.seeds_ok:
+                deltas = [delta_m(r.metrics, stl.mean, metrics) for r in comparison.ok(method)]
+                row.delta_m_stl, row.delta_m_stl_std = _mean_std(deltas)
     finished = {m: r.mean for m, r in rows.items() if r.seeds_ok}
     for method, rank in mean_ranks(finished, metrics).items():
         rows[method].mean_rank = rank
@@ -82,7 +97,9 @@ def build_rows(comparison: Comparison) -> list[Row]:
     def order(row: Row) -> tuple[int, float]:
         if row.method == BASELINE:
             return (0, 0.0)
-        return (1, row.delta_m) if row.delta_m is not None else (2, 0.0)
+        if row.method in BASELINE_ROWS:
+            return (1, float(BASELINE_ROWS.index(row.method)))
+        return (2, row.delta_m) if row.delta_m is not None else (3, 0.0)
 
     return sorted(rows.values(), key=order)
 
@@ -101,13 +118,23 @@ def _metric_cell(row: Row, name: str, sep: str = " ") -> str:
     return mean if std is None else f"{mean}{sep}± {_fmt(std, 2)}"
 
 
-def _delta_m_cell(row: Row, sep: str = " ") -> str:
-    if row.delta_m is None:
+def _delta_m_cell(row: Row, sep: str = " ", stl: bool = False) -> str:
+    mean, std = (row.delta_m_stl, row.delta_m_stl_std) if stl else (row.delta_m, row.delta_m_std)
+    if mean is None:
         return "—"
-    shown = 0.0 if abs(row.delta_m) < 5e-3 else row.delta_m  # no "-0.00"
-    if row.delta_m_std is None:
+    shown = 0.0 if abs(mean) < 5e-3 else mean  # no "-0.00"
+    if std is None:
         return f"{shown:+.2f}"
-    return f"{shown:+.2f}{sep}± {row.delta_m_std:.2f}"
+    return f"{shown:+.2f}{sep}± {std:.2f}"
+
+
+#: the header of the Δm% against the single-task networks.
+STL_COLUMN = "Δm% vs STL ↓"
+
+
+def has_stl(rows: list[Row]) -> bool:
+    """Whether the table has a finished ``single_task`` row (and so a Δm% against it)."""
+    return any(row.method == SINGLE_TASK and row.seeds_ok for row in rows)
 
 
 def _seeds_cell(row: Row) -> str:
@@ -122,13 +149,16 @@ def _header(comparison: Comparison) -> list[str]:
 def markdown_table(comparison: Comparison, rows: list[Row]) -> str:
     """The table as GitHub Markdown; ↑/↓ marks the direction of each metric."""
     metrics = comparison.problem.metrics
-    header = ["method", *_header(comparison), "Δm% ↓", "MR ↓", "time ×EW", "seeds"]
+    stl = has_stl(rows)
+    header = ["method", *_header(comparison), "Δm% ↓", *([STL_COLUMN] if stl else [])]
+    header += ["MR ↓", "time ×EW", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         name = row.method.replace("|", "\\|")
         cells = [f"**{name}**" if row.method == BASELINE else name]
         cells += [_metric_cell(row, metric.name) for metric in metrics]
-        cells += [_delta_m_cell(row), _fmt(row.mean_rank), _fmt(row.time_ratio)]
+        cells += [_delta_m_cell(row), *([_delta_m_cell(row, stl=True)] if stl else [])]
+        cells += [_fmt(row.mean_rank), _fmt(row.time_ratio)]
         cells.append(_seeds_cell(row))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -156,10 +186,19 @@ def notes(comparison: Comparison) -> list[str]:
         if one
         else "Mean ± std over seeds"
     )
+    stl = any(r.status == "ok" for r in comparison.runs.get(SINGLE_TASK, []))
+    against = (
+        f"Δm% against equal weighting (`{BASELINE}`) and, in “Δm% vs STL”, against the "
+        f"single-task networks (`{SINGLE_TASK}`, the literature's reference), each per seed "
+        "against the reference's mean over seeds"
+        if stl
+        else f"Δm% against equal weighting (`{BASELINE}`)"
+    )
     lines = [
-        f"{spread}; Δm% against equal weighting (`{BASELINE}`), lower is better; MR: mean "
-        "rank over metrics; time: mean training-step time / equal weighting's."
+        f"{spread}; {against}, lower is better; MR: mean rank over metrics; time: mean "
+        "training-step time / equal weighting's."
     ]
+    lines += baseline_notes(comparison)
     if comparison.options:
         given = ", ".join(
             f"`{method}.{key}={format_value(value)}`"
@@ -167,11 +206,80 @@ def notes(comparison: Comparison) -> list[str]:
             for key, value in values.items()
         )
         lines.append(f"Options for every row of their method (a bracketed value wins): {given}.")
-    if comparison.left_out:
-        left = ", ".join(
-            f"{method} (needs {', '.join(needs)})" for method, needs in comparison.left_out.items()
+    left = [f"{method} (needs {', '.join(needs)})" for method, needs in comparison.left_out.items()]
+    left += [f"{name} ({reason})" for name, reason in comparison.unavailable.items()]
+    if left:
+        lines.append(f"Left out by `all`: {', '.join(left)}.")
+    return lines
+
+
+@dataclass
+class TuningCost:
+    """What tuning ``tuned_static`` cost: its runs, their wall time in seconds, and that as
+    a multiple of one equal-weighting run's (``None`` where no such run is known)."""
+
+    runs: int
+    seconds: float
+    ew_runs: float | None
+
+
+def tuning_cost(comparison: Comparison) -> TuningCost | None:
+    """The cost of tuning ``tuned_static`` (``None`` when it is not a row)."""
+    tuning = comparison.tuning
+    if tuning is None:
+        return None
+    ew = [r.wall_time for r in comparison.runs.get(BASELINE, []) if r.wall_time]
+    ew_runs = tuning.seconds / statistics.fmean(ew) if ew else None
+    return TuningCost(len(tuning.candidates), tuning.seconds, ew_runs)
+
+
+def _weights_text(tasks: tuple[str, ...], weights: list[float]) -> str:
+    return ", ".join(f"{task} {w:.3g}" for task, w in zip(tasks, weights))
+
+
+def baseline_notes(comparison: Comparison) -> list[str]:
+    """What the baseline rows are: the single-task networks, and the weights
+    ``tuned_static`` chose and what tuning them cost (Markdown)."""
+    problem = comparison.problem
+    lines = []
+    if SINGLE_TASK in comparison.runs:
+        summary = [m.name for m in problem.metrics if m.task not in problem.tasks]
+        combined = (
+            f"; {', '.join(summary)} (of no single task) from the problem's "
+            "`combine_single_task` (by default the mean over the K networks)"
+            if summary
+            else ""
         )
-        lines.append(f"Left out by `all`: {left}.")
+        lines.append(
+            f"`{SINGLE_TASK}`: one network per task (static weights 1 on the task, 0 "
+            f"elsewhere), each task's metrics from its own network{combined}; its time is "
+            f"that of the {len(problem.tasks)} networks' steps together."
+        )
+    tuning, cost = comparison.tuning, tuning_cost(comparison)
+    if tuning is not None and cost is not None:
+        k = len(problem.tasks)
+        tried = (
+            "w = (2a, 2 − 2a), a = 0.1, 0.2, …, 0.9"
+            if k == 2
+            else f"equal weighting and {len(tuning.candidates) - 1} draws of {k}·Dirichlet(1)"
+        )
+        spent = f"{cost.runs} runs, {cost.seconds:.3g} s"
+        if cost.ew_runs is not None:
+            spent += f" = {cost.ew_runs:.3g} × one equal-weighting run"
+        if tuning.weights is not None and tuning.chosen is not None:
+            score = tuning.scores[tuning.chosen] or 0.0
+            chosen = (
+                f"weights {_weights_text(problem.tasks, tuning.weights)} (candidate "
+                f"{tuning.chosen}, validation Δm% {score:+.2f})"
+            )
+        else:
+            chosen = f"tuning failed ({tuning.error})"
+        lines.append(
+            f"`{TUNED_STATIC}`: static weights chosen on the validation split only, among "
+            f"{len(tuning.candidates)} candidates ({tried}), each trained once with seed "
+            f"{TUNING_SEED} and scored by its validation Δm% against equal weighting: "
+            f"{chosen}; tuning cost {spent} (not in its time ×EW)."
+        )
     return lines
 
 
@@ -181,7 +289,13 @@ def write_csv(comparison: Comparison, rows: list[Row], path: Path) -> Path:
     header = ["method", "seeds_ok", "seeds_failed"]
     for metric in metrics:
         header += [f"{metric.name}_mean", f"{metric.name}_std"]
-    header += ["delta_m", "delta_m_std", "mean_rank", "step_time_ratio", "errors"]
+    stl = has_stl(rows)
+    header += ["delta_m", "delta_m_std", *(["delta_m_stl", "delta_m_stl_std"] if stl else [])]
+    header += ["mean_rank", "step_time_ratio"]
+    cost = tuning_cost(comparison)
+    if cost is not None:
+        header += ["weights", "tuning_runs", "tuning_seconds", "tuning_ew_runs"]
+    header.append("errors")
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
@@ -190,8 +304,16 @@ def write_csv(comparison: Comparison, rows: list[Row], path: Path) -> Path:
             for metric in metrics:
                 std = row.std.get(metric.name)
                 line += [row.mean.get(metric.name, ""), "" if std is None else std]
-            for value in (row.delta_m, row.delta_m_std, row.mean_rank, row.time_ratio):
+            values = [row.delta_m, row.delta_m_std]
+            values += [row.delta_m_stl, row.delta_m_stl_std] if stl else []
+            for value in (*values, row.mean_rank, row.time_ratio):
                 line.append("" if value is None else value)
+            if cost is not None:
+                weights = comparison.tuning.weights if comparison.tuning is not None else None
+                tuned = row.method == TUNED_STATIC
+                line.append(format_value(weights) if tuned and weights is not None else "")
+                line += [cost.runs, cost.seconds] if tuned else ["", ""]
+                line.append(cost.ew_runs if tuned and cost.ew_runs is not None else "")
             line.append(" | ".join(row.errors))
             writer.writerow(line)
     return path
@@ -219,6 +341,7 @@ def _console_cells(comparison: Comparison, row: Row, split: bool) -> dict[str, s
         for header, metric in zip(_header(comparison), comparison.problem.metrics)
     }
     cells["Δm% ↓"] = _delta_m_cell(row, sep)
+    cells[STL_COLUMN] = _delta_m_cell(row, sep, stl=True)
     cells["MR ↓"] = _fmt(row.mean_rank)
     cells["time ×EW"] = _fmt(row.time_ratio)
     cells["seeds"] = _seeds_cell(row)
@@ -257,19 +380,23 @@ def console_table(comparison: Comparison, rows: list[Row], width: int) -> tuple[
         return Measurement.get(measure, measure.options, table).maximum <= width
 
     shown = [m.name for m in metrics]
-    keys = list(KEY_COLUMNS)
+    every_key = list(KEY_COLUMNS)
+    if has_stl(rows):  # the Δm% against the single-task networks, after the other Δm%
+        every_key.insert(1, STL_COLUMN)
+    keys = list(every_key)
     candidates = [(list(shown), keys, False)]
     for name in [None, *dropping]:
         if name is not None:
             shown.remove(name)
         candidates.append((list(shown), keys, True))
-    for key in ("seeds", "time ×EW", "MR ↓"):
-        keys = [k for k in keys if k != key]
-        candidates.append(([], keys, True))
+    for key in ("seeds", "time ×EW", "MR ↓", STL_COLUMN):
+        if key in keys:
+            keys = [k for k in keys if k != key]
+            candidates.append(([], keys, True))
     for names, keys, split in candidates:
         table = _rich_table(comparison, rows, [headers[n] for n in names] + keys, split)
         if fits(table):
             break
     hidden = [m.name for m in metrics if m.name not in names]
-    hidden += [k for k in KEY_COLUMNS if k not in keys]
+    hidden += [k for k in every_key if k not in keys]
     return table, hidden
