@@ -209,6 +209,8 @@ BUILTIN_PROBLEM_MODULES = (
     "taskbalance.problems.pareto_toy",
     "taskbalance.problems.multidigits",
     "taskbalance.problems.penguins",
+    "taskbalance.problems.census_income",
+    "taskbalance.problems.yeast",
     "taskbalance.problems.mmoe_pair",
 )
 

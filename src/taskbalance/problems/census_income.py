@@ -181,6 +181,8 @@ class CensusIncome(SupervisedProblem):
         "(group=1) or education/marital (group=2), AUC; data fetched from the package registry"
     )
     baselines: ClassVar[tuple[str, ...]] = ("single_task", "tuned_static")
+    #: every run reports its metrics on the validation split too.
+    has_validation: ClassVar[bool] = True
     SIZES: ClassVar[dict[str, dict[str, int]]] = {
         "small": {"n_train": 4_000, "n_eval": 4_000, "epochs": 1, "batch_size": 256},
         "full": {"n_train": 199_523, "n_eval": 99_762, "epochs": 2, "batch_size": 1024},

@@ -22,6 +22,7 @@ both summaries left out of Δm% (they repeat the per-task numbers), then the tes
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -74,6 +75,8 @@ class Yeast(SupervisedProblem):
         "data fetched from the package registry"
     )
     baselines: ClassVar[tuple[str, ...]] = ("single_task", "tuned_static")
+    #: every run reports its metrics on the validation split too.
+    has_validation: ClassVar[bool] = True
     SIZES: ClassVar[dict[str, dict[str, int]]] = {
         "small": {"epochs": 3, "batch_size": 64},
         "full": {"epochs": 25, "batch_size": 64},
@@ -102,7 +105,7 @@ class Yeast(SupervisedProblem):
         labels = torch.stack([targets[t] for t in TASKS], dim=1)
         return {"mean_auc": float(np.mean(aucs)), "hamming": hamming_loss(logits, labels)}
 
-    def combine_single_task(self, results: dict[str, RunResult]) -> dict[str, float]:
+    def combine_single_task(self, results: Mapping[str, RunResult]) -> dict[str, float]:
         """The single-task row's summaries: the mean of the 14 networks' own AUCs, and the
         Hamming loss as the mean of each network's error rate on its own label."""
         aucs = [results[t].metrics[f"{t}_auc"] for t in TASKS]
