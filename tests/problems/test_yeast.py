@@ -52,12 +52,14 @@ def test_single_task_summaries_take_each_network_on_its_own_label() -> None:
     problem = Yeast(size="small")
     results = {}
     for k, task in enumerate(TASKS):
-        metrics = {f"{t}_auc": 0.5 for t in TASKS}
+        metrics = {f"{t}_{kind}": 0.5 for t in TASKS for kind in ("auc", "loss")}
+        metrics.update(mean_auc=0.0, hamming=1.0)  # wrong for a single-task row: replaced
         metrics[f"{task}_auc"] = 0.6 + 0.01 * k  # its own label: the one that counts
         errors = {t: 0.9 for t in TASKS}
         errors[task] = 0.1 + 0.01 * k
         results[task] = RunResult(metrics, {}, 0.0, 0, extras={"label_errors": errors})
     combined = problem.combine_single_task(results)
+    assert combined["class3_auc"] == pytest.approx(0.62)  # from the class3 network
     assert combined["mean_auc"] == pytest.approx(0.6 + 0.01 * 6.5)
     assert combined["hamming"] == pytest.approx(0.1 + 0.01 * 6.5)
 

@@ -129,6 +129,11 @@ class ComparisonProblem(ABC):
         """
         return []
 
+    def prepare(self) -> None:
+        """Load or build whatever every run shares (data), before any run is timed, so that
+        the first run's wall time does not include it. Nothing by default."""
+        return None
+
     def config(self) -> dict[str, Any]:
         """What identifies this problem's work (part of the cache key of a run)."""
         return {"problem": self.name, "size": self.size}

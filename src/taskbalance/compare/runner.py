@@ -504,6 +504,7 @@ def _one_run(
         return RunRecord(method, seed, "ok", cached[1], cached=True, wall_time=wall)
     if cached is not None:
         logger.warning("%s: stored run has another configuration; running again", directory)
+    problem.prepare()  # shared data built outside the timed run (once: cached)
     start = time.perf_counter()
     try:
         result = problem.run(factory, seed=seed, epochs=epochs, progress=False)

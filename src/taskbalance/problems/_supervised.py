@@ -298,6 +298,10 @@ class SupervisedProblem(ComparisonProblem):
         ``RunResult.extras``). Nothing by default."""
         return {}
 
+    def prepare(self) -> None:
+        """Build the data set now (see :meth:`data`)."""
+        self.data()
+
     def data(self) -> SupervisedData:
         """The data set, built on first use and then cached on the instance."""
         if self._data is None:

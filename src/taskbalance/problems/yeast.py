@@ -108,9 +108,11 @@ class Yeast(SupervisedProblem):
     def combine_single_task(self, results: Mapping[str, RunResult]) -> dict[str, float]:
         """The single-task row's summaries: the mean of the 14 networks' own AUCs, and the
         Hamming loss as the mean of each network's error rate on its own label."""
+        combined = super().combine_single_task(results)
         aucs = [results[t].metrics[f"{t}_auc"] for t in TASKS]
         errors = [results[t].extras["label_errors"][t] for t in TASKS]
-        return {"mean_auc": float(np.mean(aucs)), "hamming": float(np.mean(errors))}
+        combined.update(mean_auc=float(np.mean(aucs)), hamming=float(np.mean(errors)))
+        return combined
 
     def run_extras(self, model: nn.Module, data: SupervisedData) -> dict[str, Any]:
         """``label_errors``: each label's test error rate at the 0.5 threshold (for the
