@@ -29,6 +29,12 @@ Recipe (see ``docs/real_data.md`` for the choices the paper does not state):
   ``"mmoe"`` trains the paper's mixtures of experts instead (``taskbalance demo
   mmoe_census``).
 
+Training: Adam, lr 1e-3 (the paper's optimiser, §3.3), batch 1024; ``"full"``: all 199,523
+training rows, 10 epochs (1,950 steps: the validation AUC of equal weighting still creeps
+up after that, 0.9450 → 0.9468 at 20 epochs, but 10 keep a comparison of every method
+within the hour, see ``docs/real_data.md``); ``"small"``: 4,000 rows, 2,000 validation and
+2,000 test rows, 1 epoch.
+
 Metrics: each task's test ROC AUC (``<task>_auc``, in Δm%) and test loss (a diagnostic);
 every run reports the same on the validation half (``RunResult.extras["validation"]``).
 """
@@ -185,7 +191,7 @@ class CensusIncome(SupervisedProblem):
     has_validation: ClassVar[bool] = True
     SIZES: ClassVar[dict[str, dict[str, int]]] = {
         "small": {"n_train": 4_000, "n_eval": 4_000, "epochs": 1, "batch_size": 256},
-        "full": {"n_train": 199_523, "n_eval": 99_762, "epochs": 2, "batch_size": 1024},
+        "full": {"n_train": 199_523, "n_eval": 99_762, "epochs": 10, "batch_size": 1024},
     }
     LR: ClassVar[float] = 1e-3
     #: shared-bottom widths: the shared layer, and the hidden layer of each tower.
