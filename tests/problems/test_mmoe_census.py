@@ -79,3 +79,12 @@ def test_demo_refuses_an_unknown_group() -> None:
     result = CliRunner().invoke(app, ["demo", "mmoe_census", "--groups", "3"])
     assert result.exit_code != 0
     assert "groups are 1 and 2" in result.output
+
+
+def test_gap_and_its_standard_error_by_hand() -> None:
+    results = _results(_paper_like(0.006, 0.001))
+    diff, se = results.gap(1, "mmoe", "shared_bottom", "income")
+    assert diff == pytest.approx(0.006)
+    # each model: 2 seeds at mean ± 0.001, sample std √2·0.001; se = √(2 · std² / 2)
+    assert se == pytest.approx(2**0.5 * 0.001)
+    assert "± 0.0014 (s.e.)" in claims(results)[0].line()

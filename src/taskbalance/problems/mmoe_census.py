@@ -67,6 +67,15 @@ class CensusMMoEResults:
         values = [run[task] for run in self.aucs[(group, model)]]
         return statistics.stdev(values) if len(values) > 1 else 0.0
 
+    def gap(self, group: int, better: str, worse: str, task: str) -> tuple[float, float]:
+        """Mean AUC of ``better`` minus that of ``worse``, and the standard error of that
+        difference (the two seed sets taken as independent samples)."""
+        diff = self.mean(group, better, task) - self.mean(group, worse, task)
+        var = sum(
+            self.std(group, m, task) ** 2 / len(self.aucs[(group, m)]) for m in (better, worse)
+        )
+        return diff, var**0.5
+
 
 def measured_correlation(problem: CensusIncome) -> float:
     """The absolute Pearson correlation of the group's two labels over all rows of both files."""
@@ -147,20 +156,26 @@ def claims(results: CensusMMoEResults) -> list[Claim]:
         main = GROUPS[group][0]
         means = {m: results.mean(group, m, main) for m in ("mmoe", "omoe", "shared_bottom")}
         ordered = means["mmoe"] >= means["omoe"] >= means["shared_bottom"]
+        gaps = [
+            (pair, *results.gap(group, *pair, main))
+            for pair in (("mmoe", "omoe"), ("omoe", "shared_bottom"))
+        ]
         evidence = ", ".join(f"{m} {v:.4f}" for m, v in means.items())
+        evidence += "; " + ", ".join(
+            f"{a} - {b} = {d:+.4f} ± {se:.4f} (s.e.)" for (a, b), d, se in gaps
+        )
         out.append(
             Claim(f"group {group}: MMoE >= OMoE >= shared-bottom on {main}", ordered, evidence)
         )
     if {1, 2} <= {g for g, _ in results.aucs}:
-        gains = {}
-        for g in (1, 2):
-            main = GROUPS[g][0]
-            gains[g] = results.mean(g, "mmoe", main) - results.mean(g, "shared_bottom", main)
+        gains = {g: results.gap(g, "mmoe", "shared_bottom", GROUPS[g][0]) for g in (1, 2)}
         out.append(
             Claim(
                 "MMoE gains more over shared-bottom on the less correlated group 1",
-                gains[1] > gains[2],
-                f"gain group 1 {gains[1]:+.4f}, group 2 {gains[2]:+.4f}",
+                gains[1][0] > gains[2][0],
+                ", ".join(
+                    f"gain group {g} {d:+.4f} ± {se:.4f} (s.e.)" for g, (d, se) in gains.items()
+                ),
             )
         )
     return out
