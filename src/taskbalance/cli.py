@@ -141,6 +141,7 @@ def compare_command(
             epochs=epochs,
             progress=progress,
             force=force,
+            label=label,
         )
     except BalancerUsageError as err:
         typer.echo(f"taskbalance compare: {err}", err=True)

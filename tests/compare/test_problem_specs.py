@@ -111,3 +111,16 @@ def test_the_command_line_refuses_tuned_static_without_validation(tmp_path, fake
     assert len(lines) == 1 and "tuned_static cannot run here" in lines[0]
     assert "validation" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_tables_and_pictures_name_the_problem_by_its_spec(tmp_path) -> None:
+    from taskbalance.compare import compare
+
+    report = compare(
+        "penguins[data_seed=1]", "equal", seeds=1, out=tmp_path, size="small", progress=False
+    )
+    assert report.table_md.read_text().startswith("# penguins[data_seed=1]: smoke test")
+    assert report.comparison.title_name == "penguins[data_seed=1]"
+    plain = compare("penguins", "equal", seeds=1, out=tmp_path / "p", size="small",
+                    progress=False)  # fmt: skip
+    assert plain.table_md.read_text().startswith("# penguins: smoke test")

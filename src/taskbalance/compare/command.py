@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taskbalance.compare.options import build_problem
+from taskbalance.compare.options import build_problem, parse_problem
 from taskbalance.compare.plots import write_plots
 from taskbalance.compare.problem import ComparisonProblem, Size
 from taskbalance.compare.report import Row, write_tables
@@ -36,6 +36,7 @@ def compare(
     epochs: int | None = None,
     progress: bool = True,
     force: bool = False,
+    label: str | None = None,
 ) -> ComparisonReport:
     """Run every method × seed on ``problem`` (cached in ``out``), write tables and PNGs.
 
@@ -50,9 +51,11 @@ def compare(
     ``{"cagrad": {"c": 0.2}}`` (a bracketed value wins). Everything is checked before the
     first run starts: a mistake raises :class:`~taskbalance.errors.BalancerUsageError`
     with the fix in its message. See :func:`~taskbalance.compare.runner.run_comparison`
-    for caching and failures.
+    for caching and failures. ``label`` names the problem in the tables and pictures
+    (default: the spec given, or the problem's name).
     """
     if isinstance(problem, str):
+        label = parse_problem(problem)[2] if label is None else label
         problem = build_problem(problem, size=size)
     comparison = run_comparison(
         problem,
@@ -64,6 +67,7 @@ def compare(
         progress=progress,
         force=force,
     )
+    comparison.label = label or ""
     rows, md, csv_path = write_tables(comparison)
     pictures = write_plots(comparison, rows)
     return ComparisonReport(comparison, rows, md, csv_path, pictures)

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from taskbalance.compare.baselines import SINGLE_TASK
+from taskbalance.compare.baselines import BASELINE_ROWS, SINGLE_TASK
 from taskbalance.compare.report import Row
 from taskbalance.compare.runner import BASELINE, Comparison
 
@@ -153,7 +153,7 @@ def weights_figure(comparison: Comparison) -> Figure | None:
     fig.supylabel("task weight", fontsize=10)
     span = f"moving mean over {max(windows)} steps" if max(windows) > 1 else "every step"
     fig.suptitle(
-        f"{comparison.problem.name}: task weights over training (first seed; line: {span}"
+        f"{comparison.title_name}: task weights over training (first seed; line: {span}"
         + ("; faint: every step)" if max(windows) > 1 else ")"),
         fontsize=11,
     )
@@ -227,7 +227,7 @@ def losses_figure(comparison: Comparison) -> Figure | None:
         *axes[0, 0].get_legend_handles_labels(), loc="outside right upper", fontsize=8,
         ncols=1 if len(curves) <= 24 else 2, title="method", title_fontsize=8, frameon=False,
     )  # fmt: skip
-    fig.suptitle(f"{comparison.problem.name}: training loss (mean over seeds)", fontsize=11)
+    fig.suptitle(f"{comparison.title_name}: training loss (mean over seeds)", fontsize=11)
     return fig
 
 
@@ -244,14 +244,27 @@ def delta_m_figure(comparison: Comparison, rows: list[Row]) -> Figure | None:
     fig = new_figure(figsize=(5.0 + 0.07 * longest, 0.3 * len(done) + 1.3), layout="constrained")
     ax = fig.subplots()
     colors = ["tab:green" if v < 0 else "tab:red" for v in values]  # type: ignore[operator]
+    baseline = [r.method in BASELINE_ROWS for r in done]
+    colors = ["0.55" if b else c for b, c in zip(baseline, colors)]
     spread = any(r.delta_m_std is not None for r in done)
-    ax.barh([r.method for r in done], values, xerr=errors if spread else None, color=colors)
+    bars = ax.barh([r.method for r in done], values, xerr=errors if spread else None, color=colors)
+    for bar, is_baseline in zip(bars, baseline):
+        if is_baseline:
+            bar.set_hatch("//")
+            bar.set_edgecolor("white")
+    if any(baseline):
+        ax.legend(
+            [bars[baseline.index(True)]],
+            ["baseline row (single-task networks / tuned static weights)"],
+            loc="lower right",
+            fontsize=8,
+        )
     ax.axvline(0, color="black", lw=0.8)
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.25, lw=0.5)
     ax.set_xlabel("Δm% against equal weighting (lower is better)")
     what = "mean ± std over seeds" if spread else "one seed"
-    ax.set_title(f"{comparison.problem.name}: Δm% ({what})", fontsize=10)
+    ax.set_title(f"{comparison.title_name}: Δm% ({what})", fontsize=10)
     return fig
 
 

@@ -174,8 +174,8 @@ def title(comparison: Comparison) -> str:
     seeds = _seed_count(comparison)
     counts = f"{comparison.epochs} epochs, {seeds} seed{'s' if seeds != 1 else ''}"
     if problem.size == "small":
-        return f"{problem.name}: smoke test, not results (size small, {counts})"
-    return f"{problem.name} ({problem.size}, {counts})"
+        return f"{comparison.title_name}: smoke test, not results (size small, {counts})"
+    return f"{comparison.title_name} ({problem.size}, {counts})"
 
 
 def notes(comparison: Comparison) -> list[str]:

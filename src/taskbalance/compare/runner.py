@@ -117,6 +117,14 @@ class Comparison:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     tuning: Tuning | None = None
+    #: how tables and pictures name the problem (its spec, ``census_income[group=2]``;
+    #: empty: the problem's name).
+    label: str = ""
+
+    @property
+    def title_name(self) -> str:
+        """The problem as tables and pictures name it."""
+        return self.label or self.problem.name
 
     def ok(self, method: str) -> list[RunResult]:
         return [r.result for r in self.runs[method] if r.status == "ok" and r.result is not None]
