@@ -305,6 +305,7 @@ def mmoe_census_command(
         plot_results,
         results_markdown,
         run_mmoe_census,
+        save_results,
     )
 
     if size not in ("small", "full"):
@@ -336,6 +337,7 @@ def mmoe_census_command(
     (out / "table.md").write_text(table)
     console.print(f"training time {results.seconds:.0f} s")
     console.print(f"table: {out / 'table.md'}")
+    console.print(f"results: {save_results(results, out / 'results.json')}")
     console.print(f"figure: {plot_results(results, out / 'mmoe_census.png')}")
 
 

@@ -88,3 +88,13 @@ def test_gap_and_its_standard_error_by_hand() -> None:
     # each model: 2 seeds at mean ± 0.001, sample std √2·0.001; se = √(2 · std² / 2)
     assert se == pytest.approx(2**0.5 * 0.001)
     assert "± 0.0014 (s.e.)" in claims(results)[0].line()
+
+
+def test_results_round_trip_through_json(tmp_path) -> None:
+    from taskbalance.problems.mmoe_census import load_results, save_results
+
+    results = _results(_paper_like(0.006, 0.001))
+    results.seconds = 12.5
+    back = load_results(save_results(results, tmp_path / "r.json"))
+    assert back.aucs == results.aucs
+    assert back.correlation == results.correlation and back.seconds == 12.5

@@ -22,6 +22,7 @@ the auxiliary task in the paper):
 from __future__ import annotations
 
 import functools
+import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,30 @@ def run_mmoe_census(
     return results
 
 
+def save_results(results: CensusMMoEResults, path: str | Path) -> Path:
+    """Write every run's test AUCs and the label correlations as JSON (re-read by
+    :func:`load_results`, e.g. to redraw the figure without training again)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "aucs": [{"group": g, "model": m, "runs": runs} for (g, m), runs in results.aucs.items()],
+        "correlation": {str(g): r for g, r in results.correlation.items()},
+        "seconds": results.seconds,
+    }
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def load_results(path: str | Path) -> CensusMMoEResults:
+    """The results :func:`save_results` wrote."""
+    payload = json.loads(Path(path).read_text())
+    return CensusMMoEResults(
+        aucs={(int(e["group"]), e["model"]): e["runs"] for e in payload["aucs"]},
+        correlation={int(g): float(r) for g, r in payload["correlation"].items()},
+        seconds=float(payload["seconds"]),
+    )
+
+
 @dataclass(frozen=True)
 class Claim:
     """One claim of the paper checked on the measured means."""
@@ -225,7 +250,9 @@ def plot_results(results: CensusMMoEResults, path: str | Path) -> Path:
             ax.set_xticks(x, [m.replace("_", "-") for m in MODELS])
             ax.set_title(f"group {group}: {task} (r = {results.correlation[group]:.3f})")
             ax.set_ylabel("test AUC")
-            ax.legend(loc="lower right", fontsize=8)
+    fig.legend(
+        *axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=9
+    )
     fig.suptitle("MMoE paper, Census-Income (Ma et al., KDD 2018, Tables 1-2)")
     fig.savefig(path, dpi=100)
     return path
