@@ -252,13 +252,17 @@ def delta_m_figure(comparison: Comparison, rows: list[Row]) -> Figure | None:
         if is_baseline:
             bar.set_hatch("//")
             bar.set_edgecolor("white")
+    handles, labels = [], []
     if any(baseline):
-        ax.legend(
-            [bars[baseline.index(True)]],
-            ["baseline row (single-task networks / tuned static weights)"],
-            loc="lower right",
-            fontsize=8,
-        )
+        handles.append(bars[baseline.index(True)])
+        labels.append("baseline row (single-task networks / tuned static weights)")
+    reference = next((r for r in rows if r.method == BASELINE), None)
+    if reference is not None and reference.delta_m_std:
+        band = reference.delta_m_std
+        handles.append(ax.axvspan(-band, band, color="0.88", zorder=0))
+        labels.append(f"equal weighting's own seed spread (± {band:.2g}, 1 std)")
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, frameon=False)
     ax.axvline(0, color="black", lw=0.8)
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.25, lw=0.5)
