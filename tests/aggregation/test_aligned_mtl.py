@@ -118,6 +118,30 @@ def test_rank_deficient_gramian(k: int, rank: int) -> None:
     assert bool(torch.isfinite(aligned_mtl_weights(jac @ jac.T)).all())
 
 
+def test_rank_tol_zero_keeps_every_non_zero_eigenvalue() -> None:
+    """J = diag(2, 1e-5): G = diag(4, 1e-10). The official cut-off (4 · 2 · eps_float32 ≈
+    1e-6) drops the small direction: B = diag(1, 0), w = (1, 0). With ``rank_tol=0`` every
+    eigenvalue above 0 is kept: σ = 1e-5, B = σ diag(1/2, 1/1e-5) = diag(5e-6, 1), and the
+    aligned gradients Bᵀ J = diag(1e-5, 1e-5) have equal norms σ. An exactly zero eigenvalue
+    (a zero gradient) is still dropped: G = diag(4, 0) gives B = diag(1, 0)."""
+    tiny = torch.tensor([[4.0, 0.0], [0.0, 1e-10]], dtype=torch.float64)
+    default = AlignedMTL(2).weights_from_gramian(tiny, torch.ones(2))
+    np.testing.assert_allclose(default.numpy(), [1.0, 0.0], rtol=0, atol=1e-15)
+    exact = AlignedMTL(2, rank_tol=0)
+    np.testing.assert_allclose(
+        exact.weights_from_gramian(tiny, torch.ones(2)).numpy(), [5e-6, 1.0], rtol=1e-12
+    )
+    jac = torch.tensor([[2.0, 0.0], [0.0, 1e-5]], dtype=torch.float64)
+    aligned = balance_transformation(tiny, rank_tol=0.0).T @ jac
+    torch.testing.assert_close(aligned, 1e-5 * torch.eye(2, dtype=torch.float64))
+    zero = torch.tensor([[4.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    np.testing.assert_allclose(
+        exact.weights_from_gramian(zero, torch.ones(2)).numpy(), [1.0, 0.0], atol=1e-15
+    )
+    with pytest.raises(ValueError, match="rank_tol"):
+        AlignedMTL(2, rank_tol=-1e-3)
+
+
 def test_float32_gramian_of_rank_deficient_jacobian() -> None:
     gen = torch.Generator().manual_seed(0)
     jac = torch.randn(6, 2, generator=gen) @ torch.randn(2, 50, generator=gen)

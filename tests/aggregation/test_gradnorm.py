@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
 import taskbalance as tb
-from conftest import TinyNet, assert_same, const, save_load, task_losses
+from conftest import TinyNet, assert_same, batch, const, save_load, task_losses
 from taskbalance import registry
 from taskbalance.aggregation.gradnorm import GradNorm, gradnorm_weight_grad
 
@@ -315,3 +320,189 @@ def test_non_finite_gradient_under_skip_step_with_accumulation() -> None:
     # one micro-batch of two contributed: half its L_grad gradient (Adam: the same step)
     torch.testing.assert_close(bal.weights, solo.weights, rtol=1e-6, atol=0)
     assert bool(torch.isfinite(bal.weights).all())
+
+
+# ------------------------------------------------------------------ gradient accumulation
+def half_losses(model: TinyNet, step: int, half: int) -> list[torch.Tensor]:
+    """The losses of samples ``4 half .. 4 half + 3`` of :func:`batch` ``(step)``."""
+    x, targets = batch(step, len(model.heads))
+    rows = slice(4 * half, 4 * half + 4)
+    return [((out - y[rows]) ** 2).mean() for out, y in zip(model(x[rows]), targets)]
+
+
+def test_accumulating_copies_of_a_batch_is_one_step_on_the_batch() -> None:
+    """The weights stay fixed during an accumulated step, each of its N micro-batches adds
+    1/N of its L_grad gradient and the weights take one step at its end. N copies of one
+    batch therefore add up to that batch's L_grad gradient: every accumulated step is a
+    plain step on the batch (the weights used, the weights after their Adam step, the
+    model's gradient), step after step. A held gradient carried into the next accumulated
+    step would make the second one differ."""
+    n = 3
+    model, twin = TinyNet(2), TinyNet(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.05)
+    bal = GradNorm(2, alpha=0.5, lr=0.1, accumulation_steps=n)
+    plain = GradNorm(2, alpha=0.5, lr=0.1)
+    for step in range(4):
+        twin_opt.zero_grad()
+        expected_used = plain.backward(task_losses(twin, step), shared=twin.shared)
+        opt.zero_grad()
+        for micro in range(n):
+            before = bal.weights.clone()
+            used = bal.backward(task_losses(model, step), shared=model.shared)
+            assert torch.equal(used, before)
+            if micro < n - 1:
+                assert torch.equal(bal.weights, before)  # no step inside the accumulated one
+        assert bal.steps == step + 1 and bal.micro_step == 0
+        torch.testing.assert_close(used, expected_used, rtol=1e-6, atol=0)
+        torch.testing.assert_close(bal.weights, plain.weights, rtol=1e-6, atol=0)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+        opt.step()
+        twin_opt.step()
+    assert not torch.allclose(bal.weights, torch.ones(2), atol=0.1)  # they did move
+
+
+def test_accumulated_weight_gradient_is_the_mean_over_the_micro_batches() -> None:
+    """Two halves of each batch as N = 2 micro-batches, ``optimizer="external"`` so that the
+    weights' gradient can be read: after each accumulated step it is the mean over the
+    micro-batches of ``sign(G_i − Ḡ r_i^α) ||∇_W L_i||``, each with its own norms and loss
+    ratios, L(0) being the first micro-batch's losses; the weights used are the same for
+    both micro-batches (renormalised to sum K at the start of the step). The second step's
+    gradient is its own micro-batches' only."""
+    model = TinyNet(2)
+    bal = GradNorm(2, alpha=1.5, optimizer="external", accumulation_steps=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    bal.attach(opt, lr=0.5)
+    initial = None
+    for step in range(3):
+        opt.zero_grad()
+        w = bal.weights.clone()
+        renormalised = (w * (2 / w.sum())).double()
+        expected = torch.zeros(2, dtype=torch.float64)
+        for half in (0, 1):
+            losses = half_losses(model, step, half)
+            norms = layer_norms(model, losses).double()
+            values = torch.stack(losses).detach().double()
+            initial = values if initial is None else initial
+            used = bal.backward(losses, shared=model.shared)
+            torch.testing.assert_close(used.double(), renormalised, rtol=1e-6, atol=0)
+            g = renormalised * norms
+            ratios = values / initial
+            target = g.mean() * (ratios / ratios.mean()) ** 1.5
+            expected += 0.5 * torch.sign(g - target) * norms
+        torch.testing.assert_close(bal.parameters()[0].grad.double(), expected, rtol=1e-5, atol=0)
+        opt.step()
+    assert bal.steps == 3
+    assert not torch.allclose(bal.weights, torch.ones(2), atol=0.05)
+
+
+# ------------------------------------------------------------------ DDP
+class ThreadedRanks:
+    """R DDP ranks as R threads of this process, a stand-in for torch.distributed: every
+    rank's ``all_reduce`` returns the sum, in rank order (the same bits on every rank), of
+    what all ranks sent, times the scale."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._barrier = threading.Barrier(world_size, timeout=60)
+        self._sent: list[list[torch.Tensor]] = [[] for _ in range(world_size)]
+
+    def sync(self, rank: int) -> RankSync:
+        return RankSync(self, rank)
+
+    def exchange(self, rank: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._sent[rank] = [t.detach().clone() for t in tensors]
+        self._barrier.wait()
+        summed = [torch.stack(parts).sum(0) for parts in zip(*self._sent)]
+        self._barrier.wait()  # every rank has read before the next collective writes
+        return summed
+
+    def run(self, fn: Callable[[int, RankSync], Any]) -> list[Any]:
+        """``fn(rank, sync)`` on every rank at once; the ranks' results in rank order."""
+
+        def guarded(rank: int) -> Any:
+            try:
+                return fn(rank, self.sync(rank))
+            except BaseException:
+                self._barrier.abort()  # release the other ranks instead of a deadlock
+                raise
+
+        with ThreadPoolExecutor(self.world_size) as pool:
+            futures = [pool.submit(guarded, rank) for rank in range(self.world_size)]
+            return [f.result() for f in futures]
+
+
+class RankSync:
+    """One rank's view of :class:`ThreadedRanks`, with the collectives a balancer uses."""
+
+    def __init__(self, ranks: ThreadedRanks, rank: int) -> None:
+        self.ranks, self.rank, self.world_size = ranks, rank, ranks.world_size
+
+    def all_reduce(
+        self, tensors: Sequence[torch.Tensor], scales: Sequence[float] | float = 1.0
+    ) -> list[torch.Tensor]:
+        summed = self.ranks.exchange(self.rank, tensors)
+        factors = [float(scales)] * len(summed) if isinstance(scales, (int, float)) else scales
+        return [t * f for t, f in zip(summed, factors)]
+
+    def mean(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.all_reduce(tensors, 1.0 / self.world_size)
+
+    def current(self) -> RankSync:
+        """In place of ``Balancer.current_sync``: this rank's synchroniser."""
+        return self
+
+
+@pytest.mark.parametrize("features", [False, True], ids=["exact", "features"])
+def test_two_ranks_with_half_a_batch_each_weigh_as_one_process_with_the_batch(
+    monkeypatch: pytest.MonkeyPatch, features: bool
+) -> None:
+    """Under DDP the losses and the gradients on W are averaged over the ranks (features:
+    the ranks' squared norms of dL_i/dZ summed and divided by R²), which makes the G_i and
+    the loss ratios those of the global batch. Two ranks, each with half of every batch,
+    must compute what one process computes on the whole batch: the same G_i, loss ratios
+    and weights (bit-identical on both ranks), and, once DDP has averaged the model's
+    gradients, the same model gradient, step after step."""
+
+    def make() -> tuple[GradNorm, TinyNet, torch.optim.Optimizer]:
+        model = TinyNet(2)
+        return GradNorm(2, alpha=1.5, lr=0.1), model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def run(
+        bal: GradNorm, model: TinyNet, opt: torch.optim.Optimizer, rows: slice, sync: Any
+    ) -> list[list[torch.Tensor]]:
+        out = []
+        for step in range(3):
+            opt.zero_grad()
+            x, targets = batch(step, 2)
+            z = torch.tanh(model.shared(x[rows]))
+            losses = [
+                ((head(z).squeeze(-1) - y[rows]) ** 2).mean()
+                for head, y in zip(model.heads, targets)
+            ]
+            used = bal.backward(
+                losses, **({"features": z} if features else {"shared": model.shared})
+            )
+            params = list(model.parameters())
+            if sync is not None:  # what DDP does to the model's gradients
+                for p, g in zip(params, sync.mean([p.grad for p in params])):
+                    p.grad = g
+            extra = bal.history.extra
+            out.append([used, bal.weights.clone(), extra("grad_norm")[-1]])
+            out[-1] += [extra("loss_ratio")[-1]] + [p.grad.clone() for p in params]
+            opt.step()
+        return out
+
+    expected = run(*make(), slice(0, 8), None)
+    ranks = ThreadedRanks(2)
+    setups = [make() for _ in range(2)]  # built here: the ranks' threads only train
+    for rank, (bal, _, _) in enumerate(setups):
+        monkeypatch.setattr(bal, "current_sync", ranks.sync(rank).current)
+    results = ranks.run(lambda r, sync: run(*setups[r], slice(4 * r, 4 * r + 4), sync))
+    assert_same(results[0][:3], results[1][:3])
+    for got in results:
+        for step_got, step_expected in zip(got, expected):
+            for a, b in zip(step_got, step_expected):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(expected[-1][1], torch.ones(2), atol=0.05)

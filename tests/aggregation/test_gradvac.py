@@ -256,6 +256,29 @@ def test_degenerate_gradients_give_finite_weights(jac: np.ndarray) -> None:
         assert np.isfinite(w.numpy() @ jac).all()
 
 
+def test_a_target_pushed_to_one_is_approached_with_a_finite_step() -> None:
+    """With β = 1 the target is the last observed cosine: parallel gradients push it to
+    exactly 1. A cosine of 1 cannot be reached from another direction by a finite step
+    (the step divides by sqrt(1 - φ̂²)); the target used is 1 - 1e-12, a valid cosine below 1.
+    Next step, g1 = (1, 0) and g2 = (0, 1): each is moved by tan(arccos φ̂) ≈ 7e5 times the
+    other, the weights stay finite and each corrected gradient is parallel to the other task's
+    to 1e-12; the targets stay the observed cosines, in [-1, 1]."""
+    bal = GradVac(2, beta=1.0, order="fixed")
+    parallel = np.array([[1.0, 0.0], [2.0, 0.0]])
+    bal.weights_from_gramian(torch.from_numpy(parallel @ parallel.T), ONES[:2])
+    assert bal.targets.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    jac = np.eye(2)
+    coef, _ = gradvac_coefficients(jac, bal.targets.numpy(), np.array([[1], [0]]), 1.0)
+    for i, j in ((0, 1), (1, 0)):
+        assert cos(coef[i] @ jac, jac[j]) == pytest.approx(1.0, abs=1e-11)
+    w = bal.weights_from_gramian(torch.from_numpy(jac), ONES[:2]).numpy()
+    assert np.isfinite(w).all()
+    t = 1 - 1e-12
+    step = t / math.sqrt(1 - t * t)  # ||g1|| (t·1 - 0) / (||g2|| sqrt(1 - t²))
+    np.testing.assert_allclose(w, [1 + step, 1 + step], rtol=1e-9)
+    assert bal.targets.tolist() == [[0.0, 0.0], [0.0, 0.0]]  # the cosines seen: 0
+
+
 @pytest.mark.parametrize("features", [False, True])
 def test_end_to_end_through_the_engine(features: bool) -> None:
     twin, bal = GradVac(3, beta=0.5, seed=4), GradVac(3, beta=0.5, seed=4)
