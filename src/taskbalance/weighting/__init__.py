@@ -6,6 +6,7 @@ from taskbalance.weighting.ew import EqualWeighting
 from taskbalance.weighting.famo import FAMO
 from taskbalance.weighting.gls import GLS
 from taskbalance.weighting.rlw import RLW
+from taskbalance.weighting.si import SI
 from taskbalance.weighting.static import StaticWeighting
 from taskbalance.weighting.uncertainty import UncertaintyWeighting
 
@@ -15,6 +16,7 @@ __all__ = [
     "FAMO",
     "GLS",
     "RLW",
+    "SI",
     "EqualWeighting",
     "StaticWeighting",
     "UncertaintyWeighting",
