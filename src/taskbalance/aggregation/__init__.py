@@ -7,6 +7,7 @@ from taskbalance.aggregation.aligned_mtl import AlignedMTL
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.aggregation.cagrad import CAGrad
 from taskbalance.aggregation.db_mtl import DBMTL
+from taskbalance.aggregation.dual_proj import DualProj
 from taskbalance.aggregation.graddrop import GradDrop
 from taskbalance.aggregation.gradnorm import GradNorm
 from taskbalance.aggregation.gradvac import GradVac
@@ -24,6 +25,7 @@ __all__ = [
     "MGDAUB",
     "AlignedMTL",
     "CAGrad",
+    "DualProj",
     "GradDrop",
     "GradNorm",
     "GradVac",

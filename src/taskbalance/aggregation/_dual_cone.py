@@ -10,6 +10,8 @@ logged fallback. The scaling, ridge and tolerances are those of
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from taskbalance.aggregation._qp import (
@@ -132,11 +134,17 @@ def _box_violations(hat: np.ndarray, low: np.ndarray, x: np.ndarray) -> np.ndarr
 
 
 def project_dual_cone(
-    gramian: np.ndarray, lower: np.ndarray, *, max_iter: int | None = None, pdas: bool = True
+    gramian: np.ndarray,
+    lower: np.ndarray,
+    *,
+    max_iter: int | None = None,
+    pdas: bool = True,
+    on_fallback: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Row-wise ``argmin_{v >= u} vᵀGv`` for the rows u of ``lower`` (B, K) (module docs).
 
     ``pdas=False`` skips the primal-dual pass; ``max_iter`` caps Lawson–Hanson (10 K + 20).
+    ``on_fallback(n)`` is called when ``n`` rows fell back to projected gradient (logged).
     """
     g, d, hat = _prepare(gramian)
     u = np.atleast_2d(np.asarray(lower, dtype=np.float64))
@@ -151,6 +159,8 @@ def project_dual_cone(
         bad = _box_violations(hat, low, x)
     if bad.any():
         _warn("dual-cone projection", f"{int(bad.sum())} of {u.shape[0]} problems", k)
+        if on_fallback is not None:
+            on_fallback(int(bad.sum()))
         lip, lo = max(float(np.linalg.eigvalsh(hat)[-1]), 1.0), low[bad]
         start = np.where(np.isfinite(x[bad]), x[bad], 0.0) + lo
         x[bad] = -lo + _fista(
