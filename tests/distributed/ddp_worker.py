@@ -58,6 +58,7 @@ def configs() -> list[Config]:
         ("gradvac", "exact", 1, {"seed": "rank"}),
         ("graddrop", "features", 1, {"seed": "rank"}),
         ("rlw", "loss", 1, {"seed": "rank"}),
+        ("softadapt", "loss", 2, {"beta": 5.0}),
         ("equal", "loss", 2, {}),
         ("uncertainty", "loss", 2, {}),
         ("dwa", "loss", 2, {"period": "step"}),

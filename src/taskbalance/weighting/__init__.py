@@ -7,6 +7,7 @@ from taskbalance.weighting.famo import FAMO
 from taskbalance.weighting.gls import GLS
 from taskbalance.weighting.rlw import RLW
 from taskbalance.weighting.si import SI
+from taskbalance.weighting.softadapt import SoftAdapt
 from taskbalance.weighting.static import StaticWeighting
 from taskbalance.weighting.uncertainty import UncertaintyWeighting
 
@@ -18,6 +19,7 @@ __all__ = [
     "RLW",
     "SI",
     "EqualWeighting",
+    "SoftAdapt",
     "StaticWeighting",
     "UncertaintyWeighting",
 ]
