@@ -58,6 +58,8 @@ def configs() -> list[Config]:
         ("gradvac", "exact", 1, {"seed": "rank"}),
         ("graddrop", "features", 1, {"seed": "rank"}),
         ("rlw", "loss", 1, {"seed": "rank"}),
+        ("relobralo", "loss", 1, {"seed": "rank", "expected_rho": 0.5, "alpha": 0.5}),
+        ("relobralo", "loss", 2, {"expected_rho": 0.5, "alpha": 0.5}),
         ("softadapt", "loss", 2, {"beta": 5.0}),
         ("equal", "loss", 2, {}),
         ("uncertainty", "loss", 2, {}),

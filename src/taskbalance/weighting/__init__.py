@@ -5,6 +5,7 @@ from taskbalance.weighting.dwa import DWA
 from taskbalance.weighting.ew import EqualWeighting
 from taskbalance.weighting.famo import FAMO
 from taskbalance.weighting.gls import GLS
+from taskbalance.weighting.relobralo import ReLoBRaLo
 from taskbalance.weighting.rlw import RLW
 from taskbalance.weighting.si import SI
 from taskbalance.weighting.softadapt import SoftAdapt
@@ -19,6 +20,7 @@ __all__ = [
     "RLW",
     "SI",
     "EqualWeighting",
+    "ReLoBRaLo",
     "SoftAdapt",
     "StaticWeighting",
     "UncertaintyWeighting",
