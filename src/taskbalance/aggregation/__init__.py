@@ -6,6 +6,7 @@ Importing this package registers every method; adding one is one file plus one i
 from taskbalance.aggregation.aligned_mtl import AlignedMTL
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.aggregation.cagrad import CAGrad
+from taskbalance.aggregation.config import ConFIG
 from taskbalance.aggregation.db_mtl import DBMTL
 from taskbalance.aggregation.dual_proj import DualProj
 from taskbalance.aggregation.graddrop import GradDrop
@@ -25,6 +26,7 @@ __all__ = [
     "MGDAUB",
     "AlignedMTL",
     "CAGrad",
+    "ConFIG",
     "DualProj",
     "GradDrop",
     "GradNorm",
