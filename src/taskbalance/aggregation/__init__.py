@@ -9,6 +9,7 @@ from taskbalance.aggregation.cagrad import CAGrad
 from taskbalance.aggregation.config import ConFIG
 from taskbalance.aggregation.db_mtl import DBMTL
 from taskbalance.aggregation.dual_proj import DualProj
+from taskbalance.aggregation.fairgrad import FairGrad
 from taskbalance.aggregation.graddrop import GradDrop
 from taskbalance.aggregation.gradnorm import GradNorm
 from taskbalance.aggregation.gradvac import GradVac
@@ -28,6 +29,7 @@ __all__ = [
     "CAGrad",
     "ConFIG",
     "DualProj",
+    "FairGrad",
     "GradDrop",
     "GradNorm",
     "GradVac",

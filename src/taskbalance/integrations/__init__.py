@@ -62,13 +62,17 @@ __all__ = [
 #: gradient methods whose update does not grow with the gradients (``d(sJ) = d(J)``), so a
 #: GradScaler's ``unscale_`` would shrink it by the loss scale. Checked for every
 #: registered method by ``tests/test_amp.py``.
-SCALE_INVARIANT_METHODS = frozenset({"nash_mtl"})
+SCALE_INVARIANT_METHODS = frozenset({"nash_mtl", "fairgrad"})  # FairGrad: at its default α = 1
 
 #: methods refused under an enabled GradScaler, with the reason.
 NOT_WITH_GRAD_SCALER: dict[str, str] = {
     "nash_mtl": (
         "its update does not scale with the gradients (||d||² = K), so the scaler's unscale_ "
         "would divide it by the loss scale"
+    ),
+    "fairgrad": (
+        "its update scales as s^((1-alpha)/(1+alpha)) with the gradients (not at all at "
+        "alpha=1), so the scaler's unscale_ would shrink it by s^(2 alpha/(1+alpha))"
     ),
 }
 
