@@ -48,6 +48,8 @@ from taskbalance.weighting import (
     RLW,
     SI,
     EqualWeighting,
+    ReLoBRaLo,
+    SoftAdapt,
     StaticWeighting,
     UncertaintyWeighting,
 )
@@ -86,6 +88,8 @@ __all__ = [
     "NonPositiveLossError",
     "NotScalarLossError",
     "PCGrad",
+    "ReLoBRaLo",
+    "SoftAdapt",
     "SolverError",
     "StaticWeighting",
     "TaskBalanceError",
