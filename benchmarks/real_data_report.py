@@ -49,6 +49,11 @@ def table(path: Path, metrics: tuple[str, ...]) -> str:
     head = ["method", *metrics, "Δm% ↓", "Δm% vs STL ↓", "MR ↓", "time ×EW"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        if row["seeds_ok"] == "0":
+            reason = row["errors"].split(" | ")[0].split(":")[0]
+            cells = [row["method"], f"failed on every seed ({reason})"]
+            lines.append("| " + " | ".join(cells + [""] * (len(head) - 2)) + " |")
+            continue
         bold = row["method"] in ("equal", "single_task", "tuned_static")
         name = f"**{row['method']}**" if bold else row["method"]
         cells = [name, *(_cell(row, m, 4) for m in metrics)]
