@@ -38,18 +38,15 @@ official training code also multiplies d by K and clips it to norm 1; here d is 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
+from taskbalance.aggregation._fallback_solve import solve_with_fallbacks
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.balancer import Tasks
 from taskbalance.registry import register
-
-logger = logging.getLogger("taskbalance")
 
 
 def _objective(G: np.ndarray, w: np.ndarray, beta: float) -> float:
@@ -152,38 +149,11 @@ class FairGrad(GradientBalancer):
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         G = gramian.detach().cpu().double().numpy()
         G = 0.5 * (G + G.T)
-        n = float(np.linalg.norm(G))
-        ok = np.isfinite(n) and n > 0
-        scale = n ** (-self.alpha / (1.0 + self.alpha)) if ok else 1.0
         prev = None if self.solution is None else self.solution.cpu().numpy()
-        used = None
-        with np.errstate(all="ignore"):
-            w = self._try(G / n, None if prev is None else prev / scale) if ok else None
-            if w is None and ok:
-                used = "the regularised solve (G/||G|| + ridge*I)"
-                w = self._try(G / n + self.ridge * np.eye(G.shape[0]), None)
-        if w is not None:
-            weights = torch.from_numpy(w * scale)
-        elif prev is not None:
-            used, weights = "the previous weights", torch.from_numpy(prev.copy())
-        else:
-            used, weights = "equal weights", torch.ones(self.num_tasks, dtype=torch.float64)
-        self.last_fallback = used
-        if used is not None:
-            self.fallbacks += 1
-            why = (
-                "the Gramian is zero or not finite"
-                if not ok
-                else f"residual above tol={self.tol} within max_iter={self.max_iter}; there is "
-                "no solution when a convex combination of the task gradients is zero"
-            )
-            logger.warning(
-                "FairGrad: step %d: G w = w^(-1/alpha) not solved (%s); using %s (fallback %d)",
-                self.steps,
-                why,
-                used,
-                self.fallbacks,
-            )
+        power = -self.alpha / (1.0 + self.alpha)
+        weights = solve_with_fallbacks(
+            self, G, prev, lambda n: n**power, "FairGrad", "G w = w^(-1/alpha)"
+        )
         self.solution = weights
         return weights.to(gramian.device)
 

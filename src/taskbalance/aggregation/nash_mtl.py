@@ -48,18 +48,15 @@ counted in :attr:`NashMTL.fallbacks`.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
+from taskbalance.aggregation._fallback_solve import solve_with_fallbacks
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.balancer import Tasks
 from taskbalance.registry import register
-
-logger = logging.getLogger("taskbalance")
 
 
 def _objective(G: np.ndarray, a: np.ndarray) -> float:
@@ -146,37 +143,10 @@ class NashMTL(GradientBalancer):
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         G = gramian.detach().cpu().double().numpy()
-        n = float(np.linalg.norm(G))
         prev = None if self.alpha is None else self.alpha.cpu().numpy()
-        ok = np.isfinite(n) and n > 0
-        with np.errstate(all="ignore"):
-            a = self._try(G / n, None if prev is None else prev * np.sqrt(n)) if ok else None
-            used = None
-            if a is None and ok:
-                used = "the regularised solve (G/||G|| + ridge*I)"
-                a = self._try(G / n + self.ridge * np.eye(G.shape[0]), None)
-        if a is not None:
-            alpha = torch.from_numpy(a / np.sqrt(n))
-        elif prev is not None:
-            used, alpha = "the previous weights", torch.from_numpy(prev.copy())
-        else:
-            used, alpha = "equal weights", torch.ones(self.num_tasks, dtype=torch.float64)
-        self.last_fallback = used
-        if used is not None:
-            self.fallbacks += 1
-            why = (
-                "the Gramian is zero or not finite"
-                if not ok
-                else f"residual above tol={self.tol} within max_iter={self.max_iter}; there is "
-                "no solution when a convex combination of the task gradients is zero"
-            )
-            logger.warning(
-                "NashMTL: step %d: G alpha = 1/alpha not solved (%s); using %s (fallback %d)",
-                self.steps,
-                why,
-                used,
-                self.fallbacks,
-            )
+        alpha = solve_with_fallbacks(
+            self, G, prev, lambda n: 1.0 / np.sqrt(n), "NashMTL", "G alpha = 1/alpha"
+        )
         self.alpha = alpha
         return alpha.to(gramian.device)
 
