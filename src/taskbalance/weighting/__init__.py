@@ -10,6 +10,7 @@ from taskbalance.weighting.rlw import RLW
 from taskbalance.weighting.si import SI
 from taskbalance.weighting.softadapt import SoftAdapt
 from taskbalance.weighting.static import StaticWeighting
+from taskbalance.weighting.stch import STCH
 from taskbalance.weighting.uncertainty import UncertaintyWeighting
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "GLS",
     "RLW",
     "SI",
+    "STCH",
     "EqualWeighting",
     "ReLoBRaLo",
     "SoftAdapt",
