@@ -16,6 +16,7 @@ from taskbalance.aggregation.gradvac import GradVac
 from taskbalance.aggregation.imtl import IMTL, IMTLL
 from taskbalance.aggregation.mgda import MGDA, MGDAUB
 from taskbalance.aggregation.nash_mtl import NashMTL
+from taskbalance.aggregation.pcd import PCD
 from taskbalance.aggregation.pcgrad import PCGrad
 from taskbalance.aggregation.upgrad import UPGrad
 
@@ -25,6 +26,7 @@ __all__ = [
     "IMTLL",
     "MGDA",
     "MGDAUB",
+    "PCD",
     "AlignedMTL",
     "CAGrad",
     "ConFIG",

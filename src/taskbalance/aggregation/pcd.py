@@ -1,0 +1,160 @@
+"""PCD: priority-constrained descent, the primary task's gradient made harmless to the others.
+
+"Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical
+Multi-Objective Optimization" (TMLR 2026, https://openreview.net/forum?id=HT01yGHLEt), as in
+torchjd 0.18 (``torchjd.aggregation.PCD``). One task p is primary; the update follows its
+gradient as closely as possible while no other task gets worse to first order:
+
+    d* = argmin_{x : g_j · x >= 0 for j != p} ||x - g_p||²,    d = ||g_p|| d* / ||d*||.
+
+Gramian form: d* is the projection of ``g_p`` onto the closed convex cone
+``C = {x : Jx >= 0}``. Dropping the primary's own constraint changes nothing: a projection P
+onto a cone has ``g_p · P(g_p) = ||P(g_p)||² >= 0`` (Moreau), so the projection onto the
+secondary constraints alone already lies in C. Hence ``d* = Jᵀv`` with
+``v = argmin_{v >= e_p} vᵀGv`` (G = JJᵀ; Quinton & Rey 2024, Prop. 1), solved exactly by
+:func:`~taskbalance.aggregation._dual_cone.project_dual_cone` with the lower bound ``e_p``.
+KKT: ``v >= e_p``, ``Gv >= 0`` (``g_j · d* >= 0`` for every task) and ``(Gv)_j = 0`` where
+``v_j > (e_p)_j`` (a task that pulls the update is exactly orthogonal to it). When ``g_p``
+conflicts with no task, ``v = e_p`` and ``d = g_p``. K = 2 (p = 1): ``d = g_1`` if
+``G_12 >= 0``, else ``d* = g_1 - (G_12 / G_22) g_2``.
+
+``rescale=True`` (default, as torchjd and the paper) gives d the norm of ``g_p``;
+``rescale=False`` returns the projection d* itself. When d* is zero up to the rounding of
+the Gramian (``||d*||² <= 10 eps (Σ|v_i| ||g_i||)²``, eps that of J's dtype, float32 when
+only the Gramian is known (DDP's features mode): ``g_p`` inside the polar cone, e.g. opposite
+to a task, or ``g_p = 0``) the update is zero, as in torchjd; such steps are logged (INFO)
+and counted in :attr:`PCD.zero_steps`. A projection that fails its KKT check falls
+back to accelerated projected gradient, logged on the ``taskbalance`` logger and counted in
+:attr:`PCD.fallbacks`.
+
+Conventions removed against torchjd: torchjd takes the first row as primary (here
+``primary=``, a name or an index, default the first task) and has a margin ``tau``
+(default 0.02): ``g̃_j · x >= tau ||g̃_j||²`` on gradients normalised by a bias-corrected
+moving average of their squared norms (``beta = 0.999``, ``eps = 1e-8``). Here ``tau = 0``
+(not getting worse), where the normalisation cannot change the direction (the cone and the
+final rescaling are scale-free); the margin is not implemented. torchjd accepts a
+constraint violated by up to 1e-9 of the largest normalised squared norm; the projection
+here is exact to the rounding floor (docs/methods.md has the cross-check).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from taskbalance.aggregation._dual_cone import project_dual_cone
+from taskbalance.aggregation.base import GradientBalancer
+from taskbalance.balancer import Tasks
+from taskbalance.errors import TaskMismatchError
+from taskbalance.registry import register
+
+logger = logging.getLogger("taskbalance")
+
+#: ``||d*||²`` below this times its rounding scale ``(Σ|v_i| ||g_i||)²`` counts as zero
+#: (J in float32; ``10 eps`` of J's dtype when the engine hands J over).
+ZERO_TOL = 10.0 * float(torch.finfo(torch.float32).eps)
+
+
+def pcd_projection_weights(gramian: Tensor, primary: int = 0, on_fallback: Any = None) -> Tensor:
+    """``v = argmin_{v >= e_p} vᵀGv`` (float64, ``(K,)``): ``vᵀJ`` is the projection of
+    ``g_p`` onto ``{x : Jx >= 0}``. ``on_fallback`` as in ``project_dual_cone``."""
+    g = gramian.detach().cpu().double().numpy()
+    low = np.zeros((1, g.shape[0]))
+    low[0, primary] = 1.0
+    v = project_dual_cone(g, low, on_fallback=on_fallback)[0]
+    return torch.as_tensor(v, dtype=torch.float64, device=gramian.device)
+
+
+def rescale_to_primary(
+    gramian: Tensor, v: Tensor, primary: int, zero_tol: float = ZERO_TOL
+) -> Tensor | None:
+    """``v · ||g_p|| / ||vᵀJ||`` (so that ``||wᵀJ|| = ||g_p||``), or ``None`` when ``vᵀJ``
+    is zero up to the rounding of the Gramian."""
+    g = gramian.double()
+    sq_norm = float(v @ g @ v)
+    magnitude = float(v.abs() @ g.diagonal().clamp(min=0.0).sqrt()) ** 2
+    if not sq_norm > zero_tol * magnitude:
+        return None
+    return v * float(np.sqrt(max(float(g[primary, primary]), 0.0) / sq_norm))
+
+
+@register("pcd")
+class PCD(GradientBalancer):
+    """Priority-constrained descent (see the module docstring).
+
+    Args:
+        primary: the primary task, by name or index (default the first task).
+        rescale: give the update the norm of the primary gradient (default, as torchjd);
+            ``False`` keeps the projection itself.
+
+    ``fallbacks`` counts the steps whose projection fell back to projected gradient;
+    ``zero_steps`` the steps whose update was zero (the primary gradient in the polar cone).
+    """
+
+    def __init__(
+        self, tasks: Tasks, primary: int | str = 0, rescale: bool = True, **kw: Any
+    ) -> None:
+        super().__init__(tasks, **kw)
+        self.primary_index = self._primary_index(primary)
+        self.primary = primary
+        if not isinstance(rescale, bool):
+            raise TypeError(f"rescale must be True or False, got {rescale!r}")
+        self.rescale = rescale
+        self.fallbacks = 0
+        self.zero_steps = 0
+        self._zero_tol = ZERO_TOL  # set from J's dtype by aggregate
+
+    def _primary_index(self, primary: int | str) -> int:
+        k = self.num_tasks
+        if isinstance(primary, str):
+            if primary not in self.tasks:
+                raise TaskMismatchError(
+                    f"primary={primary!r} is not a task; give one of {list(self.tasks)} "
+                    f"or an index in 0..{k - 1}"
+                )
+            return self.tasks.index(primary)
+        if isinstance(primary, bool) or not isinstance(primary, int):
+            raise TypeError(f"primary must be a task name or an int index, got {primary!r}")
+        if not 0 <= primary < k:
+            raise ValueError(
+                f"primary={primary} is out of range for {k} tasks; give an index in "
+                f"0..{k - 1} or one of the names {list(self.tasks)}"
+            )
+        return primary
+
+    def _count_fallback(self, rows: int) -> None:
+        self.fallbacks += 1
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        self._zero_tol = 10.0 * float(torch.finfo(jacobian.dtype).eps)
+        try:
+            return super().aggregate(jacobian, losses)
+        finally:
+            self._zero_tol = ZERO_TOL
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        p = self.primary_index
+        v = pcd_projection_weights(gramian, p, on_fallback=self._count_fallback)
+        if not self.rescale:
+            return v
+        w = rescale_to_primary(gramian, v, p, self._zero_tol)
+        if w is None:
+            self.zero_steps += 1
+            logger.info(
+                "PCD: the projection of task %r's gradient is zero (it conflicts with the "
+                "others as a whole); the update is zero",
+                self.tasks[p],
+            )
+            return torch.zeros_like(v)
+        return w
+
+    def method_state(self) -> dict[str, Any]:
+        return {"fallbacks": self.fallbacks, "zero_steps": self.zero_steps}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.fallbacks = int(state["fallbacks"])
+        self.zero_steps = int(state["zero_steps"])
