@@ -47,7 +47,7 @@ from taskbalance.errors import NonFiniteLossError, NonPositiveLossError, SolverE
 METHODS = tb.list_methods()
 
 #: methods documented to need strictly positive losses (NonPositiveLossError otherwise).
-POSITIVE_ONLY = {"famo", "gls", "dwa", "db_mtl", "gradnorm", "si", "relobralo"}
+POSITIVE_ONLY = {"famo", "gls", "dwa", "db_mtl", "gradnorm", "si", "relobralo", "stch"}
 
 FINITE_CASES = (
     "random",

@@ -61,6 +61,8 @@ def configs() -> list[Config]:
         ("relobralo", "loss", 1, {"seed": "rank", "expected_rho": 0.5, "alpha": 0.5}),
         ("relobralo", "loss", 2, {"expected_rho": 0.5, "alpha": 0.5}),
         ("softadapt", "loss", 2, {"beta": 5.0}),
+        ("stch", "loss", 1, {"warmup_periods": 1, "steps_per_period": 2}),
+        ("stch", "loss", 2, {"warmup_periods": 1, "steps_per_period": 2, "mu": 0.5}),
         ("equal", "loss", 2, {}),
         ("uncertainty", "loss", 2, {}),
         ("dwa", "loss", 2, {"period": "step"}),
