@@ -186,3 +186,24 @@ def check_resume(fresh: Callable[[], tuple], split: int, total: int) -> dict:
     assert_same(straight_model.state_dict(), model2.state_dict())
     assert_same(straight_bal.state_dict()["state"], bal2.state_dict()["state"])
     return saved
+
+
+def cone_projection_brute_force(
+    jac: np.ndarray, target: np.ndarray, rows: list[int] | None = None
+) -> np.ndarray:
+    """The projection of ``target`` onto ``{x : g_j · x >= 0 for j in rows}`` (all rows by
+    default), found in the primal: for every set A of active constraints project onto
+    ``{x : J_A x = 0}`` and keep the closest feasible point (the projection is the
+    projection onto the span of its face)."""
+    rows = list(range(jac.shape[0])) if rows is None else list(rows)
+    scale = np.linalg.norm(jac, axis=1) * np.linalg.norm(target) + 1e-300
+    best, best_dist = None, np.inf
+    for r in range(len(rows) + 1):
+        for active in itertools.combinations(rows, r):
+            ja = jac[list(active)]
+            x = target - ja.T @ (np.linalg.pinv(ja @ ja.T) @ (ja @ target)) if r else target
+            feasible = (jac[rows] @ x >= -1e-9 * scale[rows]).all()
+            if feasible and np.linalg.norm(x - target) < best_dist:
+                best, best_dist = x, np.linalg.norm(x - target)
+    assert best is not None
+    return best
