@@ -5,6 +5,7 @@
 """
 
 from taskbalance.aggregation import (
+    CRMOGM,
     DBMTL,
     IMTL,
     IMTLL,
@@ -59,6 +60,7 @@ from taskbalance.weighting import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CRMOGM",
     "DBMTL",
     "DTP",
     "DWA",

@@ -66,6 +66,8 @@ def configs() -> list[Config]:
         ("equal", "loss", 2, {}),
         ("uncertainty", "loss", 2, {}),
         ("dwa", "loss", 2, {"period": "step"}),
+        ("cr_mogm", "loss", 2, {"inner": "dwa", "period": "step", "beta": 0.5}),
+        ("cr_mogm", "exact", 2, {"inner": "upgrad"}),
         ("upgrad", "features", 2, {}),
         ("mgda", "exact", 2, {}),
         ("pcgrad", "forked", 2, {}),

@@ -7,6 +7,7 @@ from taskbalance.aggregation.aligned_mtl import AlignedMTL
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.aggregation.cagrad import CAGrad
 from taskbalance.aggregation.config import ConFIG
+from taskbalance.aggregation.cr_mogm import CRMOGM
 from taskbalance.aggregation.db_mtl import DBMTL
 from taskbalance.aggregation.dual_proj import DualProj
 from taskbalance.aggregation.fairgrad import FairGrad
@@ -21,6 +22,7 @@ from taskbalance.aggregation.pcgrad import PCGrad
 from taskbalance.aggregation.upgrad import UPGrad
 
 __all__ = [
+    "CRMOGM",
     "DBMTL",
     "IMTL",
     "IMTLL",
