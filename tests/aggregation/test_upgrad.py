@@ -169,3 +169,9 @@ def test_arguments_and_registry() -> None:
     with pytest.raises(ValueError):
         UPGrad(2, reg_eps=-1.0)
     assert registry.get("upgrad") is UPGrad
+
+
+@pytest.mark.parametrize("eps", [{"norm_eps": -1.0}, {"reg_eps": float("nan")}])
+def test_a_negative_or_nan_regulariser_is_refused(eps: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=r"UPGrad: norm_eps and reg_eps must be >= 0.*1e-4"):
+        UPGrad(2, **eps)

@@ -170,3 +170,23 @@ def project_dual_cone(
             lambda t: float(np.einsum("bi,ij,bj->", t, hat, t)),
         )
     return np.where(x > 0, (x + low) / d, u)  # exactly u on the active constraints
+
+
+def check_torchjd_eps(method: str, norm_eps: float, reg_eps: float) -> None:
+    """Refuse a negative or NaN ``norm_eps`` / ``reg_eps`` (UPGrad's and DualProj's torchjd
+    conventions), naming the method and the values that work."""
+    if not (norm_eps >= 0 and reg_eps >= 0):
+        raise ValueError(
+            f"{method}: norm_eps and reg_eps must be >= 0 (0: the exact projection; torchjd "
+            f"uses 1e-4 for both), got norm_eps={norm_eps}, reg_eps={reg_eps}"
+        )
+
+
+def torchjd_gramian(gramian: np.ndarray, norm_eps: float, reg_eps: float) -> np.ndarray:
+    """torchjd's ``G / trace(G) + reg_eps I`` (zero instead when ``trace < norm_eps``);
+    ``G`` itself when both are 0 (the exact problem)."""
+    if norm_eps == 0 and reg_eps == 0:
+        return gramian
+    trace = float(np.trace(gramian))
+    g = np.zeros_like(gramian) if trace < norm_eps or trace <= 0 else gramian / trace
+    return g + reg_eps * np.eye(gramian.shape[0])

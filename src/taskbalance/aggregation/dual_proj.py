@@ -34,20 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from taskbalance.aggregation._dual_cone import project_dual_cone
+from taskbalance.aggregation._dual_cone import (
+    check_torchjd_eps,
+    project_dual_cone,
+    torchjd_gramian,
+)
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.balancer import Tasks
 from taskbalance.registry import register
-
-
-def torchjd_gramian(gramian: np.ndarray, norm_eps: float, reg_eps: float) -> np.ndarray:
-    """torchjd's ``G / trace(G) + reg_eps I`` (zero instead when ``trace < norm_eps``);
-    ``G`` itself when both are 0."""
-    if norm_eps == 0 and reg_eps == 0:
-        return gramian
-    trace = float(np.trace(gramian))
-    g = np.zeros_like(gramian) if trace < norm_eps or trace <= 0 else gramian / trace
-    return g + reg_eps * np.eye(gramian.shape[0])
 
 
 def dualproj_weights(
@@ -87,11 +81,7 @@ class DualProj(GradientBalancer):
         **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
-        if not (norm_eps >= 0 and reg_eps >= 0):
-            raise ValueError(
-                f"norm_eps and reg_eps must be >= 0 (0: the exact projection; torchjd uses "
-                f"1e-4 for both), got norm_eps={norm_eps}, reg_eps={reg_eps}"
-            )
+        check_torchjd_eps("DualProj", norm_eps, reg_eps)
         self.pref = self.preference_vector(pref_vector)
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)

@@ -29,7 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from taskbalance.aggregation._dual_cone import project_dual_cone
+from taskbalance.aggregation._dual_cone import (
+    check_torchjd_eps,
+    project_dual_cone,
+    torchjd_gramian,
+)
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.balancer import Tasks
 from taskbalance.registry import register
@@ -42,11 +46,7 @@ def upgrad_projections(
     g = gramian.detach().cpu().double().numpy()
     k = g.shape[0]
     p = np.full(k, 1.0 / k) if pref is None else pref.detach().cpu().double().numpy()
-    if norm_eps > 0 or reg_eps > 0:
-        trace = float(np.trace(g))
-        g = np.zeros_like(g) if trace < norm_eps or trace <= 0 else g / trace
-        g = g + reg_eps * np.eye(k)
-    v = project_dual_cone(g, np.diag(p))
+    v = project_dual_cone(torchjd_gramian(g, norm_eps, reg_eps), np.diag(p))
     return torch.as_tensor(v, dtype=torch.float64, device=gramian.device)
 
 
@@ -75,8 +75,7 @@ class UPGrad(GradientBalancer):
         **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
-        if norm_eps < 0 or reg_eps < 0:
-            raise ValueError(f"norm_eps and reg_eps must be >= 0, got {norm_eps}, {reg_eps}")
+        check_torchjd_eps("UPGrad", norm_eps, reg_eps)
         self.pref = self.preference_vector(pref_vector)
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
