@@ -207,3 +207,21 @@ def cone_projection_brute_force(
                 best, best_dist = x, np.linalg.norm(x - target)
     assert best is not None
     return best
+
+
+def cross_check_jacobians(
+    seed: int, conflicts: dict[int, tuple[float, float]] | None = None
+) -> list[np.ndarray]:
+    """The Jacobians (K = 4, P = 7) a method is compared with a peer library on: random;
+    conflicting (row i replaced by ``a · g_0 + s · noise`` for each ``i: (a, s)`` of
+    ``conflicts``, default ``{1: (-2, 0.1)}``); collinear; a zero row; norms 1e-3..1e3."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(4, 7))
+    conflicting = base.copy()
+    for row, (along, noise) in (conflicts or {1: (-2.0, 0.1)}).items():
+        conflicting[row] = along * base[0] + noise * rng.normal(size=7)
+    collinear = rng.normal(size=(4, 1)) @ rng.normal(size=(1, 7))
+    zero_row = base.copy()
+    zero_row[2] = 0.0
+    spread = base * np.array([[1e-3], [1e-1], [1e1], [1e3]])
+    return [base, conflicting, collinear, zero_row, spread]

@@ -13,6 +13,7 @@ from _gradcheck import (
     check_engine,
     cone_projection_brute_force,
     conflict_scale,
+    cross_check_jacobians,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -152,16 +153,8 @@ def test_primary_by_name_and_index() -> None:
 
 
 def torchjd_cases() -> list[np.ndarray]:
-    rng = np.random.default_rng(12)
-    base = rng.normal(size=(4, 7))
-    conflicting = base.copy()
-    conflicting[1] = -2.0 * base[0] + 0.1 * rng.normal(size=7)
-    conflicting[3] = -0.5 * base[0] + 0.2 * rng.normal(size=7)
-    collinear = rng.normal(size=(4, 1)) @ rng.normal(size=(1, 7))
-    zero_row = base.copy()
-    zero_row[2] = 0.0
-    spread = base * np.array([[1e-3], [1e-1], [1e1], [1e3]])
-    return [base, conflicting, collinear, zero_row, spread, np.array([[1.0, 0.0], [-1.0, 1.0]])]
+    conflicts = {1: (-2.0, 0.1), 3: (-0.5, 0.2)}
+    return [*cross_check_jacobians(12, conflicts), np.array([[1.0, 0.0], [-1.0, 1.0]])]
 
 
 @pytest.mark.parametrize("jac", torchjd_cases())
