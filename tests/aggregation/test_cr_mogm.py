@@ -157,3 +157,72 @@ def test_inner_keywords_are_passed_on_and_checked() -> None:
     assert bal.c == 0.2 and bal.hyperparameters()["inner"] == "cagrad"
     with pytest.raises(TypeError, match="temperature"):
         tb.make("cr_mogm", 2, inner="mgda", temperature=2.0)
+
+
+def test_a_schedule_gives_each_step_its_own_alpha() -> None:
+    # the hand case above with α_t = 0.25 only from the third step on (α at step 1 unused)
+    seen: list[int] = []
+
+    def alpha(step: int) -> float:
+        seen.append(step)
+        return 0.0 if step < 2 else 0.25
+
+    bal = tb.make("cr_mogm", 2, inner="mgda", beta=alpha)
+    w = torch.nn.Parameter(torch.zeros(2))
+    got = [
+        bal.backward(_diagonal_losses(w, scales), shared=[w]).tolist()
+        for scales in [(1.0, 2.0), (2.0, 1.0), (1.0, 1.0)]
+    ]
+    # λ1 = (0.8, 0.2); α=0: λ2 = (0.2, 0.8); λ3 = .25 λ2 + .75 (0.5, 0.5) = (0.425, 0.575)
+    assert got == [
+        pytest.approx([0.8, 0.2], abs=1e-6),
+        pytest.approx([0.2, 0.8], abs=1e-6),
+        pytest.approx([0.425, 0.575], abs=1e-6),
+    ]
+    assert seen == [0, 1, 2]
+
+
+def test_lr_schedule_follows_the_learning_rate() -> None:
+    from taskbalance.aggregation.cr_mogm import lr_schedule
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    alpha = lr_schedule(opt)
+    assert alpha(0) == 0.0  # constant learning rate: the inner method unchanged
+    opt.param_groups[0]["lr"] = 0.025
+    assert alpha(5) == pytest.approx(0.75)  # 1 - 0.025 / 0.1
+    opt.param_groups[0]["lr"] = 0.2
+    assert alpha(6) == 0.0  # a learning rate above the initial one: no averaging
+    opt.param_groups[0]["lr"] = 0.0
+    assert alpha(7) == 1.0
+    with pytest.raises(ValueError, match="no group 3"):
+        lr_schedule(opt, group=3)
+    with pytest.raises(ValueError, match="positive initial learning rate"):
+        lr_schedule(opt)  # its learning rate is now 0
+
+
+def test_lr_schedule_with_a_scheduler_averages_more_as_the_rate_decays() -> None:
+    from taskbalance.aggregation.cr_mogm import lr_schedule
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    bal = tb.make("cr_mogm", 2, inner="mgda", beta=lr_schedule(opt))
+    average = None
+    for step, scales in enumerate([(1.0, 2.0), (2.0, 1.0), (1.0, 1.0)]):
+        opt.zero_grad()
+        got = bal.backward(_diagonal_losses(w, scales), shared=[w])
+        s = torch.tensor(scales, dtype=torch.float64)
+        raw = (1 / s**2) / (1 / s**2).sum()  # MGDA on orthogonal gradients
+        alpha = 1.0 - 0.5**step  # lr_t = 0.5^t
+        average = raw if average is None else alpha * average + (1 - alpha) * raw
+        assert got.double().tolist() == pytest.approx(average.tolist(), abs=1e-6)
+        opt.step()
+        sched.step()
+
+
+def test_a_schedule_outside_zero_one_is_refused_naming_the_step() -> None:
+    bal = tb.make("cr_mogm", 2, inner="mgda", beta=lambda step: 1.5)
+    w = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(BalancerUsageError, match=r"returned 1.5 at step 0.*\[0, 1\]"):
+        bal.backward(_diagonal_losses(w, (1.0, 2.0)), shared=[w])

@@ -10,12 +10,21 @@ replaces the inner method's weights ``λ̂_t`` by their moving average
     λ_t = α λ_{t-1} + (1 - α) λ̂_t,        λ_1 = λ̂_1,
 
 and updates with ``Σ_i λ_{t,i} g_i`` (gradient methods) or ``Σ_i λ_{t,i} L_i`` (loss
-methods). ``beta`` is α, held constant (default 0.9; ``beta=0`` is the inner method
-itself). The first step has no past and takes the inner weights as they are, so the
-average carries no bias towards a zero start. The paper allows a step-dependent α_t; this
-implementation holds it constant (``beta``; roughly an average over the last
-``1 / (1 - beta)`` steps). The default 0.9 is this library's choice, not a value taken
-from the paper.
+methods). ``beta`` is α: a constant (default 0.9, roughly an average over the last
+``1 / (1 - beta)`` steps; ``beta=0`` is the inner method itself) or a schedule, a callable
+``beta(step) -> α_t`` evaluated at every step (``step`` = the steps completed so far, 0
+at the first) whose values must lie in [0, 1]. The first step has no past and takes the
+inner weights as they are, so the average carries no bias towards a zero start.
+
+The paper's convergence result (its Corollary 1) ties α_t to the learning rate: α_t starts
+near 0 and rises towards 1 as the step size η_t decays, ``α_t = 1 − η_t / η_0`` (the
+reading torchjd 0.18 documents for its ``CRMOGMWeighting``; the paper's PDF was not
+available to this library, so the constant below and this schedule are stated as choices).
+:func:`lr_schedule` builds that schedule from an optimizer:
+``tb.make("cr_mogm", tasks, beta=lr_schedule(opt))`` reads ``opt``'s current learning
+rate at each step (with a constant learning rate α_t = 0: the inner method unchanged, so
+this schedule only matters with a learning-rate scheduler). The default 0.9 is this
+library's choice (as torchjd's), not a value taken from the paper.
 
 ``tb.make("cr_mogm", tasks, inner="mgda", beta=0.9, **inner_kwargs)``: ``inner`` is any
 registered method whose update is a weighted sum with its weights — a gradient method that
@@ -34,8 +43,11 @@ the inner method's state plus the averaged weights (``state_dict()`` round-trips
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from taskbalance.aggregation.base import GradientBalancer
@@ -51,6 +63,26 @@ def moving_average(previous: Tensor | None, current: Tensor, beta: float) -> Ten
     if previous is None:
         return current.clone()
     return beta * previous.to(current) + (1.0 - beta) * current
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, group: int = 0) -> Callable[[int], float]:
+    """α_t = 1 − η_t / η_0 from ``optimizer``'s learning rate (param group ``group``).
+
+    η_0 is the learning rate when this is called (create it before any scheduler step);
+    each call of the returned function reads the current one. A learning rate that has
+    grown above η_0 gives α = 0 (no averaging), never a negative α.
+    """
+    groups = optimizer.param_groups
+    if not 0 <= group < len(groups):
+        raise ValueError(f"the optimizer has {len(groups)} param groups, no group {group}")
+    initial = float(groups[group]["lr"])
+    if not initial > 0 or not math.isfinite(initial):
+        raise ValueError(f"lr_schedule needs a positive initial learning rate, got {initial}")
+
+    def alpha(step: int) -> float:
+        return min(max(1.0 - float(groups[group]["lr"]) / initial, 0.0), 1.0)
+
+    return alpha
 
 
 def refusal(cls: type) -> str | None:
@@ -87,7 +119,8 @@ class CRMOGM(Balancer):
     Args:
         tasks: number of tasks or their names.
         inner: the registered name of the wrapped method (default ``"mgda"``).
-        beta: the averaging factor α in [0, 1) (default 0.9; 0 gives the inner method).
+        beta: the averaging factor α in [0, 1) (default 0.9; 0 gives the inner method),
+            or a schedule ``beta(step) -> α_t`` in [0, 1] (e.g. :func:`lr_schedule`).
         **kw: the inner method's hyper-parameters and the common settings.
     """
 
@@ -99,16 +132,39 @@ class CRMOGM(Balancer):
             cls = _wrapped(inner)
         return super().__new__(cls, tasks, *args, inner=inner, **kwargs)  # type: ignore[return-value]
 
-    def __init__(self, tasks: Tasks, inner: str = "mgda", beta: float = 0.9, **kw: Any) -> None:
+    def __init__(
+        self,
+        tasks: Tasks,
+        inner: str = "mgda",
+        beta: float | Callable[[int], float] = 0.9,
+        **kw: Any,
+    ) -> None:
         super().__init__(tasks, **kw)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"CR-MOGM needs beta (α) in [0, 1), got {beta!r}")
+        if callable(beta):
+            self.beta: float | Callable[[int], float] = beta
+        elif isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+            raise ValueError(
+                f"CR-MOGM needs beta (α) in [0, 1) or a schedule beta(step) -> α, got {beta!r}"
+            )
+        else:
+            self.beta = float(beta)
         self.inner = get(inner).method_name
-        self.beta = float(beta)
         self._average: Tensor | None = None  # λ_{t-1}, float64
 
+    def current_beta(self) -> float:
+        """α for this step: the constant, or the schedule's value at :attr:`steps`."""
+        if not callable(self.beta):
+            return self.beta
+        value = self.beta(self.steps)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise BalancerUsageError(
+                f"CR-MOGM's beta schedule returned {value!r} at step {self.steps}; it must "
+                "return a number α in [0, 1] (e.g. lr_schedule(optimizer))"
+            )
+        return float(value)
+
     def _smooth(self, raw: Tensor) -> Tensor:
-        average = moving_average(self._average, raw.detach().double(), self.beta)
+        average = moving_average(self._average, raw.detach().double(), self.current_beta())
         self._average = average
         return average.to(device=raw.device, dtype=raw.dtype)
 
