@@ -13,12 +13,23 @@ see each class for what ``z`` is.
 * :class:`PLE` / :class:`CGC`: progressive layered extraction (Tang et al., RecSys 2020).
 * :class:`MTAN`: multi-task attention network (Liu, Johns, Davison, CVPR 2019).
 * :class:`CrossStitchNetwork`: cross-stitch units (Misra et al., CVPR 2016).
+* :class:`DSelectK`: experts with differentiable top-k gates (Hazimeh et al., NeurIPS 2021).
 """
 
 from taskbalance.models.cross_stitch import CrossStitchNetwork
+from taskbalance.models.dselect_k import DSelectK
 from taskbalance.models.hps import HardParameterSharing
 from taskbalance.models.mmoe import MMoE, OMoE
 from taskbalance.models.mtan import MTAN
 from taskbalance.models.ple import CGC, PLE
 
-__all__ = ["CGC", "MTAN", "PLE", "CrossStitchNetwork", "HardParameterSharing", "MMoE", "OMoE"]
+__all__ = [
+    "CGC",
+    "MTAN",
+    "PLE",
+    "CrossStitchNetwork",
+    "DSelectK",
+    "HardParameterSharing",
+    "MMoE",
+    "OMoE",
+]
