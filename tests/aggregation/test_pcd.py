@@ -28,9 +28,10 @@ from taskbalance.errors import TaskMismatchError
 ONES = torch.ones
 
 
-def weights(rows, primary: int = 0, rescale: bool = True) -> np.ndarray:
+def weights(rows, primary: int = 0, rescale: bool = True, tau: float = 0.0) -> np.ndarray:
+    """One step of PCD on ``rows`` (tau = 0 unless given: the cone projection)."""
     jac = torch.as_tensor(np.asarray(rows, dtype=np.float64))
-    bal = PCD(jac.shape[0], primary=primary, rescale=rescale)
+    bal = PCD(jac.shape[0], primary=primary, rescale=rescale, tau=tau)
     return bal.weights_from_gramian(jac @ jac.T, ONES(jac.shape[0], dtype=torch.float64)).numpy()
 
 
@@ -136,15 +137,16 @@ def test_two_tasks_in_closed_form(seed: int, p: int) -> None:
 def test_secondary_scales_do_not_matter() -> None:
     rng = np.random.default_rng(4)
     jac = rng.normal(size=(5, 4))
-    d = weights(jac, 2) @ jac
     scaled = jac * np.array([[1e-3], [1e3], [1.0], [1e2], [1e-2]])
-    np.testing.assert_allclose(weights(scaled, 2) @ scaled, d, rtol=1e-9, atol=1e-12)
+    for tau in (0.0, 0.3):  # tau > 0: the normalisation makes the margins scale-free too
+        d = weights(jac, 2, tau=tau) @ jac
+        np.testing.assert_allclose(weights(scaled, 2, tau=tau) @ scaled, d, rtol=1e-6)
 
 
 def test_primary_by_name_and_index() -> None:
     rows = [[1.0, 0.0], [-1.0, 1.0]]
     jac = torch.tensor(rows, dtype=torch.float64)
-    by_name = tb.make("pcd", tasks=["seg", "depth"], primary="depth", rescale=False)
+    by_name = tb.make("pcd", tasks=["seg", "depth"], primary="depth", rescale=False, tau=0.0)
     w = by_name.weights_from_gramian(jac @ jac.T, ONES(2, dtype=torch.float64))
     np.testing.assert_allclose(w.numpy(), [1.0, 1.0], atol=1e-12)  # primary g2, see above
     assert PCD(["seg", "depth"]).primary_index == 0
@@ -159,7 +161,7 @@ def torchjd_cases() -> list[np.ndarray]:
 
 @pytest.mark.parametrize("jac", torchjd_cases())
 @pytest.mark.parametrize("primary", [0, 1])
-def test_matches_torchjd(jac: np.ndarray, primary: int) -> None:
+def test_matches_torchjd_without_margin(jac: np.ndarray, primary: int) -> None:
     """torchjd's PCD with tau = 0 (its primary is the first row) against ours."""
     pytest.importorskip("torchjd", reason="torchjd is the optional 'bench' extra")
     from torchjd.aggregation import PCD as TORCHJD_PCD
@@ -178,7 +180,7 @@ def test_a_tiny_projection_is_zero_only_below_the_precision_of_j(dtype, expected
     """g1 = (1, 1e-4), g2 = (-1, 0): d* = (0, 1e-4), ||d*||² = 1e-8 of its rounding scale 4.
     Exact in float64 (rescaled to norm ||g1||); below 10 eps32 of it in float32: zero."""
     jac = torch.tensor([[1.0, 1e-4], [-1.0, 0.0]], dtype=dtype)
-    bal = PCD(2)
+    bal = PCD(2, tau=0.0)
     direction, _ = bal.aggregate(jac, ONES(2, dtype=dtype))
     np.testing.assert_allclose(direction.double().numpy(), expected, atol=1e-7)
     assert bal.zero_steps == (dtype == torch.float32)
@@ -193,15 +195,15 @@ def test_end_to_end_through_the_engine(features: bool) -> None:
         w = rescale_to_primary(g, pcd_projection_weights(g, p), p)
         return torch.zeros(3, dtype=torch.float64) if w is None else w
 
-    check_engine(PCD(3), lambda g: expected(g, 0), features=features)
-    check_engine(PCD(3, primary=2), lambda g: expected(g, 2), features=features)
+    check_engine(PCD(3, tau=0.0), lambda g: expected(g, 0), features=features)
+    check_engine(PCD(3, primary=2, tau=0.0), lambda g: expected(g, 2), features=features)
 
 
 def test_a_fallback_is_logged_and_counted(monkeypatch, caplog) -> None:
     """With the exact passes disabled the projection falls back to projected gradient."""
     crippled = functools.partial(project_dual_cone, pdas=False, max_iter=0)
     monkeypatch.setattr(pcd, "project_dual_cone", crippled)
-    bal = PCD(2, rescale=False)
+    bal = PCD(2, rescale=False, tau=0.0)
     gram = torch.tensor([[1.0, -1.0], [-1.0, 2.0]], dtype=torch.float64)  # g1=(1,0), g2=(-1,1)
     with caplog.at_level(logging.WARNING, logger="taskbalance"):
         w = bal.weights_from_gramian(gram, ONES(2, dtype=torch.float64))
@@ -210,19 +212,19 @@ def test_a_fallback_is_logged_and_counted(monkeypatch, caplog) -> None:
     np.testing.assert_allclose(w.numpy(), [1.0, 0.5], atol=1e-6)
     bal.weights_from_gramian(torch.eye(2, dtype=torch.float64), ONES(2))  # no conflict
     assert bal.fallbacks == 1
-    twin = PCD(2, rescale=False)
+    twin = PCD(2, rescale=False, tau=0.0)
     twin.load_state_dict(save_load(bal.state_dict()))
     assert twin.fallbacks == 1
 
 
 def test_a_zero_update_is_logged_and_counted(caplog) -> None:
-    bal = PCD(["main", "aux"])
+    bal = PCD(["main", "aux"], tau=0.0)
     gram = torch.tensor([[1.0, -2.0], [-2.0, 4.0]], dtype=torch.float64)  # g2 = -2 g1
     with caplog.at_level(logging.INFO, logger="taskbalance"):
         w = bal.weights_from_gramian(gram, ONES(2, dtype=torch.float64))
     assert w.tolist() == [0.0, 0.0] and bal.zero_steps == 1
     assert any("'main'" in r.getMessage() and "zero" in r.getMessage() for r in caplog.records)
-    twin = PCD(["main", "aux"])
+    twin = PCD(["main", "aux"], tau=0.0)
     twin.load_state_dict(save_load(bal.state_dict()))
     assert twin.zero_steps == 1
 
@@ -247,6 +249,9 @@ def test_no_fallback_in_training() -> None:
         ({"primary": True}, TypeError, r"primary must be a task name or an int index"),
         ({"primary": 0.0}, TypeError, r"primary must be a task name or an int index"),
         ({"rescale": 1}, TypeError, r"rescale must be True or False"),
+        ({"tau": 1.5}, ValueError, r"tau must be a number in \[0, 1\] or 1 such number"),
+        ({"tau": [0.1, 0.2]}, ValueError, r"one per secondary task.*without 'seg'"),
+        ({"beta": 1.0}, ValueError, r"beta in \[0, 1\)"),
     ],
 )
 def test_bad_arguments(kw: dict, error: type[Exception], match: str) -> None:
@@ -257,3 +262,113 @@ def test_bad_arguments(kw: dict, error: type[Exception], match: str) -> None:
 def test_registered_by_name() -> None:
     assert tb.get("pcd") is PCD
     assert tb.PCD is PCD and "pcd" in tb.list_methods()
+
+
+# ---------------------------------------------------------------------- the margin tau
+
+
+def test_margin_hand_computed() -> None:
+    """g1 = (1, 0), g2 = (-1, 1) (unit ĝ2 = (-1, 1)/√2 after the first step's
+    normalisation, eps = 0), tau = 0.5: the constraint ĝ2·d >= 0.5 is active, d = ĝ1 + μ ĝ2
+    with -1/√2 + μ = 0.5, so d̃ = (1 - μ/√2, μ/√2) = (0.14645, 0.85355), ||d̃||² = 0.75;
+    rescaled to ||g1|| = 1: d = d̃ / √0.75."""
+    jac = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    bal = PCD(2, tau=0.5, eps=0.0)
+    w = bal.weights_from_gramian(jac @ jac.T, ONES(2, dtype=torch.float64))
+    mu = 0.5 + R
+    expected = np.array([1 - mu * R, mu * R]) / np.sqrt(0.75)
+    np.testing.assert_allclose((w @ jac).numpy(), expected, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(2, 6), tau=st.floats(0.01, 0.5))
+def test_margin_kkt_each_secondary_gains_its_share(seed: int, k: int, tau: float) -> None:
+    """Over a few steps: g̃_j·d̃ >= tau ||g̃_j||² for every secondary (the primary may lose),
+    equality where the multiplier is positive, and ||d|| = ||g_p||."""
+    rng = np.random.default_rng(seed)
+    bal = PCD(k, primary=int(rng.integers(k)), tau=tau)
+    p = bal.primary_index
+    for _ in range(3):
+        jac = rng.normal(size=(k, 3 + k)) * 10.0 ** rng.uniform(-3, 3, size=(k, 1))
+        w = bal.weights_from_gramian(torch.from_numpy(jac @ jac.T), ONES(k)).numpy()
+        if bal.infeasible_steps or not w.any():
+            return  # dropped constraints (logged): the update is g_p (tested below)
+        s = 1.0 / np.sqrt(bal._sq_norm_ema / (1 - bal.beta**bal._ema_steps) + bal.eps)
+        normalised = jac * s[:, None]
+        d = w @ jac
+        mu = w / s * s[p] / w[p]  # the multipliers, w̃ = μ with w̃_p = 1
+        d_tilde = mu @ normalised
+        slack = normalised @ d_tilde - tau * (normalised**2).sum(axis=1)
+        scale = 1e-7 * (np.abs(mu).sum() + 1)
+        rest = np.arange(k) != p
+        assert (slack[rest] >= -scale).all()
+        assert (np.abs(slack[rest & (mu > 1e-9)]) <= scale).all()
+        assert np.linalg.norm(d) == pytest.approx(np.linalg.norm(jac[p]), rel=1e-9)
+
+
+def test_margin_infeasible_constraints_are_dropped_logged_and_counted(caplog) -> None:
+    """Secondaries (0, 1) and (0, -1) with tau > 0 need d_y >= 0.1 and -d_y >= 0.1."""
+    jac = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    bal = PCD(["main", "up", "down"], tau=0.1)
+    with caplog.at_level(logging.WARNING, logger="taskbalance"):
+        w = bal.weights_from_gramian(jac @ jac.T, ONES(3, dtype=torch.float64))
+    np.testing.assert_allclose((w @ jac).numpy(), [1.0, 0.0], atol=1e-12)
+    assert bal.infeasible_steps == 1
+    assert any(
+        "cannot all hold" in r.getMessage() and "'main'" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_margin_per_task_tau_and_state_round_trip() -> None:
+    rng = np.random.default_rng(3)
+    a = PCD(3, primary=1, tau=[0.0, 0.4])  # tau for tasks 0 and 2
+    assert a.tau.tolist() == [0.0, 0.0, 0.4]
+    jacs = [rng.normal(size=(3, 4)) * [[1.0], [10.0], [0.1]] for _ in range(5)]
+    for jac in jacs[:3]:
+        a.weights_from_gramian(torch.from_numpy(jac @ jac.T), ONES(3))
+    b = PCD(3, primary=1, tau=[0.0, 0.4])
+    b.load_state_dict(save_load(a.state_dict()))
+    for jac in jacs[3:]:
+        gram = torch.from_numpy(jac @ jac.T)
+        assert torch.equal(
+            a.weights_from_gramian(gram, ONES(3)), b.weights_from_gramian(gram, ONES(3))
+        )
+    fresh = PCD(3, primary=1, tau=[0.0, 0.4])  # without the moving average: another step
+    gram = torch.from_numpy(jacs[4] @ jacs[4].T)
+    assert not torch.allclose(
+        fresh.weights_from_gramian(gram, ONES(3)), a.weights_from_gramian(gram, ONES(3))
+    )
+
+
+@pytest.mark.parametrize("primary", [0, 2])
+def test_matches_torchjd_with_its_default_margin(primary: int) -> None:
+    """torchjd's PCD (tau = 0.02, beta = 0.999, eps = 1e-8, primary = first row) against
+    ours over 6 calls, so that the moving average of the squared norms matters."""
+    pytest.importorskip("torchjd", reason="torchjd is the optional 'bench' extra")
+    from torchjd.aggregation import PCD as TORCHJD_PCD
+
+    rng = np.random.default_rng(11 + primary)
+    theirs_agg, ours_bal = TORCHJD_PCD(), PCD(4, primary=primary)
+    order = [primary] + [j for j in range(4) if j != primary]
+    for step in range(6):
+        jac = rng.normal(size=(4, 7)) * 10.0 ** rng.uniform(-2, 2, size=(4, 1))
+        jac[order[1]] -= 1.5 * jac[primary]  # a conflicting secondary
+        theirs = theirs_agg(torch.from_numpy(jac[order])).numpy()
+        ours = ours_bal.weights_from_gramian(torch.from_numpy(jac @ jac.T), ONES(4)).numpy() @ jac
+        scale = np.linalg.norm(jac[primary])
+        np.testing.assert_allclose(ours, theirs, atol=1e-7 * scale, err_msg=f"step {step}")
+
+
+def test_margin_qp_fallback_is_logged_and_counted(monkeypatch, caplog) -> None:
+    from taskbalance.aggregation import _margin_qp
+
+    monkeypatch.setattr(_margin_qp, "nonnegative_qp", lambda a, q, cap: np.zeros(q.shape))
+    jac = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    bal = PCD(2, tau=0.5, eps=0.0)
+    with caplog.at_level(logging.WARNING, logger="taskbalance"):
+        w = bal.weights_from_gramian(jac @ jac.T, ONES(2, dtype=torch.float64))
+    assert bal.fallbacks == 1
+    assert any("PCD margin problem" in r.getMessage() for r in caplog.records)
+    mu = 0.5 + R
+    expected = np.array([1 - mu * R, mu * R]) / np.sqrt(0.75)
+    np.testing.assert_allclose((w @ jac).numpy(), expected, atol=1e-6)

@@ -27,19 +27,30 @@ and counted in :attr:`PCD.zero_steps`. A projection that fails its KKT check fal
 back to accelerated projected gradient, logged on the ``taskbalance`` logger and counted in
 :attr:`PCD.fallbacks`.
 
-Conventions removed against torchjd: torchjd takes the first row as primary (here
-``primary=``, a name or an index, default the first task) and has a margin ``tau``
-(default 0.02): ``g̃_j · x >= tau ||g̃_j||²`` on gradients normalised by a bias-corrected
-moving average of their squared norms (``beta = 0.999``, ``eps = 1e-8``). Here ``tau = 0``
-(not getting worse), where the normalisation cannot change the direction (the cone and the
-final rescaling are scale-free); the margin is not implemented. torchjd accepts a
-constraint violated by up to 1e-9 of the largest normalised squared norm; the projection
-here is exact to the rounding floor (docs/methods.md has the cross-check).
+The margin ``tau`` (default 0.02, as torchjd and the paper's reference code): each
+secondary task j gets at least a fraction τ_j of the first-order progress of a step along
+its own normalised gradient,
+
+    d̃ = argmin_d ½||d − g̃_p||²  subject to  g̃_j · d >= τ_j ||g̃_j||²  (j != p),
+
+with ``g̃_i = s_i g_i``, ``s_i = 1 / sqrt(v̂_i + eps)`` and ``v̂_i`` the bias-corrected moving
+average of ``||g_i||²`` (``beta = 0.999``, ``eps = 1e-8``; the state), then rescaled to
+``||g_p||``. With τ > 0 the primary task may get worse (only the secondary tasks are
+constrained) and the normalisation matters. The margin problem is solved exactly by an
+active-set method (:mod:`taskbalance.aggregation._margin_qp`); constraints that cannot hold
+together (two opposite secondary gradients with τ > 0) are dropped for that step: the update
+is ``g_p``, as in torchjd — logged (warning) and counted in :attr:`PCD.infeasible_steps`.
+``tau=0`` is the projection above (the normalisation cannot change it: the cone and the
+rescaling are scale-free). ``tau`` is a number or one value per secondary task (in task
+order, the primary left out). torchjd accepts a constraint violated by up to 1e-9 of the
+largest normalised squared norm; the solves here are exact to the rounding floor
+(docs/methods.md has the cross-check).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +58,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.aggregation._dual_cone import project_dual_cone
+from taskbalance.aggregation._margin_qp import margin_weights
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.balancer import Tasks
 from taskbalance.errors import TaskMismatchError
@@ -89,14 +101,24 @@ class PCD(GradientBalancer):
     Args:
         primary: the primary task, by name or index (default the first task).
         rescale: give the update the norm of the primary gradient (default, as torchjd);
-            ``False`` keeps the projection itself.
+            ``False`` keeps the projection itself (with τ > 0: ``d̃ / s_p``).
+        tau: the margin τ in [0, 1], one number or one per secondary task (default 0.02).
+        beta, eps: the moving average of the squared gradient norms that normalises them.
 
     ``fallbacks`` counts the steps whose projection fell back to projected gradient;
-    ``zero_steps`` the steps whose update was zero (the primary gradient in the polar cone).
+    ``zero_steps`` the steps whose update was zero (the primary gradient in the polar cone);
+    ``infeasible_steps`` those whose margins could not all hold (update ``g_p``).
     """
 
     def __init__(
-        self, tasks: Tasks, primary: int | str = 0, rescale: bool = True, **kw: Any
+        self,
+        tasks: Tasks,
+        primary: int | str = 0,
+        rescale: bool = True,
+        tau: float | Sequence[float] = 0.02,
+        beta: float = 0.999,
+        eps: float = 1e-8,
+        **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
         self.primary_index = self._primary_index(primary)
@@ -104,9 +126,27 @@ class PCD(GradientBalancer):
         if not isinstance(rescale, bool):
             raise TypeError(f"rescale must be True or False, got {rescale!r}")
         self.rescale = rescale
+        self.tau = self._margins(tau)
+        if not 0 <= beta < 1 or not eps >= 0:
+            raise ValueError(f"PCD needs beta in [0, 1) and eps >= 0, got {beta!r}, {eps!r}")
+        self.beta, self.eps = float(beta), float(eps)
         self.fallbacks = 0
         self.zero_steps = 0
+        self.infeasible_steps = 0
+        self._sq_norm_ema = np.zeros(self.num_tasks)
+        self._ema_steps = 0
         self._zero_tol = ZERO_TOL  # set from J's dtype by aggregate
+
+    def _margins(self, tau: float | Sequence[float]) -> np.ndarray:
+        """τ for every task (0 at the primary), checked to lie in [0, 1]."""
+        k, p = self.num_tasks, self.primary_index
+        values = np.full(k - 1, float(tau)) if np.ndim(tau) == 0 else np.asarray(tau, float)
+        if values.shape != (k - 1,) or not ((values >= 0) & (values <= 1)).all():
+            raise ValueError(
+                f"PCD's tau must be a number in [0, 1] or {k - 1} such numbers (one per "
+                f"secondary task, in task order without {self.tasks[p]!r}), got {tau!r}"
+            )
+        return np.insert(values, p, 0.0)
 
     def _primary_index(self, primary: int | str) -> int:
         k = self.num_tasks
@@ -136,12 +176,46 @@ class PCD(GradientBalancer):
         finally:
             self._zero_tol = ZERO_TOL
 
+    def _scales(self, sq_norms: np.ndarray) -> np.ndarray:
+        """Advance the moving average of ``||g_i||²``; return ``s_i = 1/sqrt(v̂_i + eps)``."""
+        self._ema_steps += 1
+        self._sq_norm_ema = self.beta * self._sq_norm_ema + (1 - self.beta) * sq_norms
+        root = np.sqrt(self._sq_norm_ema / (1 - self.beta**self._ema_steps) + self.eps)
+        return np.where(root > 0, 1.0 / np.where(root > 0, root, 1.0), 0.0)
+
+    def _margin_solution(self, gramian: Tensor) -> Tensor:
+        """τ > 0: the weights of ``d̃`` on the raw gradients (in g_p's units)."""
+        g = gramian.detach().cpu().double().numpy()
+        p = self.primary_index
+        s = self._scales(np.clip(np.diag(g), 0.0, None))
+        normalised = g * np.outer(s, s)
+        if not g[p, p] > 0:
+            return torch.zeros(self.num_tasks, dtype=torch.float64, device=gramian.device)
+        w = margin_weights(normalised, p, self.tau * np.diag(normalised), self._count_fallback)
+        if w is None:
+            self.infeasible_steps += 1
+            logger.warning(
+                "PCD: step %d: the margins tau of the secondary tasks cannot all hold (their "
+                "gradients conflict with each other); they are dropped for this step and the "
+                "update is task %r's gradient (infeasible step %d)",
+                self.steps,
+                self.tasks[p],
+                self.infeasible_steps,
+            )
+            w = np.eye(self.num_tasks)[p]
+        v = w * s / s[p]
+        return torch.as_tensor(v, dtype=torch.float64, device=gramian.device)
+
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         p = self.primary_index
-        v = pcd_projection_weights(gramian, p, on_fallback=self._count_fallback)
+        if self.tau.any():
+            v = self._margin_solution(gramian)
+        else:
+            self._scales(np.clip(gramian.detach().cpu().double().diagonal().numpy(), 0.0, None))
+            v = pcd_projection_weights(gramian, p, on_fallback=self._count_fallback)
         if not self.rescale:
             return v
-        w = rescale_to_primary(gramian, v, p, self._zero_tol)
+        w = rescale_to_primary(gramian, v, p, self._zero_tol) if bool(v.any()) else None
         if w is None:
             self.zero_steps += 1
             logger.info(
@@ -153,8 +227,19 @@ class PCD(GradientBalancer):
         return w
 
     def method_state(self) -> dict[str, Any]:
-        return {"fallbacks": self.fallbacks, "zero_steps": self.zero_steps}
+        return {
+            "fallbacks": self.fallbacks,
+            "zero_steps": self.zero_steps,
+            "infeasible_steps": self.infeasible_steps,
+            "sq_norm_ema": torch.tensor(self._sq_norm_ema, dtype=torch.float64),
+            "ema_steps": self._ema_steps,
+        }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.fallbacks = int(state["fallbacks"])
         self.zero_steps = int(state["zero_steps"])
+        self.infeasible_steps = int(state.get("infeasible_steps", 0))
+        ema = state.get("sq_norm_ema")
+        k = self.num_tasks
+        self._sq_norm_ema = np.zeros(k) if ema is None else torch.as_tensor(ema).double().numpy()
+        self._ema_steps = int(state.get("ema_steps", 0))
