@@ -15,6 +15,8 @@ from taskbalance.aggregation.graddrop import GradDrop
 from taskbalance.aggregation.gradnorm import GradNorm
 from taskbalance.aggregation.gradvac import GradVac
 from taskbalance.aggregation.imtl import IMTL, IMTLL
+from taskbalance.aggregation.lr_annealing import LRAnnealing
+from taskbalance.aggregation.metabalance import MetaBalance
 from taskbalance.aggregation.mgda import MGDA, MGDAUB
 from taskbalance.aggregation.nash_mtl import NashMTL
 from taskbalance.aggregation.pcd import PCD
@@ -38,6 +40,8 @@ __all__ = [
     "GradNorm",
     "GradVac",
     "GradientBalancer",
+    "LRAnnealing",
+    "MetaBalance",
     "NashMTL",
     "PCGrad",
     "UPGrad",
