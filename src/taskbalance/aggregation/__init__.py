@@ -18,6 +18,7 @@ from taskbalance.aggregation.imtl import IMTL, IMTLL
 from taskbalance.aggregation.lr_annealing import LRAnnealing
 from taskbalance.aggregation.metabalance import MetaBalance
 from taskbalance.aggregation.mgda import MGDA, MGDAUB
+from taskbalance.aggregation.modo import MoDo
 from taskbalance.aggregation.nash_mtl import NashMTL
 from taskbalance.aggregation.pcd import PCD
 from taskbalance.aggregation.pcgrad import PCGrad
@@ -42,6 +43,7 @@ __all__ = [
     "GradientBalancer",
     "LRAnnealing",
     "MetaBalance",
+    "MoDo",
     "NashMTL",
     "PCGrad",
     "UPGrad",
