@@ -14,11 +14,13 @@ see each class for what ``z`` is.
 * :class:`MTAN`: multi-task attention network (Liu, Johns, Davison, CVPR 2019).
 * :class:`CrossStitchNetwork`: cross-stitch units (Misra et al., CVPR 2016).
 * :class:`DSelectK`: experts with differentiable top-k gates (Hazimeh et al., NeurIPS 2021).
+* :class:`LearningToBranch`: a tree whose branching is learned (Guo et al., ICML 2020).
 """
 
 from taskbalance.models.cross_stitch import CrossStitchNetwork
 from taskbalance.models.dselect_k import DSelectK
 from taskbalance.models.hps import HardParameterSharing
+from taskbalance.models.learning_to_branch import LearningToBranch
 from taskbalance.models.mmoe import MMoE, OMoE
 from taskbalance.models.mtan import MTAN
 from taskbalance.models.ple import CGC, PLE
@@ -30,6 +32,7 @@ __all__ = [
     "CrossStitchNetwork",
     "DSelectK",
     "HardParameterSharing",
+    "LearningToBranch",
     "MMoE",
     "OMoE",
 ]
