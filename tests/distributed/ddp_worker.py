@@ -68,6 +68,8 @@ def configs() -> list[Config]:
         ("dwa", "loss", 2, {"period": "step"}),
         ("cr_mogm", "loss", 2, {"inner": "dwa", "period": "step", "beta": 0.5}),
         ("cr_mogm", "exact", 2, {"inner": "upgrad"}),
+        ("lr_annealing", "exact", 2, {"every": 2, "alpha": 0.5}),
+        ("metabalance", "exact", 2, {"relax": 1.0}),
         ("upgrad", "features", 2, {}),
         ("mgda", "exact", 2, {}),
         ("pcgrad", "forked", 2, {}),
