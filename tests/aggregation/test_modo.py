@@ -164,7 +164,7 @@ def test_a_nonfinite_gradient_of_batch_b_raises_naming_the_task() -> None:
     rows = [[1, 0], [0, 1]]
     second = [torch.tensor([1.0, 0.0]) @ w, w[1].pow(2).sqrt()]  # value 0, gradient NaN
     bal = MoDo(2)
-    with pytest.raises(NonFiniteGradientError, match="cross Gramian.*task '1' in batch b"):
+    with pytest.raises(NonFiniteGradientError, match=r"cross Gramian.*task '1' in batch b"):
         bal.backward([linear_losses(w, rows), second, linear_losses(w, rows)], shared=[w])
     torch.testing.assert_close(bal.lam, torch.tensor([0.5, 0.5], dtype=torch.float64))
     first = [w[0].pow(2).sqrt(), torch.tensor([0.0, 1.0]) @ w]

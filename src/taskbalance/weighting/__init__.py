@@ -1,5 +1,6 @@
 """Loss-weighting methods: weights computed from loss values (and their history)."""
 
+from taskbalance.weighting.auto_lambda import AutoLambda
 from taskbalance.weighting.dtp import DTP
 from taskbalance.weighting.dwa import DWA
 from taskbalance.weighting.ew import EqualWeighting
@@ -21,6 +22,7 @@ __all__ = [
     "RLW",
     "SI",
     "STCH",
+    "AutoLambda",
     "EqualWeighting",
     "ReLoBRaLo",
     "SoftAdapt",
