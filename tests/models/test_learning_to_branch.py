@@ -337,3 +337,55 @@ def test_heads_refuse_the_other_phase_features() -> None:
         model.heads(z)
     with pytest.raises(ValueError, match="after derive"):
         model.branch_weights()
+
+
+def test_derive_a_given_tree_and_rebuild_a_derived_model() -> None:
+    model = make()
+    set_hand_tree(model)
+    searched = model.architecture()
+    model.derive()
+    assert model.searched == searched
+    x = torch.randn(3, 10)
+    rebuilt = make(widths=(6, 5, 4)).derive(model.searched)
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.architecture() == model.architecture()
+    for t, o in rebuilt(x).items():
+        torch.testing.assert_close(o, model(x)[t])
+    assert model.derive(searched) is model  # the same tree again: a no-op
+
+
+@pytest.mark.parametrize(
+    ("tree", "match"),
+    [
+        (BranchingTree(((0,), (0, 0)), dict.fromkeys(TASKS, 0)), "2 layers, the model has 3"),
+        (
+            BranchingTree(((0,), (0, 0), (0, 0, 0)), dict.fromkeys(TASKS, 0)),
+            r"\[1, 2, 3\] nodes per layer, the model has \[1, 2, 4\]",
+        ),
+        (
+            BranchingTree(((1,), (0, 0), (0, 0, 0, 0)), dict.fromkeys(TASKS, 0)),
+            "first layer's nodes read the input",
+        ),
+        (
+            BranchingTree(((0,), (0, 0), (0, 2, 0, 0)), dict.fromkeys(TASKS, 0)),
+            "a parent index is out of range",
+        ),
+        (BranchingTree(((0,), (0, 0), (0, 0, 0, 0)), {"a": 0}), "tasks \\['a'\\], the model"),
+        (
+            BranchingTree(((0,), (0, 0), (0, 0, 0, 0)), dict.fromkeys(TASKS, 4)),
+            "a task's parent index is out of range",
+        ),
+    ],
+)
+def test_derive_refuses_a_tree_that_does_not_fit(tree: BranchingTree, match: str) -> None:
+    model = make()
+    with pytest.raises(ValueError, match=match):
+        model.derive(tree)
+    assert model.tree is None and len(model.branching_parameters()) == 5
+
+
+def test_derive_again_with_another_tree_raises() -> None:
+    model = make().derive()
+    other = BranchingTree(((0,), (0, 0), (0, 0, 1, 1)), dict.fromkeys(TASKS, 2))
+    with pytest.raises(ValueError, match="already derived with another tree"):
+        model.derive(other)

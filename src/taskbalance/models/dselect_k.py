@@ -26,12 +26,13 @@ non-zero entries once the selectors are saturated.
 * **Initialisation** as in the official code: ``z ~ U(-γ/100, γ/100)`` (every selector starts
   near ``S = 1/2``, all experts equally weighted), ``w`` (and the per-example layers'
   weights and biases) ``~ U(-0.05, 0.05)``.
-* **Entropy regulariser** (paper §3, "accelerating convergence"): ``λ sum_j H(r_j)`` with
-  ``H(r) = -sum_i r_i log(r_i + 1e-6)`` pushes every selector to a single expert sooner.
+* **Entropy regulariser** (the paper's device to speed up the selectors' convergence):
+  ``λ sum_j H(r_j)`` with ``H(r) = -sum_i r_i log(r_i + 1e-6)`` pushes every selector to a
+  single expert sooner.
   ``entropy_weight`` ``λ`` defaults to ``1e-6``, the official code's default (the paper tunes
   it). :meth:`DSelectK.gate_entropy` gives the unweighted ``sum_j H(r_j)`` per task.
 * **``n`` not a power of 2**: ``2^m > n`` codes exist, and a selector may put mass on a code
-  with no expert, so ``sum_i a_i < 1``. As in the paper and its code, a penalty
+  with no expert, so ``sum_i a_i < 1``. As in the official code, a penalty
   ``sum_j 1 / sum_{i < n} r_j(i)`` keeps the mass on real experts (it is ``k`` per task, its
   minimum, once every selector sits on one). The denominator is clamped at ``1e-6`` so that a
   selector saturated on a missing code gives a large finite penalty instead of ``inf``.

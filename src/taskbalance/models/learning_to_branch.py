@@ -11,8 +11,9 @@ and during the search its input is the Gumbel-softmax relaxation of that choice,
     input_j = sum_i d_ji h_i                (h_i: output of node i of layer l - 1),
 
 so the whole tree (network weights and branching logits) trains end to end by
-back-propagation; ``softmax(α_j)`` are the paper's branching probabilities (uniform at
-initialisation: ``α = 0``). One ``g`` is drawn per forward pass, for the whole batch. The
+back-propagation; ``softmax(α_j)`` are the paper's branching probabilities (here uniform
+at initialisation: ``α = 0``; ``softmax((log θ + g)/τ)`` with ``θ = softmax(α)`` is the same
+sample). One ``g`` is drawn per forward pass, for the whole batch. The
 temperature ``τ`` is annealed during training (:meth:`LearningToBranch.anneal`, e.g. once per
 epoch), so that the relaxed choices approach one-hot. After the search the argmax tree
 (:meth:`LearningToBranch.architecture`) is kept: :meth:`LearningToBranch.derive` freezes it,
@@ -108,15 +109,16 @@ class LearningToBranch(nn.Module):
             ``(1, 2, 2, ...)``.
         tower_hidden: hidden widths of each task's tower.
         out_features: output width, for all tasks or per task name.
-        temperature: initial Gumbel-softmax temperature ``τ`` (anneal it with
-            :meth:`anneal`).
+        temperature: initial Gumbel-softmax temperature ``τ`` (a hyperparameter; anneal
+            it with :meth:`anneal`).
         noise_seed: ``None`` for fresh Gumbel noise every forward pass, or an int ``>= 0`` to
             draw the same noise every time.
 
     Attributes: ``layers`` (``layers[l][j]``: ``nn.Linear`` of node ``j`` of layer ``l``),
     ``branch_logits`` (``{str(l): (N_l, N_{l-1})}`` for layers with a choice),
     ``task_logits`` (``{task: (N_L,)}`` when the last layer has several nodes), ``towers``,
-    ``tree`` (``None`` until :meth:`derive`).
+    ``tree`` (``None`` until :meth:`derive`, then the kept, re-indexed tree) and
+    ``searched`` (the tree given to :meth:`derive`, in the full design space).
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class LearningToBranch(nn.Module):
         )
         self.towers = nn.ModuleDict({t: mlp(widths[-1], tower_hidden, n) for t, n in sizes.items()})
         self.tree: BranchingTree | None = None
+        self.searched: BranchingTree | None = None
 
     # ------------------------------------------------------------------ settings
     @property
@@ -249,13 +252,24 @@ class LearningToBranch(nn.Module):
         }
         return BranchingTree(tuple(parents), task_parents)
 
-    def derive(self) -> LearningToBranch:
-        """Freeze the argmax tree: keep only the nodes on some task's path (with their
-        weights), re-index them, drop every branching logit; return ``self``. Build the
-        optimizers again afterwards (parameters were removed). A no-op once derived."""
+    def derive(self, tree: BranchingTree | None = None) -> LearningToBranch:
+        """Freeze a discrete tree (default: :meth:`architecture`, the argmax tree): keep only
+        the nodes on some task's path (with their weights), re-index them, drop every
+        branching logit; return ``self``. Build the optimizers again afterwards (parameters
+        were removed). ``searched`` keeps the tree as given, in the full design space, so a
+        derived model can be rebuilt: ``LearningToBranch(<same arguments>).derive(
+        old.searched).load_state_dict(old.state_dict())``. A no-op once derived (with the
+        same tree or none)."""
         if self.tree is not None:
+            if tree is not None and tree != self.searched:
+                raise ValueError(
+                    "this model is already derived with another tree; build a new "
+                    "LearningToBranch and derive() that one"
+                )
             return self
-        tree = self.architecture()
+        if tree is None:
+            tree = self.architecture()
+        self._check_tree(tree)
         keep = [
             sorted({tree.path(t)[layer] for t in self.tasks}) for layer in range(len(self.layers))
         ]
@@ -269,8 +283,35 @@ class LearningToBranch(nn.Module):
         )
         self.branch_logits = nn.ParameterDict()
         self.task_logits = nn.ParameterDict()
+        self.searched = BranchingTree(tree.parents, dict(tree.task_parents))
         self.tree = BranchingTree(tuple(parents), task_parents)
         return self
+
+    def _check_tree(self, tree: BranchingTree) -> None:
+        counts = self.counts
+        problem = None
+        if len(tree.parents) != len(counts):
+            problem = f"{len(tree.parents)} layers, the model has {len(counts)}"
+        elif [len(p) for p in tree.parents] != counts:
+            problem = f"{[len(p) for p in tree.parents]} nodes per layer, the model has {counts}"
+        elif any(p != 0 for p in tree.parents[0]):
+            problem = "the first layer's nodes read the input: their parents must be 0"
+        elif any(
+            not 0 <= p < counts[layer - 1]
+            for layer in range(1, len(counts))
+            for p in tree.parents[layer]
+        ):
+            problem = "a parent index is out of range"
+        elif set(tree.task_parents) != set(self.tasks):
+            problem = f"tasks {sorted(tree.task_parents)}, the model has {sorted(self.tasks)}"
+        elif any(not 0 <= p < counts[-1] for p in tree.task_parents.values()):
+            problem = "a task's parent index is out of range"
+        if problem is not None:
+            raise ValueError(
+                f"the tree does not fit this model ({problem}); pass the searched tree of a "
+                "model built with the same widths, branching and tasks (its architecture() "
+                "before derive(), or .searched after)"
+            )
 
     # ------------------------------------------------------------------ derived tree
     def _owners(self) -> list[list[tuple[str, ...]]]:
