@@ -10,6 +10,7 @@ from taskbalance.aggregation.config import ConFIG
 from taskbalance.aggregation.cr_mogm import CRMOGM
 from taskbalance.aggregation.db_mtl import DBMTL
 from taskbalance.aggregation.dual_proj import DualProj
+from taskbalance.aggregation.excess_mtl import ExcessMTL
 from taskbalance.aggregation.fairgrad import FairGrad
 from taskbalance.aggregation.graddrop import GradDrop
 from taskbalance.aggregation.gradnorm import GradNorm
@@ -18,6 +19,7 @@ from taskbalance.aggregation.imtl import IMTL, IMTLL
 from taskbalance.aggregation.lr_annealing import LRAnnealing
 from taskbalance.aggregation.metabalance import MetaBalance
 from taskbalance.aggregation.mgda import MGDA, MGDAUB
+from taskbalance.aggregation.moco import MoCo
 from taskbalance.aggregation.modo import MoDo
 from taskbalance.aggregation.nash_mtl import NashMTL
 from taskbalance.aggregation.pcd import PCD
@@ -36,6 +38,7 @@ __all__ = [
     "CAGrad",
     "ConFIG",
     "DualProj",
+    "ExcessMTL",
     "FairGrad",
     "GradDrop",
     "GradNorm",
@@ -43,6 +46,7 @@ __all__ = [
     "GradientBalancer",
     "LRAnnealing",
     "MetaBalance",
+    "MoCo",
     "MoDo",
     "NashMTL",
     "PCGrad",

@@ -62,10 +62,15 @@ __all__ = [
 #: gradient methods whose update does not grow with the gradients (``d(sJ) = d(J)``), so a
 #: GradScaler's ``unscale_`` would shrink it by the loss scale. Checked for every
 #: registered method by ``tests/test_amp.py``.
-SCALE_INVARIANT_METHODS = frozenset({"nash_mtl", "fairgrad"})  # FairGrad: at its default α = 1
+SCALE_INVARIANT_METHODS = frozenset({"nash_mtl", "fairgrad", "moco"})  # FairGrad: at α = 1
 
 #: methods refused under an enabled GradScaler, with the reason.
 NOT_WITH_GRAD_SCALER: dict[str, str] = {
+    "moco": (
+        "it tracks each gradient rescaled to norm L_i (normalize=True), so its update does "
+        "not scale with the gradients, and its weights' step gamma (YY^T + rho I) lambda "
+        "would see s^2 with normalize=False"
+    ),
     "nash_mtl": (
         "its update does not scale with the gradients (||d||² = K), so the scaler's unscale_ "
         "would divide it by the loss scale"

@@ -33,7 +33,8 @@ rate), apart from the network weights. :meth:`LearningToBranch.branching_paramet
 In ``model.eval()`` (before ``derive()``) the network routes along the argmax tree without
 noise, i.e. it evaluates the tree ``derive()`` would keep. ``noise_seed=`` (an int) makes
 every forward pass draw the same noise (per set of logits), for reproducible evaluation and
-tests; ``None`` (default) draws fresh noise from torch's global generator.
+tests; ``None`` (default) draws fresh noise from torch's global generator (under DDP each
+rank then draws its own sample, as it does for dropout).
 
 What is shared (the rule behind ``shared_parameters()`` / ``task_parameters(t)``): a
 parameter is shared when more than one task's loss reaches it under the current
@@ -41,8 +42,9 @@ architecture. *Before* ``derive()`` every node feeds every child with a positive
 every task reaches every node: all nodes and the layers' branching logits are shared, and
 task ``t`` owns its tower and its own head logits ``task_logits[t]``. *After* ``derive()`` a
 node is shared iff its subtree holds at least two tasks (it is on two tasks' paths), and a
-node on one task's path only belongs to that task. ``branching_parameters()`` is a separate
-listing for the optimizer and overlaps this partition.
+node on one task's path only belongs to that task; a shared node need not be on *every*
+task's path (the other tasks' gradients there are zero). ``branching_parameters()`` is a
+separate listing for the optimizer and overlaps this partition.
 
 ``features(x)`` / ``heads(z, x)``: before ``derive()``, ``z`` is the last layer's node outputs
 ``(B, N_L, widths[-1])`` and the heads are the task choices and towers. After ``derive()``,
@@ -170,6 +172,8 @@ class LearningToBranch(nn.Module):
         self.towers = nn.ModuleDict({t: mlp(widths[-1], tower_hidden, n) for t, n in sizes.items()})
         self.tree: BranchingTree | None = None
         self.searched: BranchingTree | None = None
+        self._owners_cache: list[list[tuple[str, ...]]] | None = None
+        self._frontier_cache: dict[str, tuple[int, int] | None] | None = None
 
     # ------------------------------------------------------------------ settings
     @property
@@ -315,24 +319,29 @@ class LearningToBranch(nn.Module):
 
     # ------------------------------------------------------------------ derived tree
     def _owners(self) -> list[list[tuple[str, ...]]]:
-        """Derived tree: the tasks through each node, per layer."""
+        """Derived tree: the tasks through each node, per layer (computed once: the derived
+        tree never changes)."""
         assert self.tree is not None
-        tree = self.tree
-        return [
-            [tree.tasks_through(layer, j) for j in range(len(nodes))]
-            for layer, nodes in enumerate(self.layers)
-        ]
+        if self._owners_cache is None:
+            tree = self.tree
+            self._owners_cache = [
+                [tree.tasks_through(layer, j) for j in range(len(nodes))]
+                for layer, nodes in enumerate(self.layers)
+            ]
+        return self._owners_cache
 
     def _frontier(self) -> dict[str, tuple[int, int] | None]:
         """Derived tree: each task's deepest shared node ``(layer, index)``, or ``None``."""
         assert self.tree is not None
-        owners = self._owners()
-        out: dict[str, tuple[int, int] | None] = {}
-        for t in self.tasks:
-            path = self.tree.path(t)
-            shared = [(layer, j) for layer, j in enumerate(path) if len(owners[layer][j]) > 1]
-            out[t] = shared[-1] if shared else None
-        return out
+        if self._frontier_cache is None:
+            owners = self._owners()
+            out: dict[str, tuple[int, int] | None] = {}
+            for t in self.tasks:
+                path = self.tree.path(t)
+                shared = [(layer, j) for layer, j in enumerate(path) if len(owners[layer][j]) > 1]
+                out[t] = shared[-1] if shared else None
+            self._frontier_cache = out
+        return self._frontier_cache
 
     def _shared_outputs(self, x: Tensor) -> dict[tuple[int, int], Tensor]:
         """Derived tree: the output of every shared node, by ``(layer, index)``."""
