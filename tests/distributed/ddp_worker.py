@@ -78,6 +78,12 @@ def configs() -> list[Config]:
         ("nash_mtl", "exact", 1, {"ddp": "static_graph"}),
         ("mgda", "features", 1, {"ddp": "body_only"}),
         ("upgrad", "forked", 2, {"ddp": "body_only"}),
+        # objective sampling (K = 3): a subset of the tasks per step, the same on every rank
+        ("sdmgrad_os", "exact", 1, {"n": 1, "seed": "rank"}),
+        ("sdmgrad_os", "features", 2, {"n": 2}),
+        ("sdmgrad_os", "forked", 1, {"n": 2}),
+        ("m_config", "exact", 2, {}),
+        ("m_config", "exact", 1, {"per_step": 2, "adaptive": False}),
     ]
     return out
 

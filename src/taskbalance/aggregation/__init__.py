@@ -17,6 +17,7 @@ from taskbalance.aggregation.gradnorm import GradNorm
 from taskbalance.aggregation.gradvac import GradVac
 from taskbalance.aggregation.imtl import IMTL, IMTLL
 from taskbalance.aggregation.lr_annealing import LRAnnealing
+from taskbalance.aggregation.m_config import MConFIG
 from taskbalance.aggregation.metabalance import MetaBalance
 from taskbalance.aggregation.mgda import MGDA, MGDAUB
 from taskbalance.aggregation.moco import MoCo
@@ -24,6 +25,8 @@ from taskbalance.aggregation.modo import MoDo
 from taskbalance.aggregation.nash_mtl import NashMTL
 from taskbalance.aggregation.pcd import PCD
 from taskbalance.aggregation.pcgrad import PCGrad
+from taskbalance.aggregation.sdmgrad import SDMGrad
+from taskbalance.aggregation.sdmgrad_os import SDMGradOS
 from taskbalance.aggregation.upgrad import UPGrad
 
 __all__ = [
@@ -45,10 +48,13 @@ __all__ = [
     "GradVac",
     "GradientBalancer",
     "LRAnnealing",
+    "MConFIG",
     "MetaBalance",
     "MoCo",
     "MoDo",
     "NashMTL",
     "PCGrad",
+    "SDMGrad",
+    "SDMGradOS",
     "UPGrad",
 ]

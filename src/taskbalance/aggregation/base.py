@@ -26,6 +26,10 @@ The step runs with autocast disabled for the losses' device type, so ``backward`
 called inside an autocast region (J is at least float32, see :mod:`taskbalance.gradients`).
 A step that raises (a non-finite gradient, a solver failure) leaves the method's state as
 it was before the call: the state is saved before the solve and restored on an error.
+
+Objective sampling (:meth:`GradientBalancer.task_subset`): a method may ask for the
+gradients of a subset of the tasks only; the other losses are not back-propagated, their
+rows of J are zero and their heads get no gradient in that step.
 """
 
 from __future__ import annotations
@@ -72,6 +76,18 @@ from taskbalance.gradients import (
 )
 
 Mode = Literal["exact", "features"]
+
+
+def _full_task_gradients(grads: TaskGradients, subset: list[int], k: int) -> TaskGradients:
+    """The gradients of the sampled tasks ``subset`` as those of all ``k`` tasks: zero rows
+    of J and no task-specific gradients for the others (:meth:`GradientBalancer.task_subset`)."""
+    sub = grads.jacobian
+    jac = sub.new_zeros((k, sub.shape[1]))
+    jac.index_copy_(0, torch.tensor(subset, device=sub.device), sub)
+    own: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(k)]
+    for row, task in enumerate(subset):
+        own[task] = grads.own[row]
+    return TaskGradients(jac, grads.inputs, own)
 
 
 class GradientBalancer(Balancer):
@@ -176,6 +192,60 @@ class GradientBalancer(Balancer):
             )
         return self.weights_from_gramian(gramian, losses.double())
 
+    # ------------------------------------------------------------------ task subsets
+    #: the tasks back-propagated in the current call, sorted (``None``: all of them); set by
+    #: the engine before the per-task gradients, read by the method in its solve.
+    current_subset: list[int] | None = None
+    _subset_for: tuple[object, list[int] | None] | None = None  # (open accumulated step, subset)
+
+    def task_subset(self) -> list[int] | None:
+        """Hook: the indices of the tasks whose losses this call back-propagates; ``None``
+        (the default) for all of them. Objective-sampling methods (SDMGrad-OS, M-ConFIG)
+        override it.
+
+        The engine calls it once per call, before any backward pass. The losses of the other
+        tasks are not back-propagated at all (the cost is that of ``len(subset)`` tasks),
+        their rows of J are zero (the method still sees a K×P Jacobian and a K×K Gramian),
+        their task-specific parameters (heads) get no gradient in this step, and the method
+        should give them weight 0 or document what its weights mean. During the solve the
+        subset is :attr:`current_subset`. A subset of every task is the ordinary step.
+
+        Contract: the result is a function of the method's state, which this call must not
+        change; the method advances that state (the generator it draws from, a counter) in
+        its solve (:meth:`weights_from_gramian` or :meth:`aggregate`), where a step that
+        raises is rolled back. Under DDP the state, hence the subset, is the same on every
+        rank (generators are broadcast from rank 0 at the first synchronised call). Under
+        accumulation the first computed micro-batch of an accumulated step draws the subset
+        and the others reuse it (their solves start from the step's saved state), so the
+        state advances once per accumulated step. The one-time checks that look at every
+        task (a head in ``shared=``, a loss bypassing the features) see only the sampled
+        ones on such a step.
+        """
+        return None
+
+    def _draw_subset(self) -> list[int] | None:
+        """:meth:`task_subset`, checked, sorted, kept for the open accumulated step."""
+        open_step, kept = self._open, self._subset_for
+        if open_step is not None and kept is not None and kept[0] is open_step:
+            subset = kept[1]
+        else:
+            drawn = self.task_subset()
+            subset = None if drawn is None else sorted(int(i) for i in drawn)
+            if subset is not None and (
+                not subset
+                or len(set(subset)) != len(subset)
+                or not 0 <= subset[0] <= subset[-1] < self.num_tasks
+            ):
+                raise SolverError(
+                    f"{type(self).__name__}.task_subset() returned {drawn!r}: expected distinct "
+                    f"task indices in [0, {self.num_tasks}), at least one"
+                )
+            if subset is not None and len(subset) == self.num_tasks:
+                subset = None
+            self._subset_for = None if open_step is None else (open_step, subset)
+        self.current_subset = subset
+        return subset
+
     # ------------------------------------------------------------------ the step
     def backward(
         self,
@@ -256,10 +326,19 @@ class GradientBalancer(Balancer):
         else:
             check_not_sharded(inputs, where, shared)
         self.mode = mode
+        subset = self._draw_subset()
+        names: tuple[str, ...] | list[str] = self.tasks
+        if subset is not None:  # only the sampled tasks' losses are back-propagated
+            items, names = [items[i] for i in subset], [self.tasks[i] for i in subset]
+            if forked:
+                views = ForkedFeatures(features[i] for i in subset)
+                views.source, features = features.source, views
         if forked:
-            grads = forked_task_jacobian(items, features, self.tasks)
+            grads = forked_task_jacobian(items, features, names)
         else:
-            grads = task_jacobian(items, inputs, self.tasks, features=use_features)
+            grads = task_jacobian(items, inputs, names, features=use_features)
+        if subset is not None:
+            grads = _full_task_gradients(grads, subset, self.num_tasks)
         if body is not None:
             self._check_no_bypass(grads, body, shared)
         if grads.single and not self._warned_heads:

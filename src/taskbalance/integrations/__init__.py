@@ -79,6 +79,10 @@ NOT_WITH_GRAD_SCALER: dict[str, str] = {
         "its update scales as s^((1-alpha)/(1+alpha)) with the gradients (not at all at "
         "alpha=1), so the scaler's unscale_ would shrink it by s^(2 alpha/(1+alpha))"
     ),
+    "m_config": (
+        "its momenta average the gradients of several steps, between which the loss scale "
+        "changes, and with adaptive=True its update does not scale with the gradients"
+    ),
     "modo": (
         "its weights take a step of gamma * J_a J_b^T lambda, which the loss scale s "
         "multiplies by s^2 (unscale_ divides the update, not the weights' step)"
