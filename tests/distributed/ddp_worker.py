@@ -70,6 +70,8 @@ def configs() -> list[Config]:
         ("cr_mogm", "exact", 2, {"inner": "upgrad"}),
         ("lr_annealing", "exact", 2, {"every": 2, "alpha": 0.5}),
         ("metabalance", "exact", 2, {"relax": 1.0}),
+        ("moco", "exact", 2, {"rho": 0.1}),
+        ("excess_mtl", "exact", 2, {"eta": 1.0}),
         ("upgrad", "features", 2, {}),
         ("mgda", "exact", 2, {}),
         ("pcgrad", "forked", 2, {}),
