@@ -15,19 +15,25 @@ Y the K×P matrix of the y_i and Π_Δ the Euclidean projection onto the simplex
 :func:`~taskbalance.aggregation._simplex.project_simplex`). With β = 1 (no tracking) and
 many steps λ is projected gradient descent on ``λᵀ(G + ρI)λ``: MGDA's min-norm weights.
 
-Defaults β = 0.5, σ_β = 0.5, γ = 0.1, σ_γ = 0.5, ρ = 0 are LibMTL's (``MoCo_*``, from the
-authors' code); the authors' NYU-v2 script uses β = 0.99, σ = 0. Choices against the code:
+Three reference codes differ; the defaults β = 0.5, σ_β = 0.5, γ = 0.1, σ_γ = 0.5, ρ = 0 are
+LibMTL's (``MoCo_*``, "based on the authors' code"). The others: the authors' LibMTL fork
+(``Tracking``, their Office-31/Home runs) projects λ onto the simplex, steps with the exact
+gradient ``2 YYᵀλ`` (its γ is half of this γ), tracks raw gradients, β = 0.1, γ = 0.1,
+σ = 0.5; their NYU-v2/Cityscapes code (CAGrad-based) uses a softmax for λ, tracks
+``L_i g_i/||g_i||`` (NYU script: β = 0.99, γ = 0.1, σ = 0) and decays per epoch. Here:
 
-* the normalisation ``u_i = L_i g_i/||g_i||`` is that of both codes (the paper's Algorithm 1
-  tracks raw gradients; ``normalize=False``). Here a zero gradient gives ``u_i = 0`` exactly
-  (the codes divide by ``||g_i|| + 1e-8``), so the update does not depend on the gradients'
-  scale at all (refused under a GradScaler, like Nash-MTL). A negative loss would reverse
-  the gradient and raises :class:`~taskbalance.errors.NonPositiveLossError`; 0 is allowed.
-* λ is projected onto the simplex, as in the paper; both codes apply a softmax to
-  ``λ - γ_t(...)`` instead, which keeps every weight within a factor e of the others and so
-  cannot reach MGDA's weights.
-* the codes step t from 1 as here; the bounded-ball projection of y used by the analysis is
-  in neither code and not here.
+* the targets ``u_i = L_i g_i/||g_i||`` of LibMTL and the NYU script (``normalize=False``:
+  the raw ``g_i`` of the Office code and of the formula above). A zero gradient gives
+  ``u_i = 0`` exactly (the codes divide by ``||g_i|| + 1e-8``), so the update does not
+  depend on the gradients' scale at all (refused under a GradScaler, like Nash-MTL). A
+  negative loss would reverse the gradient and raises
+  :class:`~taskbalance.errors.NonPositiveLossError` naming the task; 0 is allowed.
+* λ projected onto the simplex (Π_Δ, as the paper and the Office code). LibMTL and the NYU
+  code apply a softmax to ``λ - γ_t(...)`` instead: not a step on the simplex (λ, in
+  [0, 1], carries at most a factor e from one step to the next), whose fixed points are not
+  MGDA's weights (the convergence test fails with it).
+* t counts steps from 1 (LibMTL and the Office code); y is not projected onto a bounded
+  set (no code does).
 
 ``needs = "jacobian"``, exact mode only, for DB-MTL's reasons: Y is K×P state (in J's dtype
 and device), updated into a spare buffer and committed only once the result is finite; in
