@@ -75,6 +75,14 @@ def test_the_cross_gramian_of_batches_a_and_b_gives_lambda_and_c_the_update() ->
     torch.testing.assert_close(w.grad, torch.tensor([0.6 * 3, 0.4 * 5]))
 
 
+def test_shared_may_be_a_generator_of_parameters() -> None:
+    nets = [TinyNet(2), TinyNet(2)]
+    for net, shared in zip(nets, (nets[0].shared.parameters(), list(nets[1].shared.parameters()))):
+        MoDo(2, gamma=0.5).backward([task_losses(net, s) for s in (0, 1, 2)], shared=shared)
+    for a, b in zip(nets[0].shared.parameters(), nets[1].shared.parameters()):
+        assert a.grad is not None and torch.equal(a.grad, b.grad)
+
+
 def test_heads_get_batch_c_gradient_only() -> None:
     net = TinyNet(2)
     bal = MoDo(2)

@@ -86,6 +86,9 @@ def configs() -> list[Config]:
         ("sdmgrad_os", "forked", 1, {"n": 2}),
         ("m_config", "exact", 2, {}),
         ("m_config", "exact", 1, {"per_step": 2, "adaptive": False}),
+        # MoDo's double sampling: three independent batches per (micro-)step
+        ("modo", "exact", 1, {"batches": 3, "gamma": 0.5}),
+        ("modo", "exact", 2, {"batches": 3, "gamma": 0.5}),
     ]
     return out
 
@@ -147,6 +150,7 @@ def run(config: Config, rank: int, world: int) -> dict[str, Tensor]:
     method, mode, acc, kw = config
     kw = dict(kw)
     wrap = kw.pop("ddp", "default")
+    batches = kw.pop("batches", 1)  # MoDo: losses of 3 independent batches per call
     if method == "static":
         kw["weights"] = [0.5, 1.0, 2.0]
     if kw.get("seed") == "rank":
@@ -181,6 +185,14 @@ def run(config: Config, rank: int, world: int) -> dict[str, Tensor]:
                 ctx = {"kpi": kpi(outs, y).detach()} if method == "dtp" else {}
                 if mode == "loss":
                     bal(losses, **ctx).backward()
+                elif mode == "exact" and batches == 3:
+                    sets = []
+                    for extra in (50, 60):  # batches a and b, then this one (c)
+                        part = slice(rank * len(x), (rank + 1) * len(x))
+                        xe, ye = global_batch(step + extra, micro, len(x) * world)
+                        outs_e = model(xe[part])[1]
+                        sets.append([((o - ye[part, i]) ** 2).mean() for i, o in enumerate(outs_e)])
+                    bal.backward([*sets, losses], shared=net.body.parameters())
                 elif mode == "exact":
                     bal.backward(losses, shared=net.body.parameters(), **ctx)
                 else:

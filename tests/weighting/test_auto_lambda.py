@@ -258,3 +258,20 @@ def test_state_round_trips() -> None:
     assert b.meta_steps == 6 and not torch.equal(a.lam, torch.full((2,), 0.1, dtype=D))
     with pytest.raises(BalancerUsageError, match="saved by an AutoLambda balancer"):
         AutoLambda(3).load_method_state(a.method_state())
+
+
+def test_the_supervised_comparison_problems_call_meta_step() -> None:
+    from taskbalance.compare.problem import make_problem
+
+    problem = make_problem("penguins", size="small")
+    made: list[AutoLambda] = []
+
+    def factory() -> AutoLambda:
+        made.append(AutoLambda(list(problem.tasks), lr=1e-2))
+        return made[-1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TaskBalanceWarning)  # no "meta_step never called"
+        result = problem.run(factory, seed=0, epochs=1)
+    assert made[0].meta_steps == result.steps > 0
+    assert not torch.equal(made[0].lam, torch.full((3,), 0.1, dtype=D))

@@ -33,7 +33,7 @@ Under DDP the Jacobians of a and b are averaged over the ranks, like c's.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -102,6 +102,8 @@ class MoDo(GradientBalancer):
                 "different batches cannot be compared): pass shared= without features="
             )
         first, second, last = batches
+        if isinstance(shared, Iterator):  # e.g. model.parameters(): read once, used three times
+            shared = list(shared)
         # backward() found no tensor at the top level of the nested losses
         with autocast_disabled(with_reference(last)[1]):
             self._cross_gramian(first, second, shared)

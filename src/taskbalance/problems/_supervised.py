@@ -18,7 +18,9 @@ One run (``seed`` fixed):
 * each step: forward, per-task losses by task name, one
   :func:`~taskbalance.compare.problem.balanced_backward` call (``shared=`` the model's
   shared parameters, ``features=`` its shared representation, ``kpi=`` the per-batch KPIs),
-  then the optimiser step unless the balancer skipped the step;
+  then the optimiser step unless the balancer skipped the step; a balancer with a
+  ``meta_step`` (Auto-Lambda) first gets one, with this batch and a batch of the training
+  set in an independent order of its own (the official code's second loader);
 * ``balancer.end_period()`` after every epoch;
 * at the end, the metrics on the whole test set (``model.eval()``, no gradients).
 
@@ -378,6 +380,7 @@ class SupervisedProblem(ComparisonProblem):
         epoch_losses: dict[str, list[float]] = {t: [] for t in names}
         steps, seconds = 0, 0.0
         n = len(data.x_train)
+        meta_batches = self._meta_batches(balancer, order, n)
         model.train()
         with make_progress(progress, self.name) as bar:
             bar_task = bar.add_task(self.name, total=epochs, info="")
@@ -388,6 +391,19 @@ class SupervisedProblem(ComparisonProblem):
                     start = time.perf_counter()
                     x = data.x_train[idx]
                     ys = {t: y[idx] for t, y in data.y_train.items()}
+                    if meta_batches is not None:  # Auto-Lambda: look ahead on another batch
+                        v = next(meta_batches)
+                        balancer.meta_step(  # type: ignore[attr-defined]
+                            model.parameters(),
+                            train_losses=functools.partial(self._losses, model, x, ys),
+                            val_losses=functools.partial(
+                                self._losses,
+                                model,
+                                data.x_train[v],
+                                {t: y[v] for t, y in data.y_train.items()},
+                            ),
+                            lr=optimizer.param_groups[0]["lr"],
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     z = model.features(x)  # type: ignore[operator]
                     outputs = model.heads(z, x)  # type: ignore[operator]
@@ -410,6 +426,23 @@ class SupervisedProblem(ComparisonProblem):
                 info = "  ".join(f"{t}={v:.4g}" for t, v in zip(names, means))
                 bar.update(bar_task, advance=1, info=info)
         return epoch_losses, steps, seconds
+
+    def _meta_batches(
+        self, balancer: Balancer, order: torch.Generator, n: int
+    ) -> Iterator[Tensor] | None:
+        """For a balancer with ``meta_step`` (Auto-Lambda): endless mini-batches of the
+        training set in an order of their own (as the official code's second loader), drawn
+        from a generator seeded from ``order``'s seed, so the training batches stay the
+        same as every other method's; ``None`` for other balancers."""
+        if not callable(getattr(balancer, "meta_step", None)):
+            return None
+        meta_order = torch.Generator().manual_seed(order.initial_seed() + 1)
+
+        def batches() -> Iterator[Tensor]:
+            while True:
+                yield from torch.randperm(n, generator=meta_order).split(self.batch_size)
+
+        return batches()
 
     def _kpis(self, outputs: dict[str, Tensor], ys: dict[str, Tensor]) -> dict[str, float]:
         """The per-task KPIs of a batch (see :func:`task_kpi`)."""

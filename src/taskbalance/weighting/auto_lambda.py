@@ -183,14 +183,19 @@ class AutoLambda(Balancer):
         try:
             grad = self._meta_gradient(tensors, saved, train_losses, val_losses, lr, weight_decay)
         except _SkipStepError as err:
-            return self._skip_meta(f"the {err.what} of task {err.task!r} is {err.value}")
+            skipped = f"the {err.what} of task {err.task!r} is {err.value}"
+            grad = torch.full((self.num_tasks,), math.nan, dtype=torch.float64)
+        else:
+            skipped = None
         finally:
             with torch.no_grad():
                 for t, s in zip(tensors, saved):
                     t.copy_(s)
         sync = self.current_sync()
-        if sync is not None:
+        if sync is not None:  # a rank that skips sends NaN: every rank then skips
             grad = sync.mean([grad])[0]
+        if skipped is not None:
+            return self._skip_meta(skipped)
         if not bool(torch.isfinite(grad).all()):
             bad = self.tasks[int((~torch.isfinite(grad)).nonzero()[0])]
             if self.nonfinite == "raise":
