@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter
 from typing import ClassVar
 
@@ -272,6 +273,17 @@ def test_sdmgrad_os_validation() -> None:
     assert (bal.n, bal.lam, bal.niter) == (4, 0.6, 20)
     with pytest.raises(ValueError, match="n "):
         SDMGradOS(3, n=0)
+
+
+def test_no_sampling_possible_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="taskbalance"):
+        bal = SDMGradOS(3)  # n = 4 of 3 tasks
+    assert "every task is back-propagated every step" in caplog.text
+    assert bal.task_subset() is None
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="taskbalance"):
+        SDMGradOS(5)
+    assert caplog.text == ""
 
 
 # ---------------------------------------------------------------------- the hook

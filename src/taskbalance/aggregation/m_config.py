@@ -52,6 +52,10 @@ from taskbalance.registry import register
 logger = logging.getLogger("taskbalance")
 
 
+def _copy(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.clone()
+
+
 @register("m_config", "mconfig")
 class MConFIG(GradientBalancer):
     """M-ConFIG (see the module docstring).
@@ -167,23 +171,17 @@ class MConFIG(GradientBalancer):
         return direction, weights
 
     def method_state(self) -> dict[str, Any]:
-        def copy(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.clone()
-
         return {
-            "m": copy(self.m),
+            "m": _copy(self.m),
             "counts": torch.tensor(self.counts, dtype=torch.int64),
             "t": self.t,
-            "s": copy(self.s),
-            "f": copy(self.f),
+            "s": _copy(self.s),
+            "f": _copy(self.f),
             "degenerate_steps": self.degenerate_steps,
         }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
-        def copy(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.clone()
-
-        self.m, self.s, self.f = copy(state["m"]), copy(state["s"]), copy(state["f"])
+        self.m, self.s, self.f = _copy(state["m"]), _copy(state["s"]), _copy(state["f"])
         self.counts = [int(c) for c in state["counts"]]
         self.t = int(state["t"])
         self.degenerate_steps = int(state["degenerate_steps"])

@@ -25,6 +25,7 @@ and the generator advances once per accumulated step.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ from taskbalance.balancer import Tasks
 from taskbalance.errors import SolverError
 from taskbalance.gradients import gramian as compute_gramian
 from taskbalance.registry import register
+
+logger = logging.getLogger("taskbalance")
 
 
 def sample_tasks(k: int, n: int, generator: torch.Generator) -> list[int]:
@@ -63,6 +66,14 @@ class SDMGradOS(SDMGrad):
             raise ValueError(f"n (tasks sampled per step) must be a positive int, got {n!r}")
         self.n = n
         self.generator = torch.Generator().manual_seed(int(seed))
+        if n >= self.num_tasks:
+            logger.info(
+                "SDMGrad-OS: n=%d >= K=%d tasks: every task is back-propagated every step "
+                "(this is SDMGrad with lam=%g); pass n < K to sample",
+                n,
+                self.num_tasks,
+                lam,
+            )
 
     def task_subset(self) -> list[int] | None:
         if self.n >= self.num_tasks:
