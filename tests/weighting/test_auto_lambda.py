@@ -275,3 +275,61 @@ def test_the_supervised_comparison_problems_call_meta_step() -> None:
         result = problem.run(factory, seed=0, epochs=1)
     assert made[0].meta_steps == result.steps > 0
     assert not torch.equal(made[0].lam, torch.full((3,), 0.1, dtype=D))
+
+
+DDP_WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+import taskbalance as tb
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+out = {}
+for setting in ("auto", "off"):
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    model = nn.parallel.DistributedDataParallel(net)
+    bal = tb.make("auto_lambda", 2, lr=0.05, distributed=setting)
+    gen = torch.Generator().manual_seed(10 + rank)  # every rank has its own batches
+    for _ in range(3):
+        x, xv = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+
+        def losses(inp):
+            o = model(inp)
+            return [(o[:, 0] - inp[:, 0]).pow(2).mean(), (o[:, 1] + inp[:, 1]).pow(2).mean()]
+
+        bal.meta_step(net.parameters(), lambda: losses(x), lambda: losses(xv), lr=0.1)
+    out[setting] = bal.lam
+torch.save(out, f"{sys.argv[1]}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_take_the_same_meta_step_under_ddp(tmp_path) -> None:
+    import os
+    import subprocess
+
+    from conftest import torchrun_command
+
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
+        pytest.skip("torch.distributed with gloo is not available")
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        torchrun_command(script, str(tmp_path)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(first["auto"], second["auto"])  # the averaged meta-gradient
+    assert not torch.equal(first["off"], second["off"])  # ... which is what makes them agree
+    assert not torch.equal(first["auto"], torch.full((2,), 0.1, dtype=D))

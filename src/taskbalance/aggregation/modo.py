@@ -20,7 +20,7 @@ pass; λ is updated from a and b, the update is c's (3 forward passes, 3K backwa
 Double sampling needs parameter gradients: with three batches only the exact mode
 (``shared=``) is accepted, since features of different batches are different tensors.
 Task-specific parameters get batch c's gradient (the paper updates the whole model with z3;
-LibMTL averages the heads' gradients over the three batches).
+LibMTL averages the heads' gradients over the three batches); the history records c's losses.
 
 One set of losses (``modo.backward(losses, shared=...)``, as every generic training loop,
 the registry suites and ``taskbalance compare`` give) uses that batch three times: λ steps
