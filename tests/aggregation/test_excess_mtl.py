@@ -218,3 +218,33 @@ def test_registered_with_the_defaults() -> None:
     assert registry.get("excess_mtl") is ExcessMTL and registry.get("excessmtl") is ExcessMTL
     bal = registry.make("ExcessMTL", 2)
     assert (bal.eta, bal.needs, bal.modes) == (0.01, "jacobian", ("exact",))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e2])
+def test_matches_torchjd_after_the_first_step(scale: float) -> None:
+    """torchjd 0.18's ExcessMTL on the same Jacobians over 5 calls. Conventions removed:
+    torchjd's weights sum to 1 (here K); its first call already updates them with the raw,
+    unnormalised excess risks (the official code and LibMTL, like this one, only record the
+    reference on that step), so the weights differ by that first factor for good; and it
+    adds 1e-7 under the root. Compared: each later step's change of the log-weights,
+    ``log w_t − log w_{t−1} = η r_t + const``, which carries the method (the accumulated S,
+    the excess risks, the reference normalisation)."""
+    pytest.importorskip("torchjd", reason="torchjd is the optional 'bench' extra")
+    from torchjd.aggregation import ExcessMTLWeighting
+
+    gen = torch.Generator().manual_seed(7)
+    eta = 0.5
+    theirs, ours = ExcessMTLWeighting(robust_step_size=eta), ExcessMTL(3, eta=eta)
+    previous = None
+    for _step in range(5):
+        jac = scale * torch.randn(3, 6, generator=gen, dtype=torch.float64)
+        jac[1] *= 3.0  # a task further from convergence
+        want = torch.log(theirs(jac))
+        _, w = ours.aggregate(jac, torch.ones(3, dtype=torch.float64))
+        got = torch.log(w)
+        if previous is not None:
+            d_want, d_got = want - previous[0], got - previous[1]
+            torch.testing.assert_close(
+                d_got - d_got.mean(), d_want - d_want.mean(), atol=1e-6, rtol=0
+            )
+        previous = (want, got)

@@ -312,3 +312,22 @@ def test_a_head_in_shared_is_no_cross_task_error_on_subset_steps() -> None:
     bal = SDMGradOS(6, n=2)
     w = bal.backward(counted_losses(model, 0), shared=nn.ModuleList([model.shared]))
     assert w.shape == (6,) and int((w != 0).sum()) == 2
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_matches_torchjd(case: int) -> None:
+    """torchjd 0.18's SDMGrad weighting on the same Gramian (its "double sampling" input
+    J_1 J_2ᵀ taken from one batch, as here), over 3 warm-started calls: the same weights up
+    to torchjd's 1e-8 added to the squared scale (gradients of norm ~1 here, so it is
+    below 1e-7; the 1e-3..1e3 case is rescaled by its mean norm, which it divides out)."""
+    pytest.importorskip("torchjd", reason="torchjd is the optional 'bench' extra")
+    from _gradcheck import cross_check_jacobians
+    from torchjd.aggregation import SDMGradWeighting
+
+    theirs, ours = SDMGradWeighting(), SDMGrad(4)  # both: lam 0.3, 20 steps, lr 10, mom 0.5
+    for step in range(3):
+        jac = cross_check_jacobians(10 * step + case)[case]
+        g = torch.from_numpy(jac @ jac.T)
+        want = theirs(g).numpy()
+        got = ours.weights_from_gramian(g, torch.ones(4, dtype=D)).numpy()
+        np.testing.assert_allclose(got, want, atol=2e-7, err_msg=f"step {step}")
