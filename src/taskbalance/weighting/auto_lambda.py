@@ -31,8 +31,10 @@ clamped at 0 after each Adam step (the official code does not clamp; a negative 
 ascend its task's loss), each clamp counted in :attr:`AutoLambda.clamped_steps` and logged.
 A non-finite loss follows ``nonfinite=``; a non-finite meta-gradient raises
 :class:`~taskbalance.errors.NonFiniteGradientError` or, with ``nonfinite="skip_step"``,
-leaves λ as it is (logged, counted in :attr:`AutoLambda.skipped_meta_steps`). Under DDP the
-meta-gradient is averaged over the ranks (every rank must call ``meta_step``).
+leaves λ as it is (logged, counted in :attr:`AutoLambda.skipped_meta_steps`). Under DDP each
+rank looks ahead on its own batches and the K meta-gradients are averaged over the ranks, so
+every rank takes the same λ (every rank must call ``meta_step``); this is the mean of the
+ranks' look-aheads, not one look-ahead on the global batch.
 
 Without ``meta_step`` the method is static weighting at ``init``: this is warned once, at
 the first ``end_period()`` or at step :data:`FORGOTTEN_META_STEPS`, with the fix.
