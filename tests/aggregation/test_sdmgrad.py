@@ -331,3 +331,21 @@ def test_matches_torchjd(case: int) -> None:
         want = theirs(g).numpy()
         got = ours.weights_from_gramian(g, torch.ones(4, dtype=D)).numpy()
         np.testing.assert_allclose(got, want, atol=2e-7, err_msg=f"step {step}")
+
+
+def test_os_without_conflict_is_the_scaled_mean_of_the_sampled_gradients() -> None:
+    """The authors' recipe (zero rows for unsampled tasks in the inner problem): with
+    positively correlated gradients the inner steps move w onto the unsampled tasks, and
+    each sampled task gets λ / (n (1 + λ)) = 0.6 / (2 · 1.6) = 0.1875."""
+    bal = SDMGradOS(5, n=2)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        jac = np.abs(rng.normal(size=(5, 6))) + 0.5  # every pair positively correlated
+        subset = bal.task_subset()
+        bal.current_subset = subset
+        jac[[i for i in range(5) if i not in subset]] = 0.0  # the engine's zero rows
+        g = torch.as_tensor(jac @ jac.T, dtype=D)
+        w = bal.weights_from_gramian(g, torch.ones(5, dtype=D)).numpy()
+        expected = np.zeros(5)
+        expected[subset] = 0.1875
+        np.testing.assert_allclose(w, expected, atol=1e-12)

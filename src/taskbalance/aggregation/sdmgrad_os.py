@@ -12,6 +12,14 @@ Gramian, and the update is scaled by ``K/n`` so that it is unbiased over the dra
 for the same w (each task is in S with probability n/K). Unsampled tasks get weight 0 and
 their task-specific parameters (heads) no gradient in that step.
 
+Behaviour to know (it is the authors' code's, which also solves the inner problem with zero
+rows for the unsampled tasks): a zero row costs nothing in ``½||g_w + λ g0||²``, so the
+inner steps move w's mass onto the unsampled tasks unless a sampled gradient conflicts with
+the (sampled) mean. Then ``g_w = 0`` and the update is ``(K/n) λ/(1+λ) g0``, i.e. the
+sampled tasks' mean gradient times ``λ/(n(1+λ))`` each (0.1875 at the defaults): on steps
+without conflict SDMGrad-OS is a scaled mean of the sampled gradients, and its
+conflict-avoiding part acts only when the sampled gradients conflict.
+
 Defaults: the paper's one objective-sampling setting (Meta-World MT10, authors' run script):
 ``n = 4``, λ = 0.6; the inner solver's as SDMGrad. ``n >= K`` samples every task: the method
 is then SDMGrad. The authors' code draws each task with probability n/K (redrawn if none
