@@ -23,7 +23,7 @@ in the official code and LibMTL (so η = 0 is equal weighting with ``Σ g_i``).
 Choices against the official code (LibMTL's is the same):
 
 * the code adds 1e-7 under the root only against 0/0; here those terms are skipped, so ε_i
-  is exactly proportional to the gradients' scale (r_i scale-free, GradScaler-safe) and
+  is exactly proportional to the gradients' scale (r_i free of a constant scale) and
   gradients of 1e-4 and below are not distorted;
 * the update ``w exp(η r)`` is done in log space (``K softmax(log w + η r)``): the same
   numbers without overflow of ``exp``;

@@ -79,6 +79,11 @@ NOT_WITH_GRAD_SCALER: dict[str, str] = {
         "its update scales as s^((1-alpha)/(1+alpha)) with the gradients (not at all at "
         "alpha=1), so the scaler's unscale_ would shrink it by s^(2 alpha/(1+alpha))"
     ),
+    "excess_mtl": (
+        "it accumulates the squared gradients of every step and divides by its first "
+        "excess risks, so each change of the loss scale (growth, back-off) would shift its "
+        "excess-risk ratios for the rest of training"
+    ),
     "m_config": (
         "its momenta average the gradients of several steps, between which the loss scale "
         "changes, and with adaptive=True its update does not scale with the gradients"
