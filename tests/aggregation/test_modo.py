@@ -207,3 +207,37 @@ def test_bad_hyperparameters_are_refused(name: str, value: float) -> None:
 
 def test_registered() -> None:
     assert isinstance(tb.make("modo", 2), MoDo)
+
+
+@pytest.mark.parametrize(("gamma", "rho"), [(0.1, 0.1), (0.5, 0.0), (1e-3, 0.1)])
+def test_matches_torchjd_on_three_batches(gamma: float, rho: float) -> None:
+    """torchjd 0.18's MoDoWeighting fed J_a J_bᵀ of the same two batches (its documented
+    three-batch recipe), against ``backward([a, b, c])``, over 4 steps of a tiny nonlinear
+    model: the same λ every step, and the update is batch c's J_cᵀλ."""
+    pytest.importorskip("torchjd", reason="torchjd is the optional 'bench' extra")
+    from torchjd.aggregation import MoDoWeighting
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.nn.Parameter(torch.randn(4, 5, generator=gen, dtype=torch.float64))
+    heads = torch.randn(5, 3, generator=gen, dtype=torch.float64)  # fixed, one per task
+
+    def losses(x: torch.Tensor) -> list[torch.Tensor]:
+        out = torch.tanh(x @ w) @ heads  # every task reads the whole shared layer
+        return [((out[:, i] - x[:, i]) ** 2).mean() for i in range(3)]
+
+    def jacobian(x: torch.Tensor) -> torch.Tensor:
+        rows = [
+            torch.autograd.grad(loss, w, retain_graph=True)[0].reshape(-1) for loss in losses(x)
+        ]
+        return torch.stack(rows)
+
+    theirs, ours = MoDoWeighting(gamma=gamma, rho=rho), MoDo(3, gamma=gamma, rho=rho)
+    for _ in range(4):
+        xa, xb, xc = (torch.randn(8, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+        lam = theirs(jacobian(xa) @ jacobian(xb).T)
+        w.grad = None
+        got = ours.backward([losses(xa), losses(xb), losses(xc)], shared=[w])
+        torch.testing.assert_close(got.double(), lam, atol=1e-12, rtol=0)
+        torch.testing.assert_close(w.grad.reshape(-1), lam @ jacobian(xc), atol=1e-12, rtol=0)
+        with torch.no_grad():
+            w -= 0.1 * w.grad
