@@ -80,22 +80,37 @@ def with_reference(losses: Any) -> tuple[Any, Tensor | None]:
 
     Used to find the device the losses live on (e.g. to turn autocast off for it). A
     one-shot iterator is turned into a list first, so that looking does not consume it.
-    The reference is ``None`` when there is no tensor (the checks then raise).
+    Sets of losses nested one level deep (MoDo's three batches, ``[losses_a, losses_b,
+    losses_c]``) are looked into as well. The reference is ``None`` when there is no tensor
+    (the checks then raise).
     """
     if isinstance(losses, Tensor):
         return losses, losses
     if isinstance(losses, Iterator):
         losses = list(losses)
-    if isinstance(losses, Mapping):
-        values: Iterable[Any] = losses.values()
-    elif isinstance(losses, Iterable) and not isinstance(losses, str):
-        values = losses
-    else:
+    values = _values(losses)
+    if values is None:
         return losses, None
+    nested = []
     for value in values:
         if isinstance(value, Tensor):
             return losses, value
+        nested.append(value)
+    for value in nested:  # one level down, without consuming an iterator
+        inner = None if isinstance(value, Iterator) else _values(value)
+        for item in inner or ():
+            if isinstance(item, Tensor):
+                return losses, item
     return losses, None
+
+
+def _values(losses: Any) -> Iterable[Any] | None:
+    """The values of a mapping or the items of another iterable (``None`` for neither)."""
+    if isinstance(losses, Mapping):
+        return losses.values()
+    if isinstance(losses, Iterable) and not isinstance(losses, str):
+        return losses
+    return None
 
 
 class Balancer:
