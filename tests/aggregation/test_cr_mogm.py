@@ -226,3 +226,25 @@ def test_a_schedule_outside_zero_one_is_refused_naming_the_step() -> None:
     w = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(BalancerUsageError, match=r"returned 1.5 at step 0.*\[0, 1\]"):
         bal.backward(_diagonal_losses(w, (1.0, 2.0)), shared=[w])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_matches_torchjd_around_upgrad(beta: float) -> None:
+    """torchjd 0.18's CRMOGMWeighting(UPGradWeighting()) (quadprog) against
+    ``cr_mogm`` with ``inner="upgrad"`` and torchjd's Gramian conventions
+    (norm_eps = reg_eps = 1e-4), over 5 calls on conflicting Jacobians: the same weights.
+    torchjd's UPGrad weights are the sum of the K projections' weights, like ours."""
+    pytest.importorskip("torchjd", reason="torchjd is the optional 'bench' extra")
+    pytest.importorskip("quadprog", reason="torchjd's default projector needs quadprog")
+    from torchjd.aggregation import CRMOGMWeighting, UPGradWeighting
+
+    gen = torch.Generator().manual_seed(2)
+    theirs = CRMOGMWeighting(UPGradWeighting(), alpha=beta)
+    ours = tb.make("cr_mogm", 3, inner="upgrad", beta=beta, norm_eps=1e-4, reg_eps=1e-4)
+    for _ in range(5):
+        jac = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+        jac[1] = -0.8 * jac[0] + 0.3 * jac[1]  # a conflicting pair
+        gram = jac @ jac.T
+        want = theirs(gram)
+        got = ours.weights_from_gramian(gram, torch.ones(3, dtype=torch.float64))
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
