@@ -254,3 +254,10 @@ def test_registered_with_the_defaults() -> None:
     got = (bal.beta, bal.beta_sigma, bal.gamma, bal.gamma_sigma, bal.rho, bal.normalize)
     assert got == (0.5, 0.5, 0.1, 0.5, 0.0, True)
     assert (bal.needs, bal.modes) == ("jacobian", ("exact",))
+
+
+@pytest.mark.parametrize("name", ["beta_sigma", "gamma_sigma", "rho"])
+def test_infinite_decays_and_ridge_are_refused(name: str) -> None:
+    # σ = ∞ would make every step size 0 after the first step, ρ = ∞ an infinite λ step
+    with pytest.raises(ValueError, match=f"{name} must be non-negative and finite"):
+        MoCo(2, **{name: float("inf")})
