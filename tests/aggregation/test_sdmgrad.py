@@ -349,3 +349,11 @@ def test_os_without_conflict_is_the_scaled_mean_of_the_sampled_gradients() -> No
         expected = np.zeros(5)
         expected[subset] = 0.1875
         np.testing.assert_allclose(w, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_infinite_lambda_with_sum_reduction_is_the_sum_of_the_gradients(k: int) -> None:
+    # λ = ∞: d = g0 = (1/K) Σ g_i; "sum" multiplies d by K, so every weight is exactly 1
+    g = torch.diag(torch.arange(1.0, k + 1.0, dtype=D))
+    bal = SDMGrad(k, lam=float("inf"), reduction="sum")
+    np.testing.assert_array_equal(bal.weights_from_gramian(g, None).numpy(), np.ones(k))
