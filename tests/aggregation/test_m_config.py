@@ -14,7 +14,7 @@ from conftest import TinyNet, batch
 from taskbalance import registry
 from taskbalance.aggregation.config import ConFIG
 from taskbalance.aggregation.m_config import MConFIG
-from taskbalance.errors import BalancerUsageError
+from taskbalance.errors import BalancerUsageError, NonFiniteGradientError
 
 
 def linear_step(bal: MConFIG, theta: torch.Tensor, rows: list[list[float]]) -> torch.Tensor:
@@ -176,3 +176,24 @@ def test_registered_and_validated() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             MConFIG(2, **kw)
+
+
+def test_preferences_below_one_tilt_the_direction() -> None:
+    # β1 = 0: m̂_i = g_i = e_i; ConFIG gives the unit u with cosines ∝ pref = (0.5, 1),
+    # u = (0.5, 1)/sqrt(1.25), scaled by Σ g_i·u = 1.5/sqrt(1.25): d = 1.2 (0.5, 1) = (0.6, 1.2)
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    bal = MConFIG(2, per_step=2, beta1=0.0, adaptive=False, pref_vector=[0.5, 1.0])
+    d = linear_step(bal, theta, [[1.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(d, torch.tensor([0.6, 1.2], dtype=torch.float64))
+
+
+def test_non_finite_gradient_raises_naming_the_task_and_keeps_the_momenta() -> None:
+    bal = MConFIG(["a", "b", "c"], per_step=3, adaptive=False)
+    bal.aggregate(torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    m, counts = bal.m.clone(), list(bal.counts)
+    bad = torch.eye(3, dtype=torch.float64)
+    bad[1, 2] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match="'b'") as err:
+        bal.aggregate(bad, torch.ones(3, dtype=torch.float64))
+    assert err.value.task == "b"
+    assert torch.equal(bal.m, m) and bal.counts == counts
