@@ -241,3 +241,14 @@ def test_matches_torchjd_on_three_batches(gamma: float, rho: float) -> None:
         torch.testing.assert_close(w.grad.reshape(-1), lam @ jacobian(xc), atol=1e-12, rtol=0)
         with torch.no_grad():
             w -= 0.1 * w.grad
+
+
+def test_default_step_is_gamma_1e_3_and_rho_0_1_by_hand() -> None:
+    # the paper's defaults γ = 1e-3, ρ = 0.1, from λ = (0.9, 0.1) with C = diag(1, 4):
+    # Cλ + ρλ = (0.9 + 0.09, 0.4 + 0.01) = (0.99, 0.41); λ − γ(...) = (0.89901, 0.09959),
+    # sum 0.9986; Π_Δ adds 0.0007 to both: (0.89971, 0.10029). (From λ = (½, ½) the ρ term
+    # moves both entries alike and the projection undoes it.)
+    bal = tb.make("modo", 2)
+    bal.load_method_state({"lambda": torch.tensor([0.9, 0.1], dtype=torch.float64)})
+    lam = bal.weights_from_gramian(torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64)), None)
+    torch.testing.assert_close(lam, torch.tensor([0.89971, 0.10029], dtype=torch.float64))
