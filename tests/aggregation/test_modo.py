@@ -252,3 +252,18 @@ def test_default_step_is_gamma_1e_3_and_rho_0_1_by_hand() -> None:
     bal.load_method_state({"lambda": torch.tensor([0.9, 0.1], dtype=torch.float64)})
     lam = bal.weights_from_gramian(torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64)), None)
     torch.testing.assert_close(lam, torch.tensor([0.89971, 0.10029], dtype=torch.float64))
+
+
+def test_an_overflowing_product_of_finite_gradients_names_the_task_in_a_or_b() -> None:
+    # J_a = ((0, 1), (1e200, 0)), J_b = ((1e200, 0), (0, 1)), finite: only
+    # (J_a J_bᵀ)_10 = 1e400 overflows, so neither a whole row (a) nor a whole column (b) is
+    # bad, and the message names task 1 of row 1 and both batches
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    rows_a, rows_b = [[0.0, 1.0], [1e200, 0.0]], [[1e200, 0.0], [0.0, 1.0]]
+    losses = [[torch.tensor(r, dtype=torch.float64) @ w for r in rows] for rows in (rows_a, rows_b)]
+    losses.append([torch.tensor(r, dtype=torch.float64) @ w for r in [[1.0, 0.0], [0.0, 1.0]]])
+    bal = MoDo(2)
+    with pytest.raises(NonFiniteGradientError, match=r"task '1' in batch a or b") as err:
+        bal.backward(losses, shared=[w])
+    assert err.value.task == "1"
+    torch.testing.assert_close(bal.lam, torch.tensor([0.5, 0.5], dtype=torch.float64))
