@@ -30,6 +30,7 @@ from taskbalance.aggregation import (
     UPGrad,
 )
 from taskbalance.balancer import Balancer
+from taskbalance.diagnostics import plot_diagnostics
 from taskbalance.errors import (
     BalancerUsageError,
     InvalidKPIError,
@@ -115,6 +116,7 @@ __all__ = [
     "get",
     "list_methods",
     "make",
+    "plot_diagnostics",
     "register",
     "train_alternating",
     "train_joint",

@@ -138,6 +138,17 @@ class Balancer:
             of the step and contributes 1/N of its gradient; the state (history, step
             counter, DWA's periods, random draws, learnable parameters) advances once, at
             the N-th call. See ``docs/scaling.md``. Default 1: every call is a step.
+        diagnostics: record the gradient diagnostics (pairwise cosines, gradient norms and
+            their max/min ratio, the fraction of conflicting pairs, each task's alignment
+            with the applied update, the loss ratios ``L_i/L_i(0)``; see
+            :mod:`taskbalance.diagnostics` and ``docs/diagnostics.md``) in :attr:`history`
+            as ``diag/...`` columns. ``False`` (default): nothing is computed; ``True``:
+            every step; an int ``n``: every n-th step (steps 0, n, 2n, ...; the other rows
+            hold NaN). They come from the Gramian the method used (under DDP the global
+            one, so every rank records the same values); under accumulation a row holds
+            the mean over the step's micro-batches. Gradient methods that form the Gramian
+            or the Jacobian through the engine record them; other methods (loss-weighting
+            methods, GradNorm, MoDo, CR-MOGM) refuse the setting. Needs ``record=True``.
 
     Every call is a training step: it advances the method's state (DWA's period means,
     RLW's random draws, the step counter) and is recorded in the history. A call with
@@ -176,6 +187,7 @@ class Balancer:
         record: bool = True,
         distributed: Any = "auto",
         accumulation_steps: int = 1,
+        diagnostics: bool | int = False,
     ) -> None:
         if nonfinite not in ("raise", "skip_step"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip_step', got {nonfinite!r}")
@@ -200,6 +212,7 @@ class Balancer:
         self.last_weights: Tensor | None = None
         self.last_step_skipped = False
         self._skip_reason = "loss"
+        self._init_diagnostics(diagnostics)
 
     @property
     def num_tasks(self) -> int:
@@ -552,8 +565,90 @@ class Balancer:
         weights = weights.detach()
         self.last_weights = weights
         if self.history is not None:
-            self.history.append(self.steps, losses, weights, **self.extras())
+            extras = self.extras()
+            if self._diag_sum is not None:
+                extras.update(self._take_diagnostics(losses))
+            self.history.append(self.steps, losses, weights, **extras)
         self.steps += 1
+
+    # ------------------------------------------------------------------ diagnostics
+    #: steps between two diagnosed steps (0: diagnostics off); see ``diagnostics=``.
+    _diag_every = 0
+    _diag_sum: dict[str, Tensor] | None = None  # summed over the step's micro-batches
+    _diag_count = 0
+    _diag_initial: Tensor | None = None  # the losses of the first diagnosed step
+    #: the diagnostics of the last diagnosed step by column name (``None`` before one).
+    last_diagnostics: dict[str, Tensor] | None = None
+    #: the step number (history row) of :attr:`last_diagnostics`.
+    last_diagnostics_step: int | None = None
+
+    @classmethod
+    def supports_diagnostics(cls) -> bool:
+        """Whether ``diagnostics=`` can be used: the method forms the task gradients'
+        Gramian through the engine (gradient methods; see :mod:`taskbalance.diagnostics`)."""
+        return False
+
+    def _init_diagnostics(self, diagnostics: bool | int) -> None:
+        if isinstance(diagnostics, bool):
+            every = int(diagnostics)
+        elif isinstance(diagnostics, int) and diagnostics >= 1:
+            every = diagnostics
+        else:
+            raise ValueError(
+                "diagnostics must be True (every step), False (off) or a positive int n "
+                f"(every n-th step), got {diagnostics!r}"
+            )
+        if not every:
+            return
+        if not self.supports_diagnostics():
+            what = "a loss-weighting method" if self.kind == "loss" else "a gradient method"
+            raise BalancerUsageError(
+                f"{type(self).__name__} ({what}) cannot record diagnostics=: they come from "
+                "the Gramian of the task gradients that the engine forms for the gradient "
+                "methods (e.g. tb.MGDA, tb.UPGrad, tb.PCGrad), and this method does not form "
+                "it through the engine. Leave diagnostics= out, or build a gradient method "
+                "with diagnostics=True to look at the conflict structure"
+            )
+        if self.history is None:
+            raise BalancerUsageError(
+                "diagnostics= are recorded in balancer.history, which record=False turns "
+                "off: pass record=True (the default) or leave diagnostics= out"
+            )
+        from taskbalance.diagnostics import PREFIX, pair_labels
+
+        self._diag_every = every
+        self.history.define_extra(f"{PREFIX}/cos", pair_labels(self.tasks))
+        self.history.define_extra(f"{PREFIX}/norm_ratio", [""])
+        self.history.define_extra(f"{PREFIX}/conflict_fraction", [""])
+
+    def _add_diagnostics(self, values: dict[str, Tensor]) -> None:
+        """Add one computed call's diagnostics to the open step's (a mean is recorded)."""
+        if self._diag_sum is None:
+            self._diag_sum = dict(values)
+            self._diag_count = 1
+        else:
+            for name, value in values.items():
+                self._diag_sum[name] = self._diag_sum[name] + value
+            self._diag_count += 1
+
+    def _take_diagnostics(self, losses: Tensor) -> dict[str, Tensor]:
+        """The step's diagnostics as history extras (with the loss ratios of ``losses``);
+        clears them and sets :attr:`last_diagnostics`."""
+        from taskbalance.diagnostics import PREFIX, loss_ratios
+
+        assert self._diag_sum is not None and self.history is not None
+        values = {name: v / self._diag_count for name, v in self._diag_sum.items()}
+        self._diag_sum, self._diag_count = None, 0
+        losses = losses.detach().double()
+        if self._diag_initial is None:
+            self._diag_initial = losses.clone()
+        values[f"{PREFIX}/loss_ratio"] = loss_ratios(losses, self._diag_initial.to(losses))
+        named: dict[str, Tensor] = {}
+        for name, value in values.items():
+            for label, item in zip(self.history.extra_columns(name), value.reshape(-1)):
+                named[f"{name}/{label}" if label else name] = item
+        self.last_diagnostics, self.last_diagnostics_step = named, self.steps
+        return values
 
     def end_period(self) -> None:
         """Mark the end of a period (an epoch) for methods defined per period; else a no-op."""
@@ -671,8 +766,12 @@ class Balancer:
             learnable.hold = False
         if mean_losses is not None:
             if self.history is not None:
-                self.history.append(self.steps, mean_losses, step.mean_weights(), **self.extras())
+                extras = self.extras()
+                if self._diag_sum is not None:
+                    extras.update(self._take_diagnostics(mean_losses))
+                self.history.append(self.steps, mean_losses, step.mean_weights(), **extras)
             self.steps += 1
+        self._diag_sum, self._diag_count = None, 0
         if sync is not None:
             self._reduce_touched(sync)
 
@@ -722,6 +821,11 @@ class Balancer:
             "last_weights": self.last_weights,
             "state": state,
             "history": self.history.state_dict() if self.history is not None else None,
+            **(
+                {"diagnostics_initial_losses": self._diag_initial.cpu().clone()}
+                if self._diag_initial is not None
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -757,6 +861,10 @@ class Balancer:
         self._touched = {}
         if self.history is not None and state["history"] is not None:
             self.history.load_state_dict(state["history"])
+        if self._diag_every:
+            initial = state.get("diagnostics_initial_losses")
+            self._diag_initial = None if initial is None else initial.double()
+            self._diag_sum, self._diag_count = None, 0
         self._compare_hyperparameters(state.get("hyperparameters"))
 
     def _compare_hyperparameters(self, saved: dict[str, Any] | None) -> None:
@@ -782,7 +890,7 @@ class Balancer:
 _COMMON_SETTINGS = frozenset(constructor_parameters(Balancer)) | {"task_specific"}
 #: not compared on load: how a run is executed (``record``, ``distributed``), and starting
 #: values that the checkpoint's state supersedes (a random ``seed``, a learnable's ``init``).
-_RUNTIME_SETTINGS = frozenset({"record", "distributed", "seed", "init"})
+_RUNTIME_SETTINGS = frozenset({"record", "distributed", "seed", "init", "diagnostics"})
 
 
 def _plain(value: Any) -> Any:

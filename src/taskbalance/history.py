@@ -54,6 +54,11 @@ class _Column:
         self.chunks[-1][position % CHUNK_ROWS].copy_(values.detach().reshape(self.k))
         self.rows += 1
 
+    def append_missing(self) -> None:
+        """Append a row of NaN (a step that did not record this column)."""
+        device = self.chunks[-1].device if self.chunks else None
+        self.append(torch.full((self.k,), float("nan"), dtype=torch.float64, device=device))
+
     def read(self, first: int = 0) -> Tensor:
         """Rows ``first`` .. end as one CPU tensor."""
         if not self.chunks or first >= self.rows:
@@ -96,6 +101,10 @@ class History:
     Read as ``(rows, K)`` CPU tensors: :attr:`losses`, :attr:`weights`, and
     ``extra(name)``; :attr:`steps` gives each row's step number. See the module
     docstring for the bounds on checkpoints and memory.
+
+    Extras are per task unless :meth:`define_extra` gave them other columns (the gradient
+    diagnostics: one column per pair of tasks, or a single one). A row that does not give
+    an extra recorded before holds NaN in its columns (diagnostics sampled every n-th step).
     """
 
     def __init__(self, tasks: Sequence[str]) -> None:
@@ -104,10 +113,23 @@ class History:
         self._losses = _Column(len(self.tasks))
         self._weights = _Column(len(self.tasks))
         self._extras: dict[str, _Column] = {}
+        self._labels: dict[str, tuple[str, ...]] = {}  # extras with columns of their own
         #: rows kept by :meth:`state_dict` (the most recent); ``None``: all of them.
         self.checkpoint_rows: int | None = CHECKPOINT_ROWS
         self._keep: int | None = None
         self._stream: _CsvStream | None = None
+
+    def define_extra(self, name: str, columns: Sequence[str]) -> None:
+        """Give the extra ``name`` its own columns (default: one per task).
+
+        The CSV names them ``<name>/<column>``, or ``<name>`` alone for a single column
+        named ``""``. Call it before the extra is first appended.
+        """
+        self._labels[name] = tuple(str(c) for c in columns)
+
+    def extra_columns(self, name: str) -> list[str]:
+        """The column names of the extra ``name`` (the tasks unless :meth:`define_extra`)."""
+        return list(self._labels.get(name, self.tasks))
 
     def append(self, step: int, losses: Tensor, weights: Tensor, **extras: Tensor) -> None:
         self._steps.append(step)
@@ -116,9 +138,14 @@ class History:
         for name, value in extras.items():
             column = self._extras.get(name)
             if column is None:
-                column = self._extras[name] = _Column(len(self.tasks))
-                column.load(torch.full((len(self._steps) - 1, len(self.tasks)), float("nan")))
+                width = len(self._labels.get(name, self.tasks))
+                column = self._extras[name] = _Column(width)
+                column.load(torch.full((len(self._steps) - 1, width), float("nan")))
             column.append(value)
+        if len(extras) < len(self._extras):  # extras this row lacks: NaN
+            for name, column in self._extras.items():
+                if name not in extras:
+                    column.append_missing()
         if self._stream is not None and len(self._steps) - self._stream.written >= CHUNK_ROWS:
             self.flush()
         if self._keep is not None and len(self._steps) >= self._keep + CHUNK_ROWS:
@@ -158,9 +185,13 @@ class History:
         return self._extras[name].read()
 
     def header(self) -> list[str]:
-        """The CSV columns: ``step``, ``loss/<task>``, ``weight/<task>``, ``<extra>/<task>``."""
-        prefixes = ["loss", "weight", *self._extras]
-        return ["step"] + [f"{p}/{t}" for p in prefixes for t in self.tasks]
+        """The CSV columns: ``step``, ``loss/<task>``, ``weight/<task>``, ``<extra>/<task>``
+        (``<extra>/<column>`` for the extras of :meth:`define_extra`)."""
+        return ["step"] + [
+            f"{prefix}/{label}" if label else prefix
+            for prefix in ("loss", "weight", *self._extras)
+            for label in self.extra_columns(prefix)
+        ]
 
     def rows(self, first: int = 0) -> list[dict[str, Any]]:
         """One dict per row (from row ``first``), keyed by :meth:`header`."""
@@ -170,8 +201,8 @@ class History:
         for i, step in enumerate(self._steps[first:]):
             row: dict[str, Any] = {"step": step}
             for prefix, values in columns.items():
-                for j, task in enumerate(self.tasks):
-                    row[f"{prefix}/{task}"] = float(values[i, j])
+                for j, label in enumerate(self.extra_columns(prefix)):
+                    row[f"{prefix}/{label}" if label else prefix] = float(values[i, j])
             out.append(row)
         return out
 
@@ -235,6 +266,7 @@ class History:
             "losses": self._losses.read(first),
             "weights": self._weights.read(first),
             "extras": {n: c.read(first) for n, c in self._extras.items()},
+            "extra_columns": {n: list(c) for n, c in self._labels.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -242,8 +274,11 @@ class History:
         self._losses.load(state["losses"])
         self._weights.load(state["weights"])
         self._extras = {}
+        self._labels.update(
+            {n: tuple(c) for n, c in state.get("extra_columns", {}).items()}  # older: none
+        )
         for name, values in state["extras"].items():
-            self._extras[name] = _Column(len(self.tasks))
+            self._extras[name] = _Column(len(self.extra_columns(name)))
             self._extras[name].load(values)
         if self._stream is not None:
             self._stream.written = len(self._steps)  # a resumed run appends new rows only

@@ -27,6 +27,12 @@ called inside an autocast region (J is at least float32, see :mod:`taskbalance.g
 A step that raises (a non-finite gradient, a solver failure) leaves the method's state as
 it was before the call: the state is saved before the solve and restored on an error.
 
+Diagnostics (``diagnostics=``, :mod:`taskbalance.diagnostics`): on a diagnosed step the
+Gramian the weights came from is kept (:meth:`GradientBalancer.scaled_weights`) and the
+diagnostics are computed from it and the applied weights once the result has passed its
+checks; a Jacobian method's from ``J Jᵀ`` of the Jacobian it was given and its direction.
+Off, nothing is computed.
+
 Objective sampling (:meth:`GradientBalancer.task_subset`): a method may ask for the
 gradients of a subset of the tasks only; the other losses are not back-propagated, their
 rows of J are zero and their heads get no gradient in that step.
@@ -51,6 +57,7 @@ from taskbalance.balancer import (
     detached_stack,
     with_reference,
 )
+from taskbalance.diagnostics import step_diagnostics
 from taskbalance.distributed import Sync
 from taskbalance.errors import BalancerUsageError, NonFiniteGradientError, SolverError, warn
 from taskbalance.gradients import (
@@ -158,6 +165,8 @@ class GradientBalancer(Balancer):
         """:meth:`gramian_weights` times :meth:`direction_scale` of ``||wᵀJ|| = sqrt(wᵀGw)``
         (for methods with :attr:`scales_direction`): the weights actually applied, computed
         without a pass over J."""
+        if self._diag_due:
+            self._diag_gram = gramian  # the Gramian the weights come from (diagnostics)
         weights = self.gramian_weights(gramian, losses)
         if not self.scales_direction:
             return weights
@@ -246,6 +255,45 @@ class GradientBalancer(Balancer):
         self.current_subset = subset
         return subset
 
+    # ------------------------------------------------------------------ diagnostics
+    _diag_due = False  # this call's step is one of the diagnosed ones
+    _diag_gram: Tensor | None = None  # the Gramian the call's weights came from
+    _diag_call: dict[str, Tensor] | None = None  # the call's diagnostics, until checked
+
+    @classmethod
+    def supports_diagnostics(cls) -> bool:
+        # a method with a step of its own (MoDo's three batches) does not go through the
+        # engine's paths that compute the diagnostics
+        return cls._backward is GradientBalancer._backward
+
+    def _begin_diagnostics(self) -> None:
+        """Start of a call: is its step diagnosed? (``diagnostics=``)."""
+        self._diag_gram, self._diag_call = None, None
+        self._diag_due = self._diag_every > 0 and self.steps % self._diag_every == 0
+
+    def _diagnose(self, jacobian: Tensor | None, direction: Tensor, weights: Tensor) -> None:
+        """The call's diagnostics from what the method used: the Gramian its weights came
+        from and ``d = wᵀJ`` (Gramian methods), or ``G = J Jᵀ`` of the Jacobian it was given
+        and its own direction ``d`` (Jacobian methods: ``g_i·d = (J d)_i``)."""
+        gram = self._diag_gram if self.needs == "gramian" else None
+        if gram is None:
+            assert jacobian is not None
+            gram = compute_gramian(jacobian).double()
+        if self.needs == "gramian":
+            self._diag_call = step_diagnostics(gram, weights)
+        else:
+            assert jacobian is not None
+            d = direction.detach().double()
+            self._diag_call = step_diagnostics(
+                gram, task_dot_update=jacobian.detach().double() @ d, update_norm=d.norm()
+            )
+
+    def _commit_diagnostics(self) -> None:
+        """The call's result passed its checks: its diagnostics count for the step."""
+        if self._diag_call is not None:
+            self._add_diagnostics(self._diag_call)
+            self._diag_call = self._diag_gram = None
+
     # ------------------------------------------------------------------ the step
     def backward(
         self,
@@ -280,9 +328,14 @@ class GradientBalancer(Balancer):
             return None
         items, stacked = begun
         grads, use_features = self._task_gradients(items, shared, features)
+        if self._diag_every:
+            self._begin_diagnostics()
         with self._state_restored_on_error():
             direction, weights = self.aggregate(grads.jacobian, stacked)
             self._check_result(direction, weights)
+        if self._diag_due:
+            self._diagnose(grads.jacobian, direction, weights)
+            self._commit_diagnostics()
         # wᵀJ from the Gramian path is a fresh tensor; a Jacobian method's may be its state
         apply_direction(direction, grads, features=use_features, owned=self.needs == "gramian")
         apply_task_specific(grads, weights if self.task_specific == "weighted" else None)
@@ -424,6 +477,8 @@ class GradientBalancer(Balancer):
         self.last_step_skipped = False
         items = self.split_separate(losses)
         local = detached_stack(items)
+        if self._diag_every:
+            self._begin_diagnostics()
         try:
             if sync is None:
                 stacked = self._check_finite(local)
@@ -432,6 +487,8 @@ class GradientBalancer(Balancer):
                     self._restore_micro()
                     direction, weights = self.aggregate(grads.jacobian, stacked)
                     self._check_result(direction, weights)
+                if self._diag_due:
+                    self._diagnose(grads.jacobian, direction, weights)
             else:
                 grads, use_features = self._task_gradients(items, shared, features)
                 with self._state_restored_on_error():
@@ -443,6 +500,8 @@ class GradientBalancer(Balancer):
             self._skip(err)
             self._end_call(None, None, boundary, sync)
             return None
+        if self._diag_due:
+            self._commit_diagnostics()
         scale = self.micro_scale()
         if scale is not None:
             direction = direction * scale
@@ -487,6 +546,8 @@ class GradientBalancer(Balancer):
             grads.own = [[(p, next(rest)) for p, _ in pairs] for pairs in grads.own]
             self._restore_micro()
             direction, weights = self.aggregate(grads.jacobian, stacked)
+            if self._diag_due:  # from the averaged J, the same on every rank
+                self._diagnose(grads.jacobian, direction, weights)
             return stacked, direction, weights
         if self.needs == "gramian":
             gram = compute_gramian(jac).double()
@@ -495,12 +556,17 @@ class GradientBalancer(Balancer):
             gram = gram_sum / (world * world)
             self._restore_micro()
             weights = self.scaled_weights(gram, stacked).to(jac.dtype)
-            return stacked, weights @ jac, weights
+            direction = weights @ jac
+            if self._diag_due:  # from the global Gramian, the same on every rank
+                self._diagnose(None, direction, weights)
+            return stacked, direction, weights
         stacked = self._check_finite(sync.mean([local])[0])
         full, offset = sync.all_gather_columns(jac)
         self._restore_micro()
         direction, weights = self.aggregate(full / world, stacked)
         self._check_result(direction, weights)  # the global direction: one verdict for all
+        if self._diag_due:  # the global J and direction
+            self._diagnose(full / world, direction, weights)
         return stacked, direction[offset : offset + jac.shape[1]] * world, weights
 
     @contextlib.contextmanager

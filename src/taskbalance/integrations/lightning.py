@@ -61,6 +61,9 @@ What :class:`BalancerMixin` does:
 * **Logging.** Each balanced step logs ``weight/<task>``, ``loss/<task>``, the method's
   per-task extras (e.g. ``sigma/<task>`` for uncertainty weighting) and ``weighted_loss``
   (``sum_i w_i L_i``) through ``self.log_dict``, so every Lightning logger records them.
+  A balancer built with ``diagnostics=`` adds its ``diag/...`` columns (``diag/cos/<a>-<b>``,
+  ``diag/norm/<task>``, ``diag/norm_ratio``, ...; see ``docs/diagnostics.md``), step
+  values only, NaN on the steps it does not diagnose (as in its history).
   Lightning writes logged values every ``Trainer(log_every_n_steps=...)`` steps (50 by
   default).
 
@@ -284,6 +287,15 @@ class BalancerMixin:
         weighted = (used * values).sum()
         metrics[f"{prefix}weighted_loss"] = weighted
         self.log_dict(metrics, on_step=True, on_epoch=self.balancer_log_on_epoch)
+        diagnosed = balancer.last_diagnostics
+        if diagnosed is not None:
+            # Lightning would repeat a key's last value on steps that do not log it: the
+            # steps not diagnosed (and the micro-batches) log NaN, as the history holds
+            fresh = balancer.last_diagnostics_step == balancer.steps - 1
+            fresh = fresh and balancer.micro_step == 0  # the call that closed the step
+            nan = torch.full((), float("nan"), dtype=torch.float64)
+            diag = {f"{prefix}{name}": v if fresh else nan for name, v in diagnosed.items()}
+            self.log_dict(diag, on_step=True, on_epoch=False)
         return weighted
 
     def _tb_step_schedulers(self, interval: str) -> None:

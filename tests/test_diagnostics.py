@@ -1,0 +1,450 @@
+"""Gradient diagnostics: the pure functions (hand-computed cases, an explicit per-task loop),
+their recording by the gradient methods (``diagnostics=``), the history/CSV/checkpoint
+round trip, the misuse checks and the figure."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+import taskbalance as tb
+from conftest import TinyNet, batch, save_load, task_losses
+from taskbalance import diagnostics as dg
+from taskbalance.errors import BalancerUsageError
+
+SQ5 = math.sqrt(5.0)
+
+
+def gram_of(*rows: list[float]) -> torch.Tensor:
+    jac = torch.tensor(rows, dtype=torch.float64)
+    return jac @ jac.T
+
+
+# ---------------------------------------------------------------- hand-computed cases
+def test_orthogonal_gradients() -> None:
+    g = gram_of([1.0, 0.0], [0.0, 2.0])
+    assert torch.equal(dg.cosine_matrix(g), torch.eye(2, dtype=torch.float64))
+    assert dg.gradient_norms(g).tolist() == [1.0, 2.0]
+    assert float(dg.norm_ratio(g)) == 2.0
+    assert float(dg.conflict_fraction(g)) == 0.0
+    # d = g1 + g2 = (1, 2): g1·d = 1, g2·d = 4, ||d|| = sqrt(5)
+    align = dg.alignment(g, torch.tensor([1.0, 1.0]))
+    assert align.tolist() == pytest.approx([1.0 / SQ5, 2.0 / SQ5], abs=1e-15)
+
+
+def test_identical_gradients() -> None:
+    g = gram_of([3.0, 4.0], [3.0, 4.0])
+    assert dg.cosine_matrix(g).reshape(-1).tolist() == pytest.approx([1.0] * 4, abs=1e-15)
+    assert float(dg.norm_ratio(g)) == 1.0
+    assert float(dg.conflict_fraction(g)) == 0.0
+    assert dg.alignment(g, torch.tensor([0.3, 0.7])).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_opposite_gradients() -> None:
+    g = gram_of([1.0, -2.0], [-1.0, 2.0])
+    assert dg.cosine_matrix(g)[0, 1].item() == pytest.approx(-1.0, abs=1e-15)
+    assert float(dg.conflict_fraction(g)) == 1.0
+    # equal weights cancel: d = 0, every alignment is 0 by definition (no NaN)
+    assert dg.alignment(g, torch.tensor([1.0, 1.0])).tolist() == [0.0, 0.0]
+    # w = (2, 1): d = g1 - ... = (1, -2) = g1: aligned with g1, opposed to g2
+    assert dg.alignment(g, torch.tensor([2.0, 1.0])).tolist() == pytest.approx([1.0, -1.0])
+
+
+def test_scaled_gradients() -> None:
+    g = gram_of([1.0, 1.0], [3.0, 3.0], [-0.5, -0.5])
+    cos = dg.cosine_matrix(g)
+    expected = [1.0, 1.0, -1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 1.0]
+    assert cos.reshape(-1).tolist() == pytest.approx(expected, abs=1e-15)
+    assert float(dg.norm_ratio(g)) == pytest.approx(6.0)  # 3√2 / (√2 / 2)
+    assert float(dg.conflict_fraction(g)) == pytest.approx(2.0 / 3.0)
+    assert dg.upper_pairs(cos).tolist() == pytest.approx([1.0, -1.0, -1.0], abs=1e-15)
+    assert dg.pair_labels(["a", "b", "c"]) == ["a-b", "a-c", "b-c"]
+
+
+def test_zero_gradients_are_left_out_without_nan() -> None:
+    g = gram_of([0.0, 0.0], [1.0, 0.0], [-2.0, 0.0])
+    cos = dg.cosine_matrix(g)
+    assert cos[0].tolist() == [0.0, 0.0, 0.0] and cos[:, 0].tolist() == [0.0, 0.0, 0.0]
+    assert cos[1, 2].item() == -1.0
+    assert float(dg.norm_ratio(g)) == 2.0  # among the non-zero gradients
+    assert float(dg.conflict_fraction(g)) == 1.0  # the one pair of non-zero gradients
+    assert dg.alignment(g, torch.tensor([5.0, 1.0, 0.0])).tolist() == [0.0, 1.0, -1.0]
+    one = gram_of([0.0, 0.0], [1.0, 1.0])
+    assert float(dg.norm_ratio(one)) == 1.0 and float(dg.conflict_fraction(one)) == 0.0
+    none = torch.zeros(3, 3, dtype=torch.float64)
+    values = dg.step_diagnostics(none, torch.ones(3))
+    assert all(bool(torch.isfinite(v).all()) for v in values.values())
+    assert float(values["diag/norm_ratio"]) == 1.0
+    assert values["diag/align"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_rounding_is_clamped() -> None:
+    g = torch.tensor([[1.0, 1.0 + 1e-12], [1.0 + 1e-12, 1.0]], dtype=torch.float64)
+    assert float(dg.cosine_matrix(g).max()) == 1.0
+    neg = torch.tensor([[-1e-30, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert dg.gradient_norms(neg).tolist() == [0.0, 1.0]
+
+
+def test_loss_ratios() -> None:
+    ratios = dg.loss_ratios(torch.tensor([2.0, 3.0, 0.0, 0.5]), torch.tensor([4.0, 3.0, 0.0, 0.0]))
+    assert ratios.tolist() == [0.5, 1.0, 1.0, math.inf]
+    with pytest.raises(ValueError, match="expected 2 initial losses"):
+        dg.loss_ratios(torch.ones(2), torch.ones(3))
+
+
+def test_shapes_are_checked() -> None:
+    with pytest.raises(ValueError, match="square"):
+        dg.cosine_matrix(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="expected 2 weights"):
+        dg.alignment(torch.eye(2), torch.ones(3))
+    with pytest.raises(ValueError, match="give the weights"):
+        dg.step_diagnostics(torch.eye(2))
+
+
+# ---------------------------------------------------------------- against an explicit loop
+def loop_diagnostics(grads: list[torch.Tensor], direction: torch.Tensor) -> dict[str, Any]:
+    """The diagnostics from per-task gradient vectors, one pair at a time."""
+    k = len(grads)
+    norms = [float(g.norm()) for g in grads]
+    cos = {}
+    for i in range(k):
+        for j in range(i + 1, k):
+            cos[(i, j)] = float(torch.dot(grads[i], grads[j])) / (norms[i] * norms[j])
+    d_norm = float(direction.norm())
+    return {
+        "cos": [cos[p] for p in sorted(cos)],
+        "norm": norms,
+        "norm_ratio": max(norms) / min(norms),
+        "conflict": sum(c < 0 for c in cos.values()) / len(cos),
+        "align": [float(torch.dot(g, direction)) / (n * d_norm) for g, n in zip(grads, norms)],
+    }
+
+
+def assert_matches_loop(
+    values: dict[str, torch.Tensor], loop: dict[str, Any], rel: float = 1e-9
+) -> None:
+    """``rel``: 1e-9 for float64 inputs; a float32 model's J rounds at about 1e-7."""
+    tol = {"rel": rel, "abs": 1e-6 * rel}
+    assert values["diag/cos"].reshape(-1).tolist() == pytest.approx(loop["cos"], **tol)
+    assert values["diag/norm"].reshape(-1).tolist() == pytest.approx(loop["norm"], **tol)
+    assert float(values["diag/norm_ratio"]) == pytest.approx(loop["norm_ratio"], **tol)
+    assert float(values["diag/conflict_fraction"]) == pytest.approx(loop["conflict"], **tol)
+    assert values["diag/align"].reshape(-1).tolist() == pytest.approx(loop["align"], **tol)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pure_functions_agree_with_a_loop_on_random_jacobians(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    k, p = 2 + seed, 7
+    jac = torch.randn(k, p, generator=gen, dtype=torch.float64) * torch.rand(k, 1, generator=gen)
+    w = torch.randn(k, generator=gen, dtype=torch.float64)
+    values = dg.step_diagnostics(jac @ jac.T, w)
+    assert_matches_loop(values, loop_diagnostics(list(jac), w @ jac))
+    # the same through J d and ||d|| (the form used for Jacobian methods)
+    d = torch.randn(p, generator=gen, dtype=torch.float64)
+    other = dg.step_diagnostics(jac @ jac.T, task_dot_update=jac @ d, update_norm=d.norm())
+    assert_matches_loop(other, loop_diagnostics(list(jac), d))
+
+
+def task_gradient_vectors(losses: list[torch.Tensor], inputs: list[torch.Tensor]) -> list:
+    out = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        flat = [
+            torch.zeros_like(x).reshape(-1) if g is None else g.reshape(-1)
+            for g, x in zip(grads, inputs)
+        ]
+        out.append(torch.cat(flat).double())
+    return out
+
+
+def last_row(history: tb.History) -> dict[str, torch.Tensor]:
+    return {name: history.extra(name)[-1] for name in history.extra_names}
+
+
+@pytest.mark.parametrize("method", ["mgda", "upgrad", "cagrad"])
+@pytest.mark.parametrize("mode", ["exact", "features"])
+def test_recorded_diagnostics_match_a_per_task_loop(method: str, mode: str) -> None:
+    model = TinyNet()
+    bal = tb.make(method, tasks=["a", "b", "c"], diagnostics=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        opt.zero_grad()
+        x, _ = batch(step)
+        z = torch.tanh(model.shared(x))
+        losses = task_losses_from(model, z, step)
+        inputs = list(model.shared.parameters()) if mode == "exact" else [z]
+        grads = task_gradient_vectors(losses, inputs)
+        if mode == "exact":
+            bal.backward(losses, shared=model.shared)
+        else:
+            bal.backward(losses, features=z)
+        w = bal.last_weights.double()
+        direction = sum(wi * g for wi, g in zip(w, grads))
+        assert_matches_loop(last_row(bal.history), loop_diagnostics(grads, direction), 1e-5)
+        opt.step()
+
+
+def task_losses_from(model: TinyNet, z: torch.Tensor, step: int) -> list[torch.Tensor]:
+    _, targets = batch(step)
+    return [((head(z).squeeze(-1) - y) ** 2).mean() for head, y in zip(model.heads, targets)]
+
+
+def test_jacobian_method_alignment_uses_its_own_direction() -> None:
+    """GradDrop's update is not wᵀJ: the alignment is with the direction it wrote."""
+    model = TinyNet()
+    bal = tb.make("graddrop", tasks=3, diagnostics=True, seed=1)
+    params = list(model.shared.parameters())
+    losses = task_losses(model, 0)
+    grads = task_gradient_vectors(losses, params)
+    bal.backward(losses, shared=params)
+    written = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    assert_matches_loop(last_row(bal.history), loop_diagnostics(grads, written), 1e-5)
+
+
+def test_loss_ratios_are_against_the_first_step() -> None:
+    model = TinyNet()
+    bal = tb.make("mgda", tasks=3, diagnostics=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        opt.zero_grad()
+        bal.backward(task_losses(model, step), shared=model.shared)
+        opt.step()
+    losses = bal.history.losses
+    ratios = bal.history.extra("diag/loss_ratio")
+    assert torch.allclose(ratios, losses / losses[0], rtol=1e-12, atol=0)
+    assert bal.last_diagnostics is not None
+    assert float(bal.last_diagnostics["diag/loss_ratio/2"]) == pytest.approx(
+        float(losses[2, 2] / losses[0, 2]), rel=1e-12
+    )
+
+
+# ---------------------------------------------------------------- sampling, off, accumulation
+def run(bal: tb.Balancer, steps: int, start: int = 0, model: TinyNet | None = None) -> TinyNet:
+    model = model or TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(start, start + steps):
+        opt.zero_grad()
+        bal.backward(task_losses(model, step), shared=model.shared)
+        opt.step()
+    return model
+
+
+def test_every_nth_step_leaves_nan_rows() -> None:
+    bal = tb.make("upgrad", tasks=3, diagnostics=3)
+    run(bal, 5)
+    ratio = bal.history.extra("diag/norm_ratio")[:, 0]
+    assert [not math.isnan(v) for v in ratio.tolist()] == [True, False, False, True, False]
+    # the diagnosed rows equal those of diagnostics=True on the same run
+    every = tb.make("upgrad", tasks=3, diagnostics=True)
+    run(every, 5)
+    for name in every.history.extra_names:
+        assert torch.equal(bal.history.extra(name)[[0, 3]], every.history.extra(name)[[0, 3]])
+
+
+def test_off_computes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import taskbalance.aggregation.base as base
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("diagnostics computed while off")
+
+    monkeypatch.setattr(base, "step_diagnostics", refuse)
+    for name in ("mgda", "graddrop"):
+        bal = tb.make(name, tasks=3)
+        run(bal, 2)
+        assert not any(n.startswith("diag/") for n in bal.history.header())
+        assert bal._diag_gram is None and bal.last_diagnostics is None
+
+
+def test_accumulated_step_records_the_mean_of_its_micro_batches() -> None:
+    """Two identical micro-batches: the row is that of one unaccumulated step."""
+    model_a, model_b = TinyNet(), TinyNet()
+    acc = tb.make("mgda", tasks=3, diagnostics=True, accumulation_steps=2)
+    one = tb.make("mgda", tasks=3, diagnostics=True)
+    for _ in range(2):
+        acc.backward(task_losses(model_a, 0), shared=model_a.shared)
+    one.backward(task_losses(model_b, 0), shared=model_b.shared)
+    assert len(acc.history) == 1
+    for name in one.history.extra_names:
+        assert torch.allclose(acc.history.extra(name), one.history.extra(name), atol=1e-12)
+
+
+# ---------------------------------------------------------------- history, CSV, checkpoint
+def test_csv_carries_the_diagnostics(tmp_path: Any) -> None:
+    bal = tb.make("mgda", tasks=["x", "y"], diagnostics=2)
+    streamed = bal.history.stream_to(tmp_path / "stream.csv")
+    model = TinyNet(num_tasks=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        opt.zero_grad()
+        bal.backward(task_losses(model, step), shared=model.shared)
+        opt.step()
+    bal.history.close()
+    written = bal.history.to_csv(tmp_path / "all.csv")
+    for path in (written, streamed):
+        with path.open() as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 3
+        for column in (
+            "diag/cos/x-y",
+            "diag/norm/x",
+            "diag/norm_ratio",
+            "diag/conflict_fraction",
+            "diag/align/y",
+            "diag/loss_ratio/x",
+        ):
+            assert column in rows[0]
+        assert float(rows[0]["diag/cos/x-y"]) == pytest.approx(
+            float(bal.history.extra("diag/cos")[0, 0]), rel=1e-12
+        )
+        assert math.isnan(float(rows[1]["diag/norm_ratio"]))
+        assert float(rows[2]["diag/loss_ratio/x"]) == pytest.approx(
+            float(bal.history.extra("diag/loss_ratio")[2, 0]), rel=1e-12
+        )
+
+
+def test_checkpoint_round_trip_continues_the_same_diagnostics() -> None:
+    whole = tb.make("mgda", tasks=3, diagnostics=True)
+    run(whole, 5)
+    first = tb.make("mgda", tasks=3, diagnostics=True)
+    model = run(first, 3)
+    state = save_load(first.state_dict())
+    resumed = tb.make("mgda", tasks=3, diagnostics=True)
+    resumed.load_state_dict(state)
+    run(resumed, 2, start=3, model=model)
+    assert resumed.history.header() == whole.history.header()
+    for name in whole.history.extra_names:
+        assert torch.allclose(resumed.history.extra(name), whole.history.extra(name), atol=1e-12)
+
+
+# ---------------------------------------------------------------- misuse
+def test_loss_weighting_method_refuses_diagnostics() -> None:
+    with pytest.raises(BalancerUsageError, match=r"DWA \(a loss-weighting method\).*Gramian"):
+        tb.make("dwa", tasks=2, diagnostics=True)
+
+
+def test_method_with_its_own_step_refuses_diagnostics() -> None:
+    with pytest.raises(BalancerUsageError, match=r"MoDo.*cannot record diagnostics"):
+        tb.make("modo", tasks=2, diagnostics=True)
+
+
+def test_diagnostics_without_a_history_is_refused() -> None:
+    with pytest.raises(BalancerUsageError, match="record=False"):
+        tb.make("mgda", tasks=2, diagnostics=True, record=False)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "yes"])
+def test_bad_diagnostics_value(value: Any) -> None:
+    with pytest.raises(ValueError, match="diagnostics must be True"):
+        tb.make("mgda", tasks=2, diagnostics=value)
+
+
+def test_diagnostics_is_not_a_hyperparameter_to_compare_on_load() -> None:
+    saved = tb.make("mgda", tasks=2)
+    run_two = tb.make("mgda", tasks=2, diagnostics=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_two.load_state_dict(save_load(saved.state_dict()))
+    assert "diagnostics" not in repr(saved) and "diagnostics=True" in repr(run_two)
+
+
+# ---------------------------------------------------------------- figure
+def test_plot_diagnostics_writes_a_png(tmp_path: Any) -> None:
+    bal = tb.MGDA(tasks=3, diagnostics=True)
+    run(bal, 5)
+    path = tb.plot_diagnostics(bal.history, tmp_path / "diag.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+
+
+def test_plot_diagnostics_heatmap_for_many_tasks(tmp_path: Any) -> None:
+    bal = tb.MGDA(tasks=7, diagnostics=True)
+    gen = torch.Generator().manual_seed(0)
+    body = torch.nn.Linear(4, 5)
+    for _ in range(3):
+        z = body(torch.randn(6, 4, generator=gen))
+        losses = [(z[:, i % 5] * (i - 3)).mean() for i in range(7)]
+        body.zero_grad()
+        bal.backward(losses, shared=body)
+    path = tb.plot_diagnostics(bal.history, tmp_path / "many.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_diagnostics_is_refused(tmp_path: Any) -> None:
+    bal = tb.MGDA(tasks=2)
+    with pytest.raises(ValueError, match="diagnostics=True"):
+        tb.plot_diagnostics(bal.history, tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------- Lightning
+def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from taskbalance.integrations.lightning import BalancerMixin
+
+    class Memory(pl.loggers.Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[dict[str, float]] = []
+
+        @property
+        def name(self) -> str:
+            return "memory"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.rows.append(dict(metrics))
+
+    class Module(BalancerMixin, pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyNet()
+            self.balancer = tb.MGDA(tasks=["a", "b", "c"], diagnostics=2)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+            x, y = batch
+            losses = [((out - y[:, i]) ** 2).mean() for i, out in enumerate(self.net(x))]
+            return self.balanced_step(losses, shared=self.net.shared)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x, targets = batch(0)
+    data = DataLoader(TensorDataset(x, torch.stack(targets, 1)), batch_size=2)
+    logger = Memory()
+    module = Module()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            devices=1,
+            logger=logger,
+            log_every_n_steps=1,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(module, data)
+    history = module.balancer.history
+    assert len(history) == 4
+    logged = torch.tensor([row["diag/cos/a-c"] for row in logger.rows if "diag/cos/a-c" in row])
+    expected = history.extra("diag/cos")[:, 1]  # NaN on the steps not diagnosed (1 and 3)
+    assert logged.shape == (4,) and torch.isnan(expected[[1, 3]]).all()
+    torch.testing.assert_close(logged.double(), expected, rtol=1e-6, atol=0, equal_nan=True)
+    align = torch.tensor([row["diag/align/b"] for row in logger.rows if "diag/align/b" in row])
+    torch.testing.assert_close(
+        align.double(), history.extra("diag/align")[:, 1], rtol=1e-6, atol=0, equal_nan=True
+    )
