@@ -86,6 +86,10 @@ def configs() -> list[Config]:
         ("sdmgrad_os", "forked", 1, {"n": 2}),
         ("m_config", "exact", 2, {}),
         ("m_config", "exact", 1, {"per_step": 2, "adaptive": False}),
+        # gradient diagnostics: from the Gramian the method used, the same on every rank
+        ("mgda", "exact", 1, {"diagnostics": True}),
+        ("upgrad", "features", 2, {"diagnostics": True}),
+        ("graddrop", "features", 1, {"diagnostics": 2, "seed": "rank"}),
         # MoDo's double sampling: three independent batches per (micro-)step
         ("modo", "exact", 1, {"batches": 3, "gamma": 0.5}),
         ("modo", "exact", 2, {"batches": 3, "gamma": 0.5}),
@@ -207,6 +211,8 @@ def run(config: Config, rank: int, world: int) -> dict[str, Tensor]:
     out = {f"param/{n}": p.detach().clone() for n, p in net.named_parameters()}
     out["weights"] = torch.stack(weights)
     out["steps"] = torch.tensor(bal.steps)
+    if kw.get("diagnostics"):
+        out.update({n: bal.history.extra(n) for n in bal.history.extra_names})
     return out
 
 

@@ -97,6 +97,12 @@ def test_ranks_agree_and_match_one_process(
     assert max_param_gap(first, single) <= 1e-5, name
     assert max_param_gap(second, single) <= 1e-5, name
     assert int(first["steps"]) == int(single["steps"]) == worker.STEPS
+    # (c) diagnostics=: every rank records those of the single process on the global batch
+    diagnosed = [k for k in single if k.startswith("diag/")]
+    assert bool(diagnosed) == bool(config[3].get("diagnostics")), name
+    for k in diagnosed:
+        torch.testing.assert_close(first[k], second[k], rtol=0, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(first[k], single[k], rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
 CONTROLS = worker.controls()
