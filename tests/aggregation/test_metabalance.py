@@ -196,3 +196,16 @@ def test_state_round_trips() -> None:
 
     saved = check_resume(fresh, split=3, total=7)
     assert saved["bal"]["state"]["averages"].shape == (3, 2)  # K × (weight, bias)
+
+
+def test_the_zero_scale_count_survives_a_state_round_trip() -> None:
+    # one step with an all-zero auxiliary gradient is counted; a fresh balancer loading the
+    # state continues the count (and the averages) instead of starting again from 0
+    bal = make(2, [1, 1], relax=0.6, beta=0.0)
+    bal.aggregate(torch.tensor([[1.0, 2.0], [0.0, 0.0]], dtype=D), ONES[:2])
+    assert bal.zero_scales == 1
+    other = make(2, [1, 1], relax=0.6, beta=0.0)
+    other.load_method_state(bal.method_state())
+    assert other.zero_scales == 1
+    other.aggregate(torch.tensor([[1.0, 2.0], [0.0, 0.0]], dtype=D), ONES[:2])
+    assert other.zero_scales == 2
