@@ -372,3 +372,53 @@ def test_margin_qp_fallback_is_logged_and_counted(monkeypatch, caplog) -> None:
     mu = 0.5 + R
     expected = np.array([1 - mu * R, mu * R]) / np.sqrt(0.75)
     np.testing.assert_allclose((w @ jac).numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+def test_the_zero_test_does_not_depend_on_the_gradients_scale(scale: float) -> None:
+    # g1 = c (1, 0), g2 = c (-1, 1): d* = c (1/2, 1/2) whatever c, rescaled to ||g1||, so
+    # v = (1, 1/2) / sqrt(1/2) at every scale (the threshold is relative to ||d*||'s rounding)
+    got = weights(scale * np.array([[1.0, 0.0], [-1.0, 1.0]]))
+    np.testing.assert_allclose(got, np.array([1.0, 0.5]) * np.sqrt(2.0), rtol=1e-12)
+
+
+def test_the_precision_of_a_float64_j_does_not_leak_into_the_next_gramian_call() -> None:
+    """After an exact-mode step on a float64 J, a Gramian handed over directly (the
+    Gramian and features modes: J's dtype unknown) is judged at float32 precision again:
+    g1 = (1, 1e-4), g2 = (-1, 0) give ||d*||² = 1e-8 of its rounding scale 4, zero there."""
+    jac = torch.tensor([[1.0, 1e-4], [-1.0, 0.0]], dtype=torch.float64)
+    bal = PCD(2, tau=0.0)
+    direction, _ = bal.aggregate(jac, ONES(2, dtype=torch.float64))
+    assert bal.zero_steps == 0 and float(direction.norm()) > 0
+    w = bal.weights_from_gramian(jac @ jac.T, ONES(2, dtype=torch.float64))
+    assert w.tolist() == [0.0, 0.0] and bal.zero_steps == 1
+
+
+def test_first_margin_step_with_gradients_at_the_scale_of_eps_by_hand() -> None:
+    """The bias-corrected average of the first step is ||g_i||² itself, so s_i =
+    1/sqrt(||g_i||² + eps). g1 = (1e-4, 0), g2 = (0, 2e-4), eps = 1e-8: s1 = 1/sqrt(2e-8),
+    s2 = 1/sqrt(5e-8); normalised squared norms 1/2 and 4/5, orthogonal; margin
+    τ·4/5 = 0.4 with τ = 1/2 gives μ = 0.4/0.8 = 1/2, v = (1, μ s2/s1) = (1, sqrt(0.1)),
+    vᵀJ = (1e-4, 2e-4 sqrt(0.1)) of norm 1e-4 sqrt(1.4), rescaled to ||g1|| = 1e-4."""
+    jac = torch.tensor([[1e-4, 0.0], [0.0, 2e-4]], dtype=torch.float64)
+    bal = PCD(2, tau=0.5, eps=1e-8)
+    w = bal.weights_from_gramian(jac @ jac.T, ONES(2, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(w, np.array([1.0, np.sqrt(0.1)]) / np.sqrt(1.4), rtol=1e-10)
+
+
+def test_steps_without_a_margin_keep_the_average_a_margin_step_would() -> None:
+    # the squared-norm average advances on τ = 0 steps too, so a state saved without a
+    # margin and loaded with one gives what a run with the margin all along gives: here
+    # the first step's ||g_2||² = 0.25 < 1 and the second step's scales depend on it
+    first = torch.diag(torch.tensor([4.0, 0.25], dtype=torch.float64))
+    second = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
+    losses = ONES(2, dtype=torch.float64)
+    plain = PCD(2, tau=0.0)
+    plain.weights_from_gramian(first, losses)
+    resumed = PCD(2, tau=0.5)
+    resumed.load_method_state(plain.method_state())
+    always = PCD(2, tau=0.5)
+    always.weights_from_gramian(first, losses)
+    torch.testing.assert_close(
+        resumed.weights_from_gramian(second, losses), always.weights_from_gramian(second, losses)
+    )
