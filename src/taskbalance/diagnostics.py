@@ -1,6 +1,7 @@
 """Gradient diagnostics: the conflict structure between tasks, from the Gramian.
 
-Pure functions, tensor in, tensor out, computed in float64. ``G = J Jᵀ`` is the K×K
+Pure functions, tensor in, tensor out, computed in float64 on the Gramian's device without
+a host synchronisation. ``G = J Jᵀ`` is the K×K
 Gramian of the task gradients (``G_ij = g_i·g_j``) and ``w`` the weights actually applied,
 so that the update is ``d = wᵀJ``: then ``||d||² = wᵀGw`` and ``g_i·d = (Gw)_i``, and every
 quantity below needs G and w only (K² numbers, never J). A method whose update is not
@@ -71,10 +72,10 @@ def norm_ratio(gramian: Tensor) -> Tensor:
     gradient. Always finite and at least 1.
     """
     norms = gradient_norms(gramian)
-    nonzero = norms[norms > 0]
-    if nonzero.numel() < 2:
-        return torch.ones((), dtype=torch.float64, device=norms.device)
-    return nonzero.max() / nonzero.min()
+    nonzero = norms > 0
+    smallest = torch.where(nonzero, norms, torch.full_like(norms, float("inf"))).min()
+    ratio = norms.max() / smallest  # 0 / inf = 0 when every gradient is zero
+    return torch.where(nonzero.sum() >= 2, ratio, torch.ones_like(ratio))  # no host sync
 
 
 def conflict_fraction(gramian: Tensor) -> Tensor:
@@ -89,10 +90,9 @@ def conflict_fraction(gramian: Tensor) -> Tensor:
     nonzero = gram.diagonal() > 0
     upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=gram.device), diagonal=1)
     pairs = upper & nonzero[:, None] & nonzero[None, :]
-    count = pairs.sum()
-    if int(count) == 0:
-        return torch.zeros((), dtype=torch.float64, device=gram.device)
-    return ((gram < 0) & pairs).sum().to(torch.float64) / count.to(torch.float64)
+    count = pairs.sum().to(torch.float64)
+    conflicts = ((gram < 0) & pairs).sum().to(torch.float64)
+    return conflicts / count.clamp(min=1.0)  # 0 / 1 without a pair; no host sync
 
 
 def update_alignment(task_dot_update: Tensor, norms: Tensor, update_norm: Tensor) -> Tensor:
