@@ -448,3 +448,84 @@ def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any) -> None:
     torch.testing.assert_close(
         align.double(), history.extra("diag/align")[:, 1], rtol=1e-6, atol=0, equal_nan=True
     )
+
+
+# ---------------------------------------------------------------- every method
+DIAGNOSED = [m for m in tb.list_methods() if tb.get(m).supports_diagnostics()]
+
+
+def test_which_methods_record_diagnostics() -> None:
+    kinds = {m: tb.get(m).kind for m in tb.list_methods()}
+    assert {"mgda", "upgrad", "pcgrad", "graddrop", "nash_mtl", "sdmgrad_os"} <= set(DIAGNOSED)
+    assert all(kinds[m] == "gradient" for m in DIAGNOSED)
+    assert not {"modo", "gradnorm", "cr_mogm", "dwa", "uncertainty"} & set(DIAGNOSED)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("method", DIAGNOSED)
+def test_every_diagnosed_method_aligns_with_the_gradient_it_writes(method: str) -> None:
+    """Exact mode where the method has it: the recorded alignment is that of the update
+    actually written to the shared parameters (``.grad`` after ``zero_grad``); a
+    features-only method: that of ``wᵀJ`` over the features."""
+    model = TinyNet(seed=3)
+    bal = tb.make(method, 3, diagnostics=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    exact = "exact" in bal.modes
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        x, targets = batch(step)
+        z = torch.tanh(model.shared(x))
+        losses = [((h(z).squeeze(-1) - y) ** 2).mean() for h, y in zip(model.heads, targets)]
+        params = list(model.shared.parameters())
+        grads = task_gradient_vectors(losses, params if exact else [z])
+        if exact:
+            bal.backward(losses, shared=model.shared)
+            written = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        else:  # features only (MGDA-UB): the update of z is wᵀJ (z.grad holds more)
+            assert bal.needs == "gramian"
+            bal.backward(losses, shared=model.shared, features=z)
+            written = sum(w * g for w, g in zip(bal.last_weights.double(), grads))
+        row = last_row(bal.history)
+        assert all(bool(torch.isfinite(v).all()) for v in row.values()), method
+        norms = row["diag/norm"]
+        for i, g in enumerate(grads):  # a sampled-out task (SDMGrad-OS) has a zero row
+            assert float(norms[i]) == 0.0 or float(norms[i]) == pytest.approx(
+                float(g.norm()), rel=1e-5
+            )
+            if float(norms[i]) > 0 and float(written.norm()) > 0:
+                expected = float(g @ written) / (float(g.norm()) * float(written.norm()))
+                assert float(row["diag/align"][i]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        opt.step()
+
+
+def test_forked_features_record_the_same_diagnostics_as_features() -> None:
+    rows = {}
+    for forked in (False, True):
+        model = TinyNet()
+        bal = tb.make("upgrad", 3, diagnostics=True)
+        x, targets = batch(0)
+        z = torch.tanh(model.shared(x))
+        zs = tb.fork(z, 3) if forked else [z] * 3
+        losses = [
+            ((h(zi).squeeze(-1) - y) ** 2).mean() for h, zi, y in zip(model.heads, zs, targets)
+        ]
+        bal.backward(losses, features=zs if forked else z)
+        rows[forked] = last_row(bal.history)
+    for name, value in rows[False].items():
+        torch.testing.assert_close(rows[True][name], value, rtol=1e-6, atol=1e-9)
+
+
+def test_autocast_step_records_finite_diagnostics() -> None:
+    model = TinyNet()
+    bal = tb.make("mgda", 3, diagnostics=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = task_losses(model, 0)
+        bal.backward(losses, shared=model.shared)
+    row = last_row(bal.history)
+    assert row["diag/cos"].dtype == torch.float64
+    assert all(bool(torch.isfinite(v).all()) for v in row.values())
+    plain, again = tb.make("mgda", 3, diagnostics=True), TinyNet()
+    plain.backward(task_losses(again, 0), shared=again.shared)
+    # bf16 forward: the same conflict structure to bf16's precision
+    expected = last_row(plain.history)["diag/cos"]
+    torch.testing.assert_close(row["diag/cos"], expected, atol=0.05, rtol=0)
