@@ -422,3 +422,27 @@ def test_steps_without_a_margin_keep_the_average_a_margin_step_would() -> None:
     torch.testing.assert_close(
         resumed.weights_from_gramian(second, losses), always.weights_from_gramian(second, losses)
     )
+
+
+def test_margin_kkt_check_by_hand() -> None:
+    # min_{μ >= 0} ½ μ² + qμ: with q = 0 the answer is μ = 0; μ = ½ is feasible with slack
+    # ½ > 0, which complementarity (slack = 0 where μ > 0) must reject, at any μ > 0
+    from taskbalance.aggregation._margin_qp import kkt_holds
+
+    a = np.array([[1.0]])
+    assert kkt_holds(a, np.array([0.0]), np.array([0.0]), 1.0)
+    for mu in (0.5, 2.0):
+        assert not kkt_holds(a, np.array([0.0]), np.array([mu]), 1.0)
+    assert kkt_holds(a, np.array([-0.5]), np.array([0.5]), 1.0)  # slack 0 at μ = ½
+    assert not kkt_holds(a, np.array([-1.0]), np.array([0.0]), 1.0)  # slack -1 < 0
+
+
+def test_homogeneous_margin_constraints_are_always_feasible() -> None:
+    # b = 0: d = 0 satisfies g_j · d >= 0 for any gradients, even two opposite ones; with a
+    # positive margin on both opposite gradients no d can gain on both (Farkas)
+    from taskbalance.aggregation._margin_qp import infeasible
+
+    opposite = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    assert not infeasible(opposite, np.zeros(2))
+    assert infeasible(opposite, np.array([0.1, 0.1]))
+    assert not infeasible(np.eye(2), np.array([0.1, 0.1]))
