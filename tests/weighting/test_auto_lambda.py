@@ -333,3 +333,43 @@ def test_ranks_take_the_same_meta_step_under_ddp(tmp_path) -> None:
     assert torch.equal(first["auto"], second["auto"])  # the averaged meta-gradient
     assert not torch.equal(first["off"], second["off"])  # ... which is what makes them agree
     assert not torch.equal(first["auto"], torch.full((2,), 0.1, dtype=D))
+
+
+@pytest.mark.parametrize(
+    "kw", [{"lr": 0.0}, {"lr": -1e-4}, {"lr": float("inf")}, {"init": float("nan")}]
+)
+def test_a_zero_or_non_finite_meta_learning_rate_is_refused(kw: dict) -> None:
+    # lr = 0 would never move λ (static weighting under Auto-Lambda's name)
+    with pytest.raises(ValueError, match="lr > 0 and init >= 0"):
+        AutoLambda(2, **kw)
+
+
+def test_training_and_evaluation_use_the_learned_unequal_weights() -> None:
+    # λ = (0.3, 0.1), as a few meta steps may leave it: L = 0.3·2 + 0.1·6 = 1.2 both in
+    # training and in evaluate() (the mean weight 0.2 would give 1.6)
+    bal = AutoLambda(2)
+    state = bal.method_state()
+    state["lambda"] = torch.tensor([0.3, 0.1], dtype=D)
+    bal.load_method_state(state)
+    losses = [torch.tensor(2.0), torch.tensor(6.0)]
+    assert float(bal.evaluate(losses)) == pytest.approx(1.2)
+    assert float(bal(losses)) == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("hvp", ["finite_difference", "exact"])
+def test_weight_decay_enters_the_virtual_step_by_hand(hvp: str) -> None:
+    # L_1 = ½θ², L_2 = ½(θ − 2)², primary task 0's L_val = ½(θ − 3)², θ = 1,
+    # λ = (0.1, 0.1), α = 0.5, weight decay 0.2: g = (1, −1),
+    # θ' = 1 − 0.5 (0.1 − 0.1 + 0.2·1) = 0.9,
+    # v = θ' − 3 = −2.1, ∂L_val/∂λ_i = −α g_i v = (1.05, −1.05) (no decay: θ' = 1, ±1)
+    theta = torch.nn.Parameter(torch.ones(1, dtype=D))
+
+    def train() -> list[torch.Tensor]:
+        return [0.5 * theta[0] ** 2, 0.5 * (theta[0] - 2.0) ** 2]
+
+    bal = AutoLambda(2, primary=0, hvp=hvp)  # L_val: task 0 only
+    bal.meta_step(
+        [theta], train, lambda: [0.5 * (theta[0] - 3.0) ** 2] * 2, lr=0.5, weight_decay=0.2
+    )
+    torch.testing.assert_close(bal.last_meta_gradient, torch.tensor([1.05, -1.05], dtype=D))
+    assert theta.item() == 1.0
