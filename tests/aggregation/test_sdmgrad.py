@@ -357,3 +357,35 @@ def test_infinite_lambda_with_sum_reduction_is_the_sum_of_the_gradients(k: int) 
     g = torch.diag(torch.arange(1.0, k + 1.0, dtype=D))
     bal = SDMGrad(k, lam=float("inf"), reduction="sum")
     np.testing.assert_array_equal(bal.weights_from_gramian(g, None).numpy(), np.ones(k))
+
+
+def test_sdmgrad_os_default_seed_is_zero() -> None:
+    # runs that give no seed draw the subsets of seed=0 (reproducible by default)
+    default = SDMGradOS(6, n=2)
+    assert torch.equal(default.generator.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert default.task_subset() == SDMGradOS(6, n=2, seed=0).task_subset()
+
+
+def test_sdmgrad_os_one_sampled_task_one_inner_step_by_hand() -> None:
+    """K = 2, n = 1 (n = 1 is allowed), one inner step of lr 0.1 from w = (½, ½), λ = 0.6.
+    Only the sampled task s has a Gramian entry: G = ||g_s||² e_s e_sᵀ, mean norm ||g_s||/2,
+    so Ĝ = 4 e_s e_sᵀ; Ĝw + λĜ1/K = 3.2 e_s; w = Π_Δ(½ − 0.32 e_s) = (0.34 at s, 0.66);
+    weights (w + 0.3)/1.6 = 0.4 at s, times K/n = 2: 0.8 on g_s, 0 on the other task."""
+    jac = torch.tensor([[3.0, 4.0], [-5.0, 12.0]], dtype=D)
+    bal = SDMGradOS(2, n=1, niter=1, lr=0.1)
+    (s,) = bal.current_subset = bal.task_subset()
+    direction, weights = bal.aggregate(jac, torch.ones(2, dtype=D))
+    expected = torch.zeros(2, dtype=D)
+    expected[s] = 0.8
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(direction, 0.8 * jac[s])
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_sdmgrad_os_with_every_task_drawn_samples_nothing(n: int) -> None:
+    # n >= K: no subset (the engine back-propagates every task) and no draw is consumed
+    bal = SDMGradOS(3, n=n)
+    state = bal.generator.get_state()
+    assert bal.task_subset() is None
+    bal.weights_from_gramian(torch.eye(3, dtype=D), torch.ones(3, dtype=D))
+    assert torch.equal(bal.generator.get_state(), state)
