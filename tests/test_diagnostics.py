@@ -323,11 +323,6 @@ def test_checkpoint_round_trip_continues_the_same_diagnostics() -> None:
 
 
 # ---------------------------------------------------------------- misuse
-def test_loss_weighting_method_refuses_diagnostics() -> None:
-    with pytest.raises(BalancerUsageError, match=r"DWA \(a loss-weighting method\).*Gramian"):
-        tb.make("dwa", tasks=2, diagnostics=True)
-
-
 def test_method_with_its_own_step_refuses_diagnostics() -> None:
     with pytest.raises(BalancerUsageError, match=r"MoDo.*cannot record diagnostics"):
         tb.make("modo", tasks=2, diagnostics=True)
@@ -451,14 +446,23 @@ def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any) -> None:
 
 
 # ---------------------------------------------------------------- every method
-DIAGNOSED = [m for m in tb.list_methods() if tb.get(m).supports_diagnostics()]
+DIAGNOSED = [
+    m
+    for m in tb.list_methods()
+    if tb.get(m).supports_diagnostics() and tb.get(m).kind == "gradient"
+]
+LOSS_DIAGNOSED = [
+    m for m in tb.list_methods() if tb.get(m).supports_diagnostics() and tb.get(m).kind == "loss"
+]
 
 
 def test_which_methods_record_diagnostics() -> None:
     kinds = {m: tb.get(m).kind for m in tb.list_methods()}
     assert {"mgda", "upgrad", "pcgrad", "graddrop", "nash_mtl", "sdmgrad_os"} <= set(DIAGNOSED)
-    assert all(kinds[m] == "gradient" for m in DIAGNOSED)
-    assert not {"modo", "gradnorm", "cr_mogm", "dwa", "uncertainty"} & set(DIAGNOSED)
+    assert not {"modo", "gradnorm", "cr_mogm"} & set(DIAGNOSED + LOSS_DIAGNOSED)
+    # every loss-weighting method, through the engine on its diagnosed steps
+    assert set(LOSS_DIAGNOSED) == {m for m, kind in kinds.items() if kind == "loss"}
+    assert {"dwa", "uncertainty", "famo", "stch", "dtp"} <= set(LOSS_DIAGNOSED)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -529,3 +533,196 @@ def test_autocast_step_records_finite_diagnostics() -> None:
     # bf16 forward: the same conflict structure to bf16's precision
     expected = last_row(plain.history)["diag/cos"]
     torch.testing.assert_close(row["diag/cos"], expected, atol=0.05, rtol=0)
+
+
+# ---------------------------------------------------------------- loss-weighting methods
+def loss_step(
+    bal: tb.Balancer, model: TinyNet, step: int, mode: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One diagnosed-or-not ``backward`` of a loss method; returns the losses' task
+    gradient vectors over the mode's inputs (taken first, by an explicit loop) and the
+    shared parameters."""
+    x, targets = batch(step, len(model.heads))
+    z = torch.tanh(model.shared(x))
+    losses = [((h(z).squeeze(-1) - y) ** 2).mean() for h, y in zip(model.heads, targets)]
+    params = list(model.shared.parameters())
+    grads = task_gradient_vectors(losses, params if mode == "exact" else [z])
+    context = {"kpi": [math.exp(-float(v.detach())) for v in losses]} if bal.uses_kpi else {}
+    if mode == "exact":
+        bal.backward(losses, shared=model.shared, **context)
+    else:
+        bal.backward(losses, features=z, **context)
+    return grads, params
+
+
+@pytest.mark.parametrize("method", ["dwa", "uncertainty"])
+@pytest.mark.parametrize("mode", ["exact", "features"])
+def test_loss_method_diagnostics_match_a_per_task_loop(method: str, mode: str) -> None:
+    model = TinyNet()
+    bal = tb.make(method, tasks=["a", "b", "c"], diagnostics=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(4):  # DWA's weights leave 1 from its third step
+        opt.zero_grad()
+        grads, _ = loss_step(bal, model, step, mode)
+        w = bal.last_weights.double()
+        direction = sum(wi * g for wi, g in zip(w, grads))
+        assert_matches_loop(last_row(bal.history), loop_diagnostics(grads, direction), 1e-5)
+        opt.step()
+    assert bal.history.extra("diag/norm_ratio").isnan().sum() == 0
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("method", LOSS_DIAGNOSED)
+def test_every_loss_method_aligns_with_the_gradient_it_writes(method: str) -> None:
+    """The recorded alignment is that of the update ``.backward`` wrote to the shared
+    parameters (so the recorded weights are the combined loss's weights of the task
+    gradients, for every loss-weighting method)."""
+    model = TinyNet(seed=3)
+    required = {"static": {"weights": [1.0, 2.0, 0.5]}}.get(method, {})
+    bal = tb.make(method, 3, diagnostics=True, **required)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        grads, params = loss_step(bal, model, step, "exact")
+        written = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        row = last_row(bal.history)
+        for i, g in enumerate(grads):
+            expected = float(g @ written) / (float(g.norm()) * float(written.norm()))
+            assert float(row["diag/align"][i]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        opt.step()
+
+
+def train_loss_method(
+    method: str, diagnostics: bool | int, mode: str, steps: int = 4, **kw: Any
+) -> tuple[TinyNet, tb.Balancer]:
+    model = TinyNet()
+    bal = tb.make(method, tasks=3, diagnostics=diagnostics, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        opt.zero_grad()
+        loss_step(bal, model, step, mode)
+        opt.step()
+    return model, bal
+
+
+@pytest.mark.parametrize("method", ["dwa", "uncertainty"])
+@pytest.mark.parametrize("mode", ["exact", "features"])
+def test_loss_method_update_is_the_same_with_diagnostics_on(method: str, mode: str) -> None:
+    """Bit for bit: the diagnosed steps compute J on the side (autograd.grad, graph kept)
+    and the update is the combined loss's ordinary backward."""
+    model_off, off = train_loss_method(method, False, mode)
+    model_on, on = train_loss_method(method, True, mode)
+    for (name, a), b in zip(model_off.named_parameters(), model_on.parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(off.history.weights, on.history.weights)
+    for p_off, p_on in zip(off.parameters(), on.parameters()):  # uncertainty's log_vars
+        assert torch.equal(p_off, p_on)
+
+
+def test_loss_method_off_computes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("task gradients computed while off")
+
+    monkeypatch.setattr(dg, "task_gramian", refuse)
+    _, bal = train_loss_method("dwa", False, "exact", steps=2)
+    assert not any(n.startswith("diag/") for n in bal.history.header())
+    assert bal.last_diagnostics is None
+    # and on the steps that diagnostics=n leaves out
+    monkeypatch.undo()
+    calls = []
+    real = dg.task_gramian
+    monkeypatch.setattr(dg, "task_gramian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train_loss_method("dwa", 3, "exact", steps=5)
+    assert len(calls) == 2  # steps 0 and 3
+
+
+def test_loss_method_every_nth_step_and_csv(tmp_path: Any) -> None:
+    _, bal = train_loss_method("uncertainty", 2, "features", steps=3)
+    ratio = bal.history.extra("diag/norm_ratio")[:, 0]
+    assert [not math.isnan(v) for v in ratio.tolist()] == [True, False, True]
+    with bal.history.to_csv(tmp_path / "h.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"diag/cos/0-1", "diag/align/2", "diag/loss_ratio/1", "sigma/0"} <= set(rows[0])
+    assert float(rows[2]["diag/conflict_fraction"]) == pytest.approx(
+        float(bal.history.extra("diag/conflict_fraction")[2, 0]), rel=1e-12
+    )
+    assert math.isnan(float(rows[1]["diag/cos/0-2"]))
+
+
+def test_loss_method_checkpoint_round_trip_continues_the_same_diagnostics() -> None:
+    _, whole = train_loss_method("dwa", True, "exact", steps=5)
+    model = TinyNet()
+    first = tb.make("dwa", tasks=3, diagnostics=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(5):
+        if step == 3:
+            state = save_load(first.state_dict())
+            first = tb.make("dwa", tasks=3, diagnostics=True)
+            first.load_state_dict(state)
+        opt.zero_grad()
+        loss_step(first, model, step, "exact")
+        opt.step()
+    for name in whole.history.extra_names:
+        torch.testing.assert_close(
+            first.history.extra(name), whole.history.extra(name), rtol=0, atol=1e-12
+        )
+
+
+def test_loss_method_accumulated_step_records_the_mean_of_its_micro_batches() -> None:
+    model_a, model_b = TinyNet(), TinyNet()
+    acc = tb.make("uncertainty", tasks=3, diagnostics=True, accumulation_steps=2)
+    one = tb.make("uncertainty", tasks=3, diagnostics=True)
+    for _ in range(2):
+        loss_step(acc, model_a, 0, "exact")
+    loss_step(one, model_b, 0, "exact")
+    assert len(acc.history) == 1
+    for name in one.history.extra_names:
+        torch.testing.assert_close(
+            acc.history.extra(name), one.history.extra(name), rtol=0, atol=1e-12
+        )
+
+
+def test_loss_method_forked_features_record_the_features_diagnostics() -> None:
+    rows = {}
+    for forked in (False, True):
+        model = TinyNet()
+        bal = tb.make("dwa", 3, diagnostics=True)
+        x, targets = batch(0)
+        z = torch.tanh(model.shared(x))
+        zs = tb.fork(z, 3) if forked else [z] * 3
+        losses = [
+            ((h(zi).squeeze(-1) - y) ** 2).mean() for h, zi, y in zip(model.heads, zs, targets)
+        ]
+        bal.backward(losses, features=zs if forked else z)
+        rows[forked] = last_row(bal.history)
+        assert model.shared.weight.grad is not None  # the ordinary update reached the body
+    for name, value in rows[False].items():
+        torch.testing.assert_close(rows[True][name], value, rtol=1e-6, atol=1e-9)
+
+
+def test_loss_method_called_without_shared_warns_once() -> None:
+    model = TinyNet()
+    bal = tb.make("dwa", 3, diagnostics=True)
+    with pytest.warns(tb.TaskBalanceWarning, match=r"without shared= or features=.*backward"):
+        bal(task_losses(model, 0)).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bal.backward(task_losses(model, 1))  # the same mistake through backward: warned once
+    assert bal.last_diagnostics is None and len(bal.history) == 2
+    other = tb.make("uncertainty", 3, diagnostics=True)
+    with pytest.warns(tb.TaskBalanceWarning, match="without shared= or features="):
+        other.backward(task_losses(model, 0))
+
+
+def test_loss_method_diagnostics_refuse_a_stacked_tensor() -> None:
+    model = TinyNet()
+    bal = tb.make("dwa", 3, diagnostics=True)
+    with pytest.raises(BalancerUsageError, match="list or a dict, not one stacked tensor"):
+        bal.backward(torch.stack(task_losses(model, 0)), shared=model.shared)
+
+
+def test_loss_method_diagnostics_refuse_features_without_grad() -> None:
+    model = TinyNet()
+    bal = tb.make("dwa", 3, diagnostics=True)
+    with pytest.raises(BalancerUsageError, match="features must be tensors that require grad"):
+        bal.backward(task_losses(model, 0), features=torch.zeros(8, 3))

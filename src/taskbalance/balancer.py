@@ -147,8 +147,12 @@ class Balancer:
             hold NaN). They come from the Gramian the method used (under DDP the global
             one, so every rank records the same values); under accumulation a row holds
             the mean over the step's micro-batches. Gradient methods that form the Gramian
-            or the Jacobian through the engine record them; other methods (loss-weighting
-            methods, GradNorm, MoDo, CR-MOGM) refuse the setting. Needs ``record=True``.
+            or the Jacobian through the engine record them; loss-weighting methods record
+            them on the diagnosed steps of ``backward(losses, shared=...)`` (or
+            ``features=``), where the engine computes the task gradients for them (K extra
+            backward passes in the exact mode; ``balancer(losses).backward()`` cannot be
+            diagnosed and is warned about once); GradNorm, MoDo and CR-MOGM refuse the
+            setting. Needs ``record=True``.
 
     Every call is a training step: it advances the method's state (DWA's period means,
     RLW's random draws, the step counter) and is recorded in the history. A call with
@@ -461,6 +465,8 @@ class Balancer:
             return torch.zeros((), requires_grad=True)
         weights = self.compute_weights(stacked.detach(), **context)
         total = self.combine(stacked, weights)
+        if self._diag_every:
+            self._diagnose_loss_step(weights, None)
         self.record_step(stacked.detach(), weights)
         return total
 
@@ -489,6 +495,8 @@ class Balancer:
             total = self.combine(stacked, weights) + surrogate.sum()
         if self.accumulation_steps > 1:
             total = total / self.accumulation_steps
+        if self._diag_every:
+            self._diagnose_loss_step(weights, sync)
         self._end_call(stacked, weights, boundary, sync, context)
         return total
 
@@ -551,10 +559,28 @@ class Balancer:
     ) -> Tensor | None:
         """Backpropagate this step's combined loss; return the task weights used.
 
-        For loss-weighting methods this is ``balancer(losses).backward()``; ``shared`` and
-        ``features`` are accepted for a uniform signature and ignored.
+        For loss-weighting methods this is ``balancer(losses).backward()``: the update is
+        the same with or without ``diagnostics=``. ``shared`` and ``features`` are used
+        only on the steps diagnosed (``diagnostics=``), where the engine computes the task
+        gradients from them (exact mode with ``shared=``, features mode with
+        ``features=``) for the diagnostics before the combined loss is backpropagated.
         """
-        total = self(losses, **context)
+        if self._diag_every and self.steps % self._diag_every == 0:
+            if shared is not None or features is not None:
+                losses, _ = with_reference(losses)  # a one-shot iterator becomes a list
+                if isinstance(losses, Tensor):
+                    raise BalancerUsageError(
+                        f"{type(self).__name__} with diagnostics= needs the task losses as a "
+                        "list or a dict, not one stacked tensor, so that each task's gradient "
+                        "can be told apart on the diagnosed steps: pass [loss_a, loss_b, ...]"
+                    )
+                self._diag_pending = (self.split_losses(losses), shared, features)
+            try:
+                total = self(losses, **context)
+            finally:
+                self._diag_pending = None
+        else:
+            total = self(losses, **context)
         if self.last_step_skipped:
             return None
         total.backward()
@@ -582,11 +608,41 @@ class Balancer:
     #: the step number (history row) of :attr:`last_diagnostics`.
     last_diagnostics_step: int | None = None
 
+    #: a diagnosed step's ``(losses, shared, features)``, set by :meth:`backward` for the
+    #: call it makes (loss-weighting methods)
+    _diag_pending: tuple[list[Tensor], Any, Any] | None = None
+    _diag_warned_call = False  # a diagnosed step without shared=/features= was warned about
+
     @classmethod
     def supports_diagnostics(cls) -> bool:
         """Whether ``diagnostics=`` can be used: the method forms the task gradients'
-        Gramian through the engine (gradient methods; see :mod:`taskbalance.diagnostics`)."""
-        return False
+        Gramian through the engine (gradient methods), or is a loss-weighting method,
+        whose diagnosed steps compute it through the engine from ``backward``'s
+        ``shared=`` / ``features=`` (see :mod:`taskbalance.diagnostics`)."""
+        return cls.kind == "loss"
+
+    def _diagnose_loss_step(self, weights: Tensor, sync: Sync | None) -> None:
+        """A loss-weighting method's call: on a diagnosed step, the diagnostics of the
+        update ``d = wᵀJ`` from the Gramian of the task gradients (kept for the step)."""
+        if self.steps % self._diag_every != 0:
+            return
+        pending, self._diag_pending = self._diag_pending, None
+        if pending is None:
+            if not self._diag_warned_call:
+                self._diag_warned_call = True
+                warn(
+                    f"{type(self).__name__}(diagnostics=...): this diagnosed step was called "
+                    "without shared= or features=, so no task gradient was computed and no "
+                    "diagnostics were recorded (loss = balancer(losses); loss.backward() "
+                    "cannot be diagnosed). Call balancer.backward(losses, shared=model.body) "
+                    "(or features=z) instead of balancer(losses).backward(). Warned once"
+                )
+            return
+        from taskbalance.diagnostics import step_diagnostics, task_gramian
+
+        items, shared, features = pending
+        gram = task_gramian(items, self.tasks, shared=shared, features=features, sync=sync)
+        self._add_diagnostics(step_diagnostics(gram, weights.detach()))
 
     def _init_diagnostics(self, diagnostics: bool | int) -> None:
         if isinstance(diagnostics, bool):
@@ -601,13 +657,14 @@ class Balancer:
         if not every:
             return
         if not self.supports_diagnostics():
-            what = "a loss-weighting method" if self.kind == "loss" else "a gradient method"
             raise BalancerUsageError(
-                f"{type(self).__name__} ({what}) cannot record diagnostics=: they come from "
-                "the Gramian of the task gradients that the engine forms for the gradient "
-                "methods (e.g. tb.MGDA, tb.UPGrad, tb.PCGrad), and this method does not form "
-                "it through the engine. Leave diagnostics= out, or build a gradient method "
-                "with diagnostics=True to look at the conflict structure"
+                f"{type(self).__name__} (a gradient method with a step of its own) cannot "
+                "record diagnostics=: they come from the Gramian of the task gradients that "
+                "the engine forms (for the engine's gradient methods, e.g. tb.MGDA, "
+                "tb.UPGrad, tb.PCGrad, and on the diagnosed steps of the loss-weighting "
+                "methods), and this method does not form it through the engine. Leave "
+                "diagnostics= out, or build another method with diagnostics=True to look at "
+                "the conflict structure"
             )
         if self.history is None:
             raise BalancerUsageError(

@@ -17,18 +17,21 @@ and is no longer zero).
 
 :class:`taskbalance.balancer.Balancer` records these values per step with
 ``diagnostics=True`` (see ``docs/diagnostics.md``); :func:`plot_diagnostics` draws them.
+Loss-weighting methods, which form no task gradient, get their Gramian from
+:func:`task_gramian` on the diagnosed steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from taskbalance.distributed import Sync
     from taskbalance.history import History
 
 #: the prefix of every diagnostics column in a history and in the Lightning logs.
@@ -185,6 +188,98 @@ def step_diagnostics(
         f"{PREFIX}/norm_ratio": norm_ratio(gram).reshape(1),
         f"{PREFIX}/conflict_fraction": conflict_fraction(gram).reshape(1),
         f"{PREFIX}/align": align,
+    }
+
+
+def task_gramian(
+    losses: Sequence[Tensor],
+    tasks: Sequence[str],
+    *,
+    shared: Any = None,
+    features: Any = None,
+    sync: Sync | None = None,
+) -> Tensor:
+    """The float64 Gramian ``J Jᵀ`` of the task gradients, keeping the losses' graph.
+
+    For the diagnostics of a loss-weighting method (which computes no task gradient of its
+    own): the engine's exact mode with ``shared=`` (J over the shared parameters) or its
+    features mode with ``features=`` (J over the shared representation; a
+    :func:`taskbalance.fork` result gives the forked mode). The graph is kept, so the
+    combined loss can be backpropagated afterwards; ``.grad`` is not touched. Under DDP
+    (``sync``) the Gramian is the one the gradient methods use: that of the rank-averaged
+    J in the exact mode, ``(1/R²) Σ_r J^r J^rᵀ`` in the features mode; the same on every
+    rank. Runs with autocast off for the losses' device type.
+
+    Raises:
+        BalancerUsageError: neither ``shared=`` nor ``features=``, features that do not
+            require grad, or a misuse the engine refuses (a loss that does not reach the
+            shared part, a parameter used by two tasks but not in ``shared=``).
+    """
+    from taskbalance.errors import BalancerUsageError
+    from taskbalance.gradients import (
+        ForkedFeatures,
+        autocast_disabled,
+        forked_task_jacobian,
+        gramian,
+        resolve_tensors,
+        task_jacobian,
+    )
+
+    names = list(tasks)
+    with autocast_disabled(losses[0] if losses else None):
+        if isinstance(features, ForkedFeatures):
+            jac = forked_task_jacobian(list(losses), features, names).jacobian
+        elif features is not None:
+            inputs = [features] if isinstance(features, Tensor) else list(features)
+            if not all(isinstance(z, Tensor) and z.requires_grad for z in inputs):
+                raise BalancerUsageError(
+                    "features must be tensors that require grad (the shared body's output, "
+                    "computed with autograd enabled)"
+                )
+            jac = task_jacobian(list(losses), inputs, names, features=True).jacobian
+        elif shared is not None:
+            inputs = resolve_tensors(shared)
+            jac = task_jacobian(
+                list(losses), inputs, names, features=False, retain_graph=True
+            ).jacobian
+        else:
+            raise BalancerUsageError("give shared= or features= to compute the task gradients")
+        if sync is None:
+            return gramian(jac).double()
+        if features is None:  # the Gramian of the global batch's J, as in the exact mode
+            return gramian(sync.mean_(jac)).double()
+        world = sync.world_size
+        return sync.all_reduce([gramian(jac).double()], 1.0)[0] / (world * world)
+
+
+def summarize(history: History) -> dict[str, Any]:
+    """A few numbers that sum up the diagnostics of ``history`` (``taskbalance diagnose``).
+
+    Over the diagnosed rows (the others hold NaN): ``"diagnosed"`` (their number),
+    ``"mean_conflict_fraction"``, ``"median_norm_ratio"`` (the lower median),
+    ``"negative_alignment"``: for each task, on how many of them its alignment with the
+    applied update was below 0 (the step hurt it to first order), most often first.
+
+    Raises:
+        ValueError: the history holds no diagnostics, or no diagnosed row.
+    """
+    if f"{PREFIX}/cos" not in history.extra_names:
+        raise ValueError(
+            "the history holds no diagnostics: build the balancer with diagnostics=True "
+            "(or diagnostics=n for every n-th step)"
+        )
+    ratio = history.extra(f"{PREFIX}/norm_ratio")[:, 0]
+    keep = ~torch.isnan(ratio)
+    if not bool(keep.any()):
+        raise ValueError("the history holds no diagnosed step")
+    conflict = history.extra(f"{PREFIX}/conflict_fraction")[keep, 0]
+    negative = (history.extra(f"{PREFIX}/align")[keep] < 0).sum(dim=0).tolist()
+    order = sorted(range(len(history.tasks)), key=lambda i: (-negative[i], i))
+    return {
+        "diagnosed": int(keep.sum()),
+        "mean_conflict_fraction": float(conflict.mean()),
+        "median_norm_ratio": float(ratio[keep].median()),
+        "negative_alignment": {history.tasks[i]: int(negative[i]) for i in order},
     }
 
 

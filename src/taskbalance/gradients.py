@@ -370,12 +370,18 @@ class TaskGradients:
 
 
 def task_jacobian(
-    losses: Sequence[Tensor], inputs: Sequence[Tensor], tasks: Sequence[str], *, features: bool
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    tasks: Sequence[str],
+    *,
+    features: bool,
+    retain_graph: bool = False,
 ) -> TaskGradients:
     """Per-task gradients of the K scalar ``losses`` w.r.t. ``inputs``, plus task-specific grads.
 
     ``features=True`` keeps the graph for the body backward that follows; otherwise the
-    graph is freed by the last task's pass.
+    graph is freed by the last task's pass, unless ``retain_graph=True`` (the diagnostics
+    of a loss-weighting method, whose combined loss is backpropagated afterwards).
     """
     k = len(losses)
     for i, task in enumerate(tasks):
@@ -419,7 +425,7 @@ def task_jacobian(
 
     for i in range(k):
         targets = list(inputs) + own_params[i]
-        retain = features or i < k - 1
+        retain = features or retain_graph or i < k - 1
         grads = torch.autograd.grad(losses[i], targets, retain_graph=retain, allow_unused=True)
         shared_grads = grads[: len(inputs)]
         if all(g is None for g in shared_grads):
