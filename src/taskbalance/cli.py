@@ -1,6 +1,9 @@
 """The ``taskbalance`` command line.
 
 * ``taskbalance list``: the registered balancing methods and the reference problems.
+* ``taskbalance diagnose --problem NAME``: one training run of a method with gradient
+  diagnostics on (:mod:`taskbalance.diagnostics`), writing its history CSV and figure and
+  printing a summary (conflict fraction, norm ratio, the tasks the updates hurt).
 * ``taskbalance demo kendall``: the uncertainty-weighting toy of Kendall et al. (CVPR 2018),
   printing the learned sigmas against the true noise and the published values, whether
   each of the two claims reproduced (the rule: ``taskbalance.problems.kendall.claims``),
@@ -149,6 +152,104 @@ def compare_command(
     _print_comparison(report)
     if report.comparison.failed:
         raise typer.Exit(code=1)
+
+
+@app.command("diagnose")
+def diagnose_command(
+    problem: Annotated[
+        str,
+        typer.Option(
+            help="Problem name (see `taskbalance list`, comparison problems), optionally "
+            "with options: NAME[KEY=VALUE,...]."
+        ),
+    ],
+    method: Annotated[
+        str,
+        typer.Option(help="Method spec: NAME or NAME[KEY=VALUE,...], e.g. 'upgrad'."),
+    ] = "equal",
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs (steps for the toys); default: problem's.")
+    ] = None,
+    every: Annotated[
+        int, typer.Option(min=1, help="Diagnose every n-th training step (1: every step).")
+    ] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the run (as in compare).")] = 0,
+    size: Annotated[
+        str, typer.Option(help="'full' (documented) or 'small' (a smoke test, seconds).")
+    ] = "full",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the CSV and the figure (default runs/diagnose/<problem>)."),
+    ] = None,
+) -> None:
+    """Train one method on a reference problem with diagnostics on; write the history CSV
+    and the diagnostics figure, and print a summary of the conflict between the tasks."""
+    from rich.markup import escape
+
+    from taskbalance.compare.options import (
+        MethodSpec,
+        _parse_spec,
+        build_problem,
+        parse_problem,
+        spec_directory,
+    )
+    from taskbalance.compare.runner import make_factory
+    from taskbalance.diagnostics import plot_diagnostics, summarize
+    from taskbalance.errors import BalancerUsageError
+
+    if size not in ("full", "small"):
+        raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
+    try:
+        label = parse_problem(problem)[2]
+        built = build_problem(problem, size=size)  # type: ignore[arg-type]
+    except KeyError as err:
+        raise typer.BadParameter(str(err.args[0]), param_hint="--problem") from None
+    except BalancerUsageError as err:
+        raise typer.BadParameter(str(err), param_hint="--problem") from None
+    try:
+        cls, bracketed = _parse_spec(method)
+        if not cls.supports_diagnostics():
+            raise BalancerUsageError(
+                f"{cls.method_name} has a gradient step of its own and records no "
+                "diagnostics; pick another method (see `taskbalance list`)"
+            )
+        spec = MethodSpec(cls.method_name, {**bracketed, "diagnostics": every}, method)
+        factory, _ = make_factory(built, spec, seed)
+    except (KeyError, BalancerUsageError, TypeError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise typer.BadParameter(str(message), param_hint="--method") from None
+    if hasattr(built, "lean"):
+        built.lean = False  # the toys' fast path skips the engine, hence the diagnostics
+    folder = out if out is not None else Path("runs") / "diagnose" / spec_directory(label)
+    built.prepare()
+    result = built.run(factory, seed=seed, epochs=epochs or built.default_epochs)
+    console.print(escape(f"{cls.method_name} on {label}, seed {seed}: {result.steps} steps"))
+    for name, history in result.histories.items():
+        suffix = "" if len(result.histories) == 1 else f"_{name}"
+        csv_path = history.to_csv(folder / f"history{suffix}.csv")
+        picture = plot_diagnostics(history, folder / f"diagnostics{suffix}.png")
+        facts = summarize(history)
+        head = f"{name}: " if suffix else ""
+        console.print(
+            escape(
+                f"{head}{facts['diagnosed']} diagnosed steps; mean conflict fraction "
+                f"{facts['mean_conflict_fraction']:.3f}; median norm ratio "
+                f"{facts['median_norm_ratio']:.3f}"
+            )
+        )
+        hurt = [
+            f"{t} ({n} of {facts['diagnosed']})"
+            for t, n in facts["negative_alignment"].items()
+            if n
+        ]
+        console.print(
+            escape(
+                "alignment < 0 most often: " + ", ".join(hurt[:3])
+                if hurt
+                else "no task's alignment with the update went negative"
+            )
+        )
+        console.print(escape(f"history: {csv_path}  figure: {picture}"))
 
 
 def _print_comparison(report) -> None:
