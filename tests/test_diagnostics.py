@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import math
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -726,3 +728,93 @@ def test_loss_method_diagnostics_refuse_features_without_grad() -> None:
     bal = tb.make("dwa", 3, diagnostics=True)
     with pytest.raises(BalancerUsageError, match="features must be tensors that require grad"):
         bal.backward(task_losses(model, 0), features=torch.zeros(8, 3))
+
+
+class ThreadRanks:
+    """R DDP ranks as R threads, a stand-in for torch.distributed: each collective returns
+    the sum, in rank order, of what the ranks sent (the same bits on every rank)."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size, timeout=60)
+        self.sent: list[list[torch.Tensor]] = [[] for _ in range(world_size)]
+
+    def exchange(self, rank: int, tensors: Any) -> list[torch.Tensor]:
+        self.sent[rank] = [t.detach().clone() for t in tensors]
+        self.barrier.wait()
+        summed = [torch.stack(parts).sum(0) for parts in zip(*self.sent)]
+        self.barrier.wait()
+        return summed
+
+    def sync(self, rank: int) -> Any:
+        ranks = self
+
+        class RankSync:
+            world_size = ranks.world_size
+
+            def all_reduce(self, tensors: Any, scales: Any = 1.0) -> list[torch.Tensor]:
+                summed = ranks.exchange(rank, tensors)
+                factors = [float(scales)] * len(summed) if not isinstance(scales, list) else scales
+                return [t * f for t, f in zip(summed, factors)]
+
+            def mean(self, tensors: Any) -> list[torch.Tensor]:
+                return self.all_reduce(list(tensors), 1.0 / ranks.world_size)
+
+            def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+                return tensor.copy_(self.mean([tensor])[0])
+
+        return RankSync()
+
+    def run(self, fn: Any) -> list[Any]:
+        def guarded(rank: int) -> Any:
+            try:
+                return fn(rank)
+            except BaseException:
+                self.barrier.abort()
+                raise
+
+        with ThreadPoolExecutor(self.world_size) as pool:
+            return [f.result() for f in [pool.submit(guarded, r) for r in range(self.world_size)]]
+
+
+@pytest.mark.parametrize("method", ["dwa", "uncertainty"])
+@pytest.mark.parametrize("mode", ["exact", "features"])
+def test_loss_method_ranks_record_the_diagnostics_of_the_global_batch(
+    monkeypatch: pytest.MonkeyPatch, method: str, mode: str
+) -> None:
+    """Two ranks with half of every batch record what one process records on the whole
+    batch (exact: the Gramian of the rank-averaged J; features: (1/R²) Σ_r J^r J^rᵀ)."""
+
+    def run_rank(bal: tb.Balancer, model: TinyNet, rows: slice, sync: Any) -> None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(4):
+            opt.zero_grad()
+            x, targets = batch(step)
+            z = torch.tanh(model.shared(x[rows]))
+            losses = [
+                ((h(z).squeeze(-1) - y[rows]) ** 2).mean() for h, y in zip(model.heads, targets)
+            ]
+            bal.backward(
+                losses, **({"shared": model.shared} if mode == "exact" else {"features": z})
+            )
+            params = list(model.parameters())
+            if sync is not None:  # what DDP does to the model's gradients
+                for p, g in zip(params, sync.mean([p.grad for p in params])):
+                    p.grad = g
+            opt.step()
+
+    one = tb.make(method, 3, diagnostics=True)
+    run_rank(one, TinyNet(), slice(0, 8), None)
+    ranks = ThreadRanks(2)
+    setups = [(tb.make(method, 3, diagnostics=True), TinyNet()) for _ in range(2)]
+    syncs = [ranks.sync(rank) for rank in range(2)]
+    for rank, (bal, _) in enumerate(setups):
+        monkeypatch.setattr(bal, "current_sync", lambda s=syncs[rank]: s)
+    ranks.run(lambda r: run_rank(*setups[r], slice(4 * r, 4 * r + 4), syncs[r]))
+    for name in one.history.extra_names:
+        if not name.startswith("diag/"):
+            continue
+        assert torch.equal(setups[0][0].history.extra(name), setups[1][0].history.extra(name))
+        torch.testing.assert_close(
+            setups[0][0].history.extra(name), one.history.extra(name), rtol=1e-5, atol=1e-7
+        )
