@@ -256,3 +256,38 @@ def test_matches_torchjd(jac: np.ndarray) -> None:
     ours = weights(jac) @ jac
     theirs = torchjd.aggregation.ConFIG()(j).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e9])
+def test_only_the_ratios_of_the_preferences_matter(scale: float) -> None:
+    # ŵ and c ŵ ask for the same cosine ratios, so d (unit direction times the summed
+    # projections) is the same: here the 120-degree pair by hand, d = (3/4, 3√3/4)
+    jac = np.array([[2.0, 0.0], [-0.5, S3 / 2]])
+    bal = ConFIG(2, pref_vector=[scale, scale])
+    w = bal.weights_from_gramian(torch.from_numpy(jac @ jac.T), torch.ones(2)).numpy()
+    np.testing.assert_allclose(w @ jac, [0.75, 3 * S3 / 4], rtol=1e-12)
+    assert bal.degenerate_steps == 0 and bal.last_degenerate is None
+
+
+def test_a_tiny_preference_is_met_without_a_degenerate_step() -> None:
+    # ŵ = (1, 1e-12): the cosine with g2 is 1e-12 times that with g1 (60-degree pair); the
+    # rounding of the fit is judged against the largest preference, so this is exact
+    jac = np.array([[2.0, 0.0], [0.5, S3 / 2]])
+    bal = ConFIG(2, pref_vector=[1.0, 1e-12])
+    w = bal.weights_from_gramian(torch.from_numpy(jac @ jac.T), torch.ones(2)).numpy()
+    d = w @ jac
+    cos = jac @ d / (np.linalg.norm(jac, axis=1) * np.linalg.norm(d))
+    np.testing.assert_allclose(cos[1], 1e-12 * cos[0], rtol=1e-3, atol=1e-15)
+    assert bal.degenerate_steps == 0
+
+
+def test_orthogonality_is_judged_against_the_largest_preference(caplog) -> None:
+    # g1 = e1, g2 = g3 = −e1: every d has cosines (c, −c, −c), and ŵ = (1 + 3e-7, 0.999,
+    # 0.001) is orthogonal to that pattern up to 1e-7 of its largest entry (below the 1e-6
+    # cut-off; the smallest entry, 0.001, would put the cut-off at 1e-9): d = 0, logged
+    jac = np.array([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    bal = ConFIG(3, pref_vector=[1.0 + 3e-7, 0.999, 0.001])
+    with caplog.at_level(logging.WARNING, logger="taskbalance"):
+        w = bal.weights_from_gramian(torch.from_numpy(jac @ jac.T), torch.ones(3))
+    assert torch.equal(w, torch.zeros(3, dtype=torch.float64))
+    assert bal.degenerate_steps == 1 and "orthogonal" in bal.last_degenerate
