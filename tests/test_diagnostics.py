@@ -818,3 +818,40 @@ def test_loss_method_ranks_record_the_diagnostics_of_the_global_batch(
         torch.testing.assert_close(
             setups[0][0].history.extra(name), one.history.extra(name), rtol=1e-5, atol=1e-7
         )
+
+
+def test_summarize_counts_from_hand_made_rows() -> None:
+    history = tb.History(["a", "b", "c"])
+    history.define_extra("diag/cos", ["a-b", "a-c", "b-c"])
+    history.define_extra("diag/norm_ratio", [""])
+    history.define_extra("diag/conflict_fraction", [""])
+    rows = [  # (norm ratio, conflict fraction, alignment per task); None: not diagnosed
+        (2.0, 1 / 3, [0.5, -0.1, 0.2]),
+        None,
+        (8.0, 2 / 3, [0.3, -0.2, -0.4]),
+        (4.0, 0.0, [0.1, 0.2, -0.3]),
+        (1.0, 1.0, [-0.5, 0.4, -0.1]),
+    ]
+    for step, row in enumerate(rows):
+        extras = {}
+        if row is not None:
+            ratio, conflict, align = row
+            extras = {
+                "diag/cos": torch.zeros(3),
+                "diag/norm_ratio": torch.tensor([ratio]),
+                "diag/conflict_fraction": torch.tensor([conflict]),
+                "diag/align": torch.tensor(align),
+            }
+        history.append(step, torch.ones(3), torch.ones(3), **extras)
+    facts = dg.summarize(history)
+    assert facts["diagnosed"] == 4
+    assert facts["mean_conflict_fraction"] == pytest.approx(0.5)
+    assert facts["median_norm_ratio"] == 2.0  # the lower median of 1, 2, 4, 8
+    assert list(facts["negative_alignment"].items()) == [("c", 3), ("b", 2), ("a", 1)]
+
+
+def test_summarize_without_diagnostics_is_refused() -> None:
+    bal = tb.make("mgda", 3)
+    run(bal, 1)
+    with pytest.raises(ValueError, match="no diagnostics: build the balancer with diagnostics"):
+        dg.summarize(bal.history)
