@@ -855,3 +855,15 @@ def test_summarize_without_diagnostics_is_refused() -> None:
     run(bal, 1)
     with pytest.raises(ValueError, match="no diagnostics: build the balancer with diagnostics"):
         dg.summarize(bal.history)
+
+
+def test_loss_method_with_a_head_in_shared_warns_once() -> None:
+    model = TinyNet()
+    bal = tb.make("dwa", 3, diagnostics=True)
+    with pytest.warns(tb.TaskBalanceWarning, match=r"heads\.0\.weight.*look like a head.*trunk"):
+        bal.backward(task_losses(model, 0), shared=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bal.backward(task_losses(model, 1), shared=model)
+        bal.backward(task_losses(model, 2), shared=model.shared)
+    assert len(bal.history) == 3

@@ -612,6 +612,7 @@ class Balancer:
     #: call it makes (loss-weighting methods)
     _diag_pending: tuple[list[Tensor], Any, Any] | None = None
     _diag_warned_call = False  # a diagnosed step without shared=/features= was warned about
+    _diag_warned_heads = False  # a head in shared= of a diagnosed step was warned about
 
     @classmethod
     def supports_diagnostics(cls) -> bool:
@@ -641,7 +642,16 @@ class Balancer:
         from taskbalance.diagnostics import step_diagnostics, task_gramian
 
         items, shared, features = pending
-        gram = task_gramian(items, self.tasks, shared=shared, features=features, sync=sync)
+        gram, single = task_gramian(items, self.tasks, shared=shared, features=features, sync=sync)
+        if single is not None and not self._diag_warned_heads:
+            self._diag_warned_heads = True
+            warn(
+                f"{type(self).__name__}(diagnostics=...): shared= holds tensors that only one "
+                f"task's loss reaches ({single}); they look like a head. The update is not "
+                "affected, but the diagnostics count them as shared: a head's gradient "
+                "inflates its task's norm and lowers its cosines. Pass only the trunk as "
+                "shared= (e.g. model.body). Warned once"
+            )
         self._add_diagnostics(step_diagnostics(gram, weights.detach()))
 
     def _init_diagnostics(self, diagnostics: bool | int) -> None:

@@ -198,8 +198,10 @@ def task_gramian(
     shared: Any = None,
     features: Any = None,
     sync: Sync | None = None,
-) -> Tensor:
-    """The float64 Gramian ``J Jᵀ`` of the task gradients, keeping the losses' graph.
+) -> tuple[Tensor, str | None]:
+    """The float64 Gramian ``J Jᵀ`` of the task gradients, keeping the losses' graph, and
+    a description of the tensors of ``shared=`` that only one task reaches (``None`` when
+    there is none: in exact mode such a tensor looks like a head passed as shared).
 
     For the diagnostics of a loss-weighting method (which computes no task gradient of its
     own): the engine's exact mode with ``shared=`` (J over the shared parameters) or its
@@ -219,13 +221,16 @@ def task_gramian(
     from taskbalance.gradients import (
         ForkedFeatures,
         autocast_disabled,
+        describe_tensors,
         forked_task_jacobian,
         gramian,
+        parameter_names,
         resolve_tensors,
         task_jacobian,
     )
 
     names = list(tasks)
+    single = None
     with autocast_disabled(losses[0] if losses else None):
         if isinstance(features, ForkedFeatures):
             jac = forked_task_jacobian(list(losses), features, names).jacobian
@@ -239,17 +244,19 @@ def task_gramian(
             jac = task_jacobian(list(losses), inputs, names, features=True).jacobian
         elif shared is not None:
             inputs = resolve_tensors(shared)
-            jac = task_jacobian(
-                list(losses), inputs, names, features=False, retain_graph=True
-            ).jacobian
+            grads = task_jacobian(list(losses), inputs, names, features=False, retain_graph=True)
+            jac = grads.jacobian
+            if grads.single:
+                found = [inputs[j] for j, _ in grads.single]
+                single = describe_tensors(found, parameter_names(shared), limit=4)
         else:
             raise BalancerUsageError("give shared= or features= to compute the task gradients")
         if sync is None:
-            return gramian(jac).double()
+            return gramian(jac).double(), single
         if features is None:  # the Gramian of the global batch's J, as in the exact mode
-            return gramian(sync.mean_(jac)).double()
+            return gramian(sync.mean_(jac)).double(), single
         world = sync.world_size
-        return sync.all_reduce([gramian(jac).double()], 1.0)[0] / (world * world)
+        return sync.all_reduce([gramian(jac).double()], 1.0)[0] / (world * world), single
 
 
 def summarize(history: History) -> dict[str, Any]:
