@@ -259,3 +259,9 @@ def test_trains_a_model_and_records_the_weights() -> None:
     assert all(w.sum().item() == pytest.approx(3.0, rel=1e-6) for w in weights)
     assert len({tuple(w.tolist()) for w in weights[1:]}) == 5
     assert bal.history is not None and len(bal.history) == 6
+
+
+def test_the_default_seed_is_zero() -> None:
+    # runs that give no seed draw the ρ sequence of seed=0 (reproducible by default)
+    bal = relobralo(2)
+    assert torch.equal(bal.generator.get_state(), torch.Generator().manual_seed(0).get_state())
