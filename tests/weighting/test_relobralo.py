@@ -265,3 +265,15 @@ def test_the_default_seed_is_zero() -> None:
     # runs that give no seed draw the ρ sequence of seed=0 (reproducible by default)
     bal = relobralo(2)
     assert torch.equal(bal.generator.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
+def test_a_code_start_resumed_after_its_first_step_takes_the_special_second_step() -> None:
+    # start="code": the second step is λ̂(t-1→t) alone, with no draw; a balancer resumed
+    # from a state saved after the first step must know it is at the second step
+    kw = {"alpha": 0.5, "expected_rho": 0.5, "seed": 2, "start": "code"}
+    run = relobralo(2, **kw)
+    run(const(1.0, 1.0))
+    resumed = relobralo(2, **kw)
+    resumed.load_state_dict(save_load(run.state_dict()))
+    assert step(resumed, 2.0, 1.0) == pytest.approx(step(run, 2.0, 1.0), rel=1e-12)
+    assert torch.equal(resumed.generator.get_state(), run.generator.get_state())
