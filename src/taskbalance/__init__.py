@@ -45,6 +45,7 @@ from taskbalance.errors import (
 )
 from taskbalance.gradients import fork
 from taskbalance.history import History
+from taskbalance.probe import probe
 from taskbalance.registry import get, list_methods, make, register
 from taskbalance.training import train_alternating, train_joint
 from taskbalance.weighting import (
@@ -117,6 +118,7 @@ __all__ = [
     "list_methods",
     "make",
     "plot_diagnostics",
+    "probe",
     "register",
     "train_alternating",
     "train_joint",

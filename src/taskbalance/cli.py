@@ -4,6 +4,8 @@
 * ``taskbalance diagnose --problem NAME``: one training run of a method with gradient
   diagnostics on (:mod:`taskbalance.diagnostics`), writing its history CSV and figure and
   printing a summary (conflict fraction, norm ratio, the tasks the updates hurt).
+* ``taskbalance probe --problem NAME``: equal weighting and a few candidates for a short
+  budget over a few seeds (:mod:`taskbalance.probe`): a ranked table and a verdict.
 * ``taskbalance demo kendall``: the uncertainty-weighting toy of Kendall et al. (CVPR 2018),
   printing the learned sigmas against the true noise and the published values, whether
   each of the two claims reproduced (the rule: ``taskbalance.problems.kendall.claims``),
@@ -250,6 +252,54 @@ def diagnose_command(
             )
         )
         console.print(escape(f"history: {csv_path}  figure: {picture}"))
+
+
+@app.command("probe")
+def probe_command(
+    problem: Annotated[
+        str,
+        typer.Option(
+            help="Problem name (see `taskbalance list`, comparison problems), optionally "
+            "with options: NAME[KEY=VALUE,...]."
+        ),
+    ],
+    candidates: Annotated[
+        str,
+        typer.Option(help="Comma-separated method specs tried against equal weighting."),
+    ] = "uncertainty,pcgrad,upgrad",
+    seeds: Annotated[int, typer.Option(help="Seeds 0..N-1 per method (at least 2).")] = 3,
+    epochs: Annotated[
+        int, typer.Option(help="Epochs of every run (steps for the toys): the budget.")
+    ] = 1,
+    every: Annotated[int, typer.Option(help="Diagnose every n-th training step.")] = 5,
+    size: Annotated[
+        str, typer.Option(help="'full' (documented) or 'small' (a smoke test, seconds).")
+    ] = "full",
+) -> None:
+    """Should this problem be balanced, and with what? Equal weighting and a few candidates
+    for a short budget over a few seeds: a ranked table and a verdict."""
+    from rich.markup import escape
+
+    from taskbalance.errors import BalancerUsageError
+    from taskbalance.probe import probe_problem
+
+    if size not in ("full", "small"):
+        raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
+    try:
+        result = probe_problem(
+            problem,
+            candidates=[c for c in candidates.split(",") if c.strip()],
+            seeds=seeds,
+            epochs=epochs,
+            every=every,
+            size=size,
+        )
+    except BalancerUsageError as err:
+        typer.echo(f"taskbalance probe: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    console.print(escape(result.table()), soft_wrap=True)
+    console.print(escape(result.verdict), soft_wrap=True)
+    console.print(escape(result.cost_line()), soft_wrap=True)
 
 
 def _print_comparison(report) -> None:

@@ -1,0 +1,245 @@
+"""``tb.probe`` and ``taskbalance probe``: the verdict rule, the runs, the cost, misuse."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import taskbalance as tb
+from taskbalance.cli import app
+from taskbalance.errors import BalancerUsageError
+from taskbalance.probe import NO_DIFFERENCE, decide
+
+runner = CliRunner()
+TASKS = ("a", "b")
+
+
+def flat(output: str) -> str:
+    """The output without rich's line wrapping and error box."""
+    return " ".join("".join(c for c in output if c not in "│╭╮╰╯─").split())
+
+
+# --- the verdict rule on hand-made per-seed Δm% -------------------------------------------
+
+
+def test_a_clearly_better_method_is_named_with_its_margin() -> None:
+    decision = decide(
+        {"equal": [-1.0, 0.0, 1.0], "a": [-10.0, -11.0, -9.0], "b": [-3.0, -2.5, -3.5]}
+    )
+    # a: mean -10, std 1; equal's std 1: 10 - 1 = 9 points beyond the larger spread.
+    # b: mean -3, std 0.5: better too, but a has the lower mean.
+    assert decision.best == "a"
+    assert decision.standing == {"equal": "reference", "a": "better", "b": "better"}
+    assert decision.verdict.startswith("a is better than equal weighting at this budget")
+    assert "Δm% -10.00 ± 1.00" in decision.verdict
+    assert "± 1.00), 9.00 points beyond the larger seed spread" in decision.verdict
+
+
+def test_a_difference_within_the_spread_is_no_difference() -> None:
+    decision = decide({"equal": [-1.0, 0.0, 1.0], "a": [-1.5, -0.5, 0.5]})
+    assert decision.verdict == "no method is distinguishable from equal weighting at this budget"
+    assert decision.verdict == NO_DIFFERENCE
+    assert decision.best is None
+    assert decision.standing["a"] == "tie"
+
+
+def test_the_larger_of_the_two_spreads_decides() -> None:
+    # mean -1 beats equal's spread 0.1, not its own: stdev(-5, 0, 2) = sqrt(13) ≈ 3.61
+    decision = decide({"equal": [-0.1, 0.0, 0.1], "a": [-5.0, 0.0, 2.0]})
+    assert decision.verdict == NO_DIFFERENCE
+    # a margin equal to the spread is not beyond it: mean -1, both stds 1
+    assert decide({"equal": [-1.0, 0.0, 1.0], "a": [-2.0, -1.0, 0.0]}).best is None
+
+
+def test_when_every_method_is_worse_equal_weighting_is_kept() -> None:
+    decision = decide({"equal": [-1.0, 0.0, 1.0], "a": [5.0, 6.0, 7.0], "b": [2.5, 3.0, 3.5]})
+    assert decision.best is None
+    assert decision.standing == {"equal": "reference", "a": "worse", "b": "worse"}
+    assert decision.verdict == (
+        "keep equal weighting: no method beats it at this budget, and these are worse beyond "
+        "the seed spread (Δm% against it): b (+3.00), a (+6.00)"
+    )
+
+
+def test_the_rule_needs_two_seeds_and_the_reference() -> None:
+    with pytest.raises(BalancerUsageError, match="fewer than 2 seeds"):
+        decide({"equal": [0.0, 1.0], "a": [-3.0]})
+    with pytest.raises(BalancerUsageError, match="reference 'equal' is missing"):
+        decide({"a": [-3.0, -2.0]})
+
+
+# --- tb.probe on a user's model ------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self, body: nn.Module | None = None) -> None:
+        super().__init__()
+        self.body = body if body is not None else nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Linear(16, 1) for t in TASKS})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.body(x)
+        return {t: head(z).squeeze(-1) for t, head in self.heads.items()}
+
+
+def make_batches(n: int = 10) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16 * n, 8, generator=gen)
+    ys = {t: x @ torch.randn(8, generator=gen) for t in TASKS}
+    return [
+        (x[i : i + 16], {t: y[i : i + 16] for t, y in ys.items()}) for i in range(0, 16 * n, 16)
+    ]
+
+
+CRITERIA = {t: nn.functional.mse_loss for t in TASKS}
+
+
+def body_of(model: nn.Module):
+    return model.body.parameters()
+
+
+def test_probe_ranks_every_method_from_the_same_start_and_counts_its_cost() -> None:
+    before = torch.random.get_rng_state()
+    result = tb.probe(
+        Net,
+        make_batches(10),
+        CRITERIA,
+        body_of,
+        tasks=TASKS,
+        candidates=["upgrad", "static[weights=1,1]"],
+        seeds=2,
+        every=2,
+    )
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG untouched
+    assert {row.method for row in result.rows} == {"equal", "upgrad", "static[weights=1,1]"}
+    assert [row.delta_m for row in result.rows] == sorted(row.delta_m for row in result.rows)
+    # 10 batches, the last 2 held out: 8 steps an epoch; 3 methods x 2 seeds x 1 epoch
+    assert (result.epoch_steps, result.steps, result.cost_epochs) == (8, 48, 6.0)
+    assert "cost: 48 training steps = 6 epochs" in str(result)
+    # static weights 1, 1 is equal weighting: the same start and data give the same runs
+    assert result.metrics["static[weights=1,1]"] == result.metrics["equal"]
+    # Δm% by hand: mean over the two held-out losses of the relative change, in %
+    base = {t: statistics.fmean(run[t] for run in result.metrics["equal"]) for t in TASKS}
+    by_hand = {
+        method: [
+            100 * statistics.fmean((run[t] - base[t]) / base[t] for t in TASKS) for run in runs
+        ]
+        for method, runs in result.metrics.items()
+    }
+    row = next(r for r in result.rows if r.method == "upgrad")
+    assert row.delta_m == pytest.approx(statistics.fmean(by_hand["upgrad"]))
+    assert row.delta_m_std == pytest.approx(statistics.stdev(by_hand["upgrad"]))
+    assert 0.0 <= row.conflict_fraction <= 1.0 and row.norm_ratio >= 1.0
+    assert result.verdict == decide(by_hand).verdict
+
+
+def test_probe_with_an_evaluation_of_its_own_trains_on_every_batch() -> None:
+    batches = make_batches(4)
+    x = torch.cat([b[0] for b in batches])
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            out = model(x)
+        return {"spread_a": float(out["a"].std()), "mean_b": float(out["b"].abs().mean())}
+
+    result = tb.probe(
+        Net,
+        lambda: iter(batches),
+        CRITERIA,
+        body_of,
+        tasks=TASKS,
+        evaluate=evaluate,
+        higher_is_better=["spread_a"],
+        candidates=["pcgrad"],
+        seeds=2,
+        epochs=2,
+    )
+    assert (result.epoch_steps, result.steps) == (4, 32)  # 2 methods x 2 seeds x 2 x 4
+    assert set(result.metrics["pcgrad"][0]) == {"spread_a", "mean_b"}
+
+
+# --- misuse --------------------------------------------------------------------------------
+
+
+def run_probe(**overrides: object) -> object:
+    args: dict[str, object] = {
+        "model_fn": Net,
+        "data": make_batches(4),
+        "loss_fn": CRITERIA,
+        "shared": body_of,
+        "tasks": TASKS,
+        "candidates": ["upgrad"],
+        "seeds": 2,
+    }
+    args.update(overrides)
+    return tb.probe(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"candidates": ["upgradd"]}, "unknown method 'upgradd'; did you mean 'upgrad'"),
+        ({"candidates": []}, "no candidate method"),
+        ({"candidates": ["equal"]}, "equal weighting is always run as the reference"),
+        ({"candidates": ["upgrad", "upgrad"]}, "candidate 'upgrad' is given twice"),
+        ({"candidates": ["gradnorm"]}, "gradnorm has a gradient step of its own"),
+        ({"candidates": ["mgda_ub"]}, "shared representation only"),
+        ({"candidates": ["static"]}, r"static needs weights .*'static\[weights=...\]'"),
+        ({"epochs": 0}, "at least one epoch, got epochs=0"),
+        ({"seeds": 1}, "at least 2 seeds, got seeds=1"),
+        ({"every": 0}, "every must be a positive number of steps"),
+        ({"holdout": 1.0}, "holdout must be between 0 and 1"),
+        ({"data": make_batches(1)}, "there are 1: give at least 2 batches"),
+        ({"data": iter(make_batches(4))}, "one-shot iterator"),
+        ({"shared": lambda m: m.shared_parameters()}, r"shared\(model\) failed \(AttributeError"),
+        ({"model_fn": lambda: Net(nn.Identity())}, r"shared\(model\) returned no parameters"),
+        ({"higher_is_better": ["acc"]}, r"higher_is_better names \['acc'\]"),
+    ],
+)
+def test_probe_misuse_is_refused_with_the_fix(overrides: dict, message: str) -> None:
+    with pytest.raises(BalancerUsageError, match=message):
+        run_probe(**overrides)
+
+
+# --- taskbalance probe on a reference problem ----------------------------------------------
+
+
+def test_probe_command_prints_the_table_the_verdict_and_the_cost() -> None:
+    args = ["probe", "--problem", "penguins", "--size", "small", "--seeds", "2"]
+    result = runner.invoke(app, [*args, "--epochs", "2", "--candidates", "upgrad", "--every", "3"])
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "| method | Δm% ↓ | time ×EW | conflict fraction | norm ratio | standing |" in text
+    assert "| equal | +0.00 ± " in text and "| reference |" in text
+    assert "| upgrad | " in text
+    verdicts = (NO_DIFFERENCE, "upgrad is better than equal weighting", "keep equal weighting")
+    assert any(v in text for v in verdicts)
+    # penguins at size small: 9 steps an epoch (see docs/diagnostics.md); 2 x 2 x 2 epochs
+    assert (
+        "cost: 72 training steps = 8 epochs (2 methods × 2 seeds × 2 epochs; one epoch = 9 steps)"
+        in text
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--candidates", "nope"], "unknown method 'nope'"),
+        (["--epochs", "0"], "at least one epoch, got epochs=0"),
+        (["--seeds", "1"], "at least 2 seeds"),
+    ],
+)
+def test_probe_command_refuses_misuse_before_training(extra: list[str], message: str) -> None:
+    result = runner.invoke(app, ["probe", "--problem", "penguins", "--size", "small", *extra])
+    assert result.exit_code == 2
+    assert message in flat(result.output)
+
+
+def test_probe_command_refuses_an_unknown_problem() -> None:
+    result = runner.invoke(app, ["probe", "--problem", "penguinz", "--size", "small"])
+    assert result.exit_code == 2
+    assert "unknown problem 'penguinz'" in flat(result.output)
