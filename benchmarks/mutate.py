@@ -75,6 +75,12 @@ TESTS_OF: dict[str, tuple[str, ...]] = {
         "tests/aggregation/test_upgrad.py",
     ),
     "src/taskbalance/aggregation/_cagrad_solver.py": ("tests/aggregation/test_cagrad.py",),
+    "src/taskbalance/aggregation/_margin_qp.py": ("tests/aggregation/test_pcd.py",),
+    "src/taskbalance/aggregation/_fallback_solve.py": (
+        "tests/aggregation/test_nash_mtl.py",
+        "tests/aggregation/test_fairgrad.py",
+    ),
+    "src/taskbalance/aggregation/sdmgrad_os.py": ("tests/aggregation/test_sdmgrad.py",),
 }
 
 DEFAULT_MAX = 20
@@ -434,7 +440,7 @@ def method_files() -> list[str]:
         for file in sorted((ROOT / folder).glob("*.py")):
             if not file.name.startswith("_") and file.name != "base.py":
                 files.append(str(file.relative_to(ROOT)))
-    return files + list(TESTS_OF)
+    return files + [file for file in TESTS_OF if file not in files]
 
 
 @contextlib.contextmanager
