@@ -169,3 +169,21 @@ def test_registered_and_validated() -> None:
         DBMTL(2, beta=1.0)
     with pytest.raises(ValueError, match="beta_sigma"):
         DBMTL(2, beta_sigma=-1.0)
+
+
+def test_the_spare_buffer_follows_shape_dtype_and_device() -> None:
+    """The K×P-state methods reuse a spare buffer only when it fits: a model moved to another
+    device (here the meta device) or dtype gets a fresh one, never a write into the old."""
+    from taskbalance.aggregation.base import spare_buffer
+
+    spare = torch.zeros(2, 3)
+    assert spare_buffer(spare, torch.ones(2, 3)) is spare
+    assert spare_buffer(None, torch.ones(2, 3)).shape == (2, 3)
+    for like in (
+        torch.ones(3, 2),
+        torch.ones(2, 3, dtype=torch.float64),
+        torch.ones(2, 3, device="meta"),
+    ):
+        new = spare_buffer(spare, like)
+        assert new is not spare
+        assert (new.shape, new.dtype, new.device) == (like.shape, like.dtype, like.device)

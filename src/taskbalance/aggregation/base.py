@@ -85,6 +85,23 @@ from taskbalance.gradients import (
 Mode = Literal["exact", "features"]
 
 
+def spare_buffer(spare: Tensor | None, like: Tensor) -> Tensor:
+    """``spare`` if it can hold a tensor like ``like`` (shape, dtype, device), else a new one.
+
+    The K×P-state methods (DB-MTL, MoCo, ExcessMTL) write their next state into a spare
+    buffer and swap it in only once the result is finite; a model moved to another device
+    or dtype gets a fresh buffer instead of a write into the old one.
+    """
+    if (
+        spare is None
+        or spare.shape != like.shape
+        or spare.dtype != like.dtype
+        or spare.device != like.device
+    ):
+        return torch.empty_like(like)
+    return spare
+
+
 def _full_task_gradients(grads: TaskGradients, subset: list[int], k: int) -> TaskGradients:
     """The gradients of the sampled tasks ``subset`` as those of all ``k`` tasks: zero rows
     of J and no task-specific gradients for the others (:meth:`GradientBalancer.task_subset`)."""

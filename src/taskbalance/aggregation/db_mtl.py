@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskbalance.aggregation.base import GradientBalancer
+from taskbalance.aggregation.base import GradientBalancer, spare_buffer
 from taskbalance.balancer import Tasks
 from taskbalance.errors import BalancerUsageError, NonPositiveLossError
 from taskbalance.registry import register
@@ -91,9 +91,7 @@ class DBMTL(GradientBalancer):
         beta_t = self.beta / float(self.t + 1) ** self.beta_sigma
         # the new average goes into the spare buffer (two K×P passes, no allocation); the
         # old one stays intact until the result is known to be finite
-        new = self._spare
-        if new is None or new.shape != jacobian.shape or new.dtype != jacobian.dtype:
-            new = torch.empty_like(jacobian)
+        new = spare_buffer(self._spare, jacobian)
         coef = ((1.0 - beta_t) / losses).to(jacobian.dtype).unsqueeze(1)
         torch.mul(jacobian, coef, out=new)
         if buffer is not None:

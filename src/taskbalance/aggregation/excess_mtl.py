@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskbalance.aggregation.base import GradientBalancer
+from taskbalance.aggregation.base import GradientBalancer, spare_buffer
 from taskbalance.balancer import Tasks
 from taskbalance.errors import BalancerUsageError, NonFiniteGradientError
 from taskbalance.registry import register
@@ -103,9 +103,7 @@ class ExcessMTL(GradientBalancer):
                 f"ExcessMTL accumulates squared gradients of shape {tuple(acc.shape)}, but "
                 f"this step's are {tuple(jacobian.shape)}: the shared parameters changed"
             )
-        new = self._spare
-        if new is None or new.shape != jacobian.shape or new.dtype != jacobian.dtype:
-            new = torch.empty_like(jacobian)
+        new = spare_buffer(self._spare, jacobian)
         torch.mul(jacobian, jacobian, out=new)
         if acc is not None:
             new.add_(acc.to(new))

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.aggregation._simplex import project_simplex
-from taskbalance.aggregation.base import GradientBalancer
+from taskbalance.aggregation.base import GradientBalancer, spare_buffer
 from taskbalance.balancer import Tasks
 from taskbalance.errors import BalancerUsageError, NonFiniteGradientError, NonPositiveLossError
 from taskbalance.gradients import gramian
@@ -157,9 +157,7 @@ class MoCo(GradientBalancer):
         beta_t = self.beta / float(t) ** self.beta_sigma
         gamma_t = self.gamma / float(t) ** self.gamma_sigma
         # Y_new = (1 - β_t) Y + β_t u, written into the spare buffer; Y stays intact
-        new = self._spare
-        if new is None or new.shape != jacobian.shape or new.dtype != jacobian.dtype:
-            new = torch.empty_like(jacobian)
+        new = spare_buffer(self._spare, jacobian)
         torch.mul(jacobian, (beta_t * scales).unsqueeze(1), out=new)
         if y is not None and beta_t < 1.0:
             new.add_(y.to(new), alpha=1.0 - beta_t)
