@@ -55,6 +55,15 @@ def test_the_larger_of_the_two_spreads_decides() -> None:
     assert decide({"equal": [-1.0, 0.0, 1.0], "a": [-2.0, -1.0, 0.0]}).best is None
 
 
+def test_without_a_seed_spread_rounding_is_no_difference() -> None:
+    # a deterministic problem: every seed the same, spreads 0
+    same = decide({"equal": [0.0, 0.0, 0.0], "a": [0.004] * 3, "b": [-0.009] * 3})
+    assert same.verdict == NO_DIFFERENCE
+    decision = decide({"equal": [0.0, 0.0, 0.0], "a": [-0.5] * 3, "b": [0.02] * 3})
+    assert decision.standing == {"equal": "reference", "a": "better", "b": "worse"}
+    assert "0.50 points beyond the larger seed spread" in decision.verdict
+
+
 def test_when_every_method_is_worse_equal_weighting_is_kept() -> None:
     decision = decide({"equal": [-1.0, 0.0, 1.0], "a": [5.0, 6.0, 7.0], "b": [2.5, 3.0, 3.5]})
     assert decision.best is None

@@ -23,7 +23,8 @@ The verdict rule (:func:`decide`). Per seed, Δm% of a method against equal weig
 mean over the seeds (as in ``taskbalance compare``; lower is better). A method is
 **better** when its mean Δm% is below equal weighting's by more than the larger of the two
 seed spreads (the standard deviations over seeds of the method's and of equal weighting's
-Δm%), **worse** when it is above by more than that, and **indistinguishable** otherwise.
+Δm%), **worse** when it is above by more than that, and **indistinguishable** otherwise
+(also when the difference is below :data:`MIN_DIFFERENCE`, 0.01 points).
 With 3 seeds a paired t-test has 2 degrees of freedom and a sign test cannot go below
 p = 0.125, so neither could separate anything at the default budget; the spread rule is
 what the table shows, and it is conservative. The verdict names the better method with the
@@ -56,11 +57,15 @@ from taskbalance.errors import BalancerUsageError
 REFERENCE = "equal"
 #: the default candidates: one loss-weighting, one cheap and one strong gradient method.
 DEFAULT_CANDIDATES: tuple[str, ...] = ("uncertainty", "pcgrad", "upgrad")
+#: the smallest difference in Δm% points the verdict counts (the table's precision): on a
+#: problem whose seeds do not vary (a deterministic toy) rounding is no difference.
+MIN_DIFFERENCE = 0.01
 #: the verdict when no candidate is told apart from equal weighting.
 NO_DIFFERENCE = "no method is distinguishable from equal weighting at this budget"
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "MIN_DIFFERENCE",
     "NO_DIFFERENCE",
     "Decision",
     "ProbeResult",
@@ -92,7 +97,8 @@ def decide(delta_m: Mapping[str, Sequence[float]], reference: str = REFERENCE) -
 
     A method is better when ``mean_m - mean_ref < -max(std_m, std_ref)``, worse when
     ``mean_m - mean_ref > max(std_m, std_ref)`` (standard deviations over seeds), a tie
-    otherwise. See the module docstring for why this rule.
+    otherwise; a difference below :data:`MIN_DIFFERENCE` is always a tie. See the module
+    docstring for why this rule.
 
     Raises:
         BalancerUsageError: ``reference`` is missing, or a method has fewer than 2 seeds
@@ -118,10 +124,10 @@ def decide(delta_m: Mapping[str, Sequence[float]], reference: str = REFERENCE) -
         mean, std = _mean_std(values)
         spread = max(std, ref_std)
         diff = mean - ref_mean
-        if diff < -spread:
+        if diff < -max(spread, MIN_DIFFERENCE):
             standing[method] = "better"
             better.append((mean, method, std, -diff - spread))
-        elif diff > spread:
+        elif diff > max(spread, MIN_DIFFERENCE):
             standing[method] = "worse"
             worse.append((method, diff))
         else:
@@ -210,7 +216,8 @@ class ProbeResult:
         return (
             f"cost: {self.steps} training steps = {self.cost_epochs:.3g} epochs "
             f"({len(self.rows)} methods × {self.seeds} seeds × {self.epochs} epoch"
-            f"{'s' if self.epochs != 1 else ''}; one epoch = {self.epoch_steps} steps)"
+            f"{'s' if self.epochs != 1 else ''}; one epoch = {self.epoch_steps} step"
+            f"{'s' if self.epoch_steps != 1 else ''})"
         )
 
     def __str__(self) -> str:
