@@ -16,7 +16,8 @@ comparison's:
 
 A **hit** is the probe picking what the full comparison picks among the same candidates
 (both "none" counts as a hit); the script prints the table, the hit rate and the probe's
-diagnostics (equal weighting's mean conflict fraction and median norm ratio), and writes
+diagnostics (equal weighting's mean conflict fraction and median norm ratio, beside whether the full
+comparison separated a gradient method from equal weighting), and writes
 everything to ``--out`` as JSON.
 
 Usage::
@@ -34,6 +35,7 @@ import json
 import time
 from pathlib import Path
 
+import taskbalance as tb
 from taskbalance.compare.options import build_problem
 from taskbalance.probe import DEFAULT_CANDIDATES, REFERENCE, probe_problem
 
@@ -117,6 +119,7 @@ def main() -> None:
             "probe_seconds": seconds,
             "full_best": min((m for m in full if m != REFERENCE), key=lambda m: full[m][0]),
             "full_separated": separated(full),
+            "full_gradient_separated": [m for m in separated(full) if tb.get(m).kind != "loss"],
             "full_pick_among_candidates": among[0] if among else None,
             "ew_conflict_fraction": ew.conflict_fraction,
             "ew_norm_ratio": ew.norm_ratio,
@@ -129,15 +132,17 @@ def main() -> None:
         return
     print(
         "| problem | probe pick | full pick among the candidates | full best (all methods) | "
-        "full separated from EW | hit | EW conflict | EW norm ratio |"
+        "full separated from EW | a gradient method among them | hit | EW conflict | "
+        "EW norm ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for e in results:
         best = e["full_best"]
         print(
             f"| {e['problem']} | {e['probe_best'] or 'none'} | "
             f"{e['full_pick_among_candidates'] or 'none'} | {best} ({full_delta(e, best)}) | "
-            f"{', '.join(e['full_separated']) or 'nothing'} | {'yes' if e['hit'] else 'no'} | "
+            f"{', '.join(e['full_separated']) or 'nothing'} | "
+            f"{'yes' if e['full_gradient_separated'] else 'no'} | {'yes' if e['hit'] else 'no'} | "
             f"{e['ew_conflict_fraction']:.2f} | {e['ew_norm_ratio']:.2f} |"
         )
     hits = sum(e["hit"] for e in results)
