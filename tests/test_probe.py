@@ -171,6 +171,12 @@ def test_probe_with_an_evaluation_of_its_own_trains_on_every_batch() -> None:
     assert set(result.metrics["pcgrad"][0]) == {"spread_a", "mean_b"}
 
 
+def test_shared_may_be_the_shared_module() -> None:
+    by_module = run_probe(shared=lambda m: m.body)
+    by_parameters = run_probe()
+    assert by_module.metrics == by_parameters.metrics
+
+
 # --- misuse --------------------------------------------------------------------------------
 
 

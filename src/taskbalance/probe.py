@@ -367,7 +367,8 @@ class _Fresh:
 
 def _shared_parameters(model: nn.Module, shared: Callable[[nn.Module], Any]) -> list[Tensor]:
     try:
-        params = list(shared(model))
+        found = shared(model)
+        params = list(found.parameters() if isinstance(found, nn.Module) else found)
     except (AttributeError, TypeError) as err:
         raise BalancerUsageError(
             f"shared(model) failed ({type(err).__name__}: {err}): give shared= a function "
@@ -448,7 +449,7 @@ def probe(
         loss_fn: the per-task losses, as for :func:`taskbalance.train_joint`: criteria
             ``{task: criterion(output, target)}`` or ``loss_fn(outputs, batch)``.
         shared: returns the model's shared parameters, e.g.
-            ``lambda m: m.body.parameters()``.
+            ``lambda m: m.body.parameters()`` (or the shared module, ``lambda m: m.body``).
         tasks: the task names, in the order of the losses.
         evaluate: ``evaluate(model) -> {metric: value}`` after each run (lower is better
             unless named in ``higher_is_better``). Default: the mean training loss of each
