@@ -37,7 +37,7 @@ from pathlib import Path
 
 import taskbalance as tb
 from taskbalance.compare.options import build_problem
-from taskbalance.probe import DEFAULT_CANDIDATES, REFERENCE, probe_problem
+from taskbalance.probe import DEFAULT_CANDIDATES, MIN_DIFFERENCE, REFERENCE, probe_problem
 
 #: problem spec -> the full comparison's table.
 TABLES = {
@@ -69,7 +69,7 @@ def separated(table: dict[str, tuple[float, float]], methods: list[str] | None =
         for method, (mean, std) in table.items()
         if method != REFERENCE
         and (methods is None or method in methods)
-        and mean - ref_mean < -max(std, ref_std)
+        and mean - ref_mean < -max(std, ref_std, MIN_DIFFERENCE)
     ]
     return [method for _, method in sorted(better)]
 
@@ -155,7 +155,7 @@ def main() -> None:
 def full_delta(entry: dict, method: str) -> str:
     table = read_table(Path(TABLES[entry["problem"]]))
     mean, std = table[method]
-    return f"Δm% {mean:+.2f} ± {std:.2f}"
+    return f"Δm% {mean:+.3f} ± {std:.3f}"
 
 
 if __name__ == "__main__":

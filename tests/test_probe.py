@@ -64,6 +64,15 @@ def test_without_a_seed_spread_rounding_is_no_difference() -> None:
     assert "0.50 points beyond the larger seed spread" in decision.verdict
 
 
+def test_small_differences_are_shown_to_two_significant_digits() -> None:
+    # Δm% on AUCs near 0.94 is often a few hundredths: two decimals would read "0.00"
+    decision = decide({"equal": [-0.003, 0.0, 0.003], "a": [-0.05, -0.04, -0.045]})
+    assert decision.best == "a"
+    assert "Δm% -0.045 ± 0.005 (equal weighting's spread ± 0.003), 0.04 points" in (
+        decision.verdict
+    )
+
+
 def test_when_every_method_is_worse_equal_weighting_is_kept() -> None:
     decision = decide({"equal": [-1.0, 0.0, 1.0], "a": [5.0, 6.0, 7.0], "b": [2.5, 3.0, 3.5]})
     assert decision.best is None

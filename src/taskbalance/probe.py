@@ -57,8 +57,9 @@ from taskbalance.errors import BalancerUsageError
 REFERENCE = "equal"
 #: the default candidates: one loss-weighting, one cheap and one strong gradient method.
 DEFAULT_CANDIDATES: tuple[str, ...] = ("uncertainty", "pcgrad", "upgrad")
-#: the smallest difference in Δm% points the verdict counts (the table's precision): on a
-#: problem whose seeds do not vary (a deterministic toy) rounding is no difference.
+#: the smallest difference in Δm% points the verdict counts (a relative change of 1e-4 in
+#: the metrics): on a problem whose seeds do not vary (a deterministic toy), a difference
+#: in the last digits is no difference.
 MIN_DIFFERENCE = 0.01
 #: the verdict when no candidate is told apart from equal weighting.
 NO_DIFFERENCE = "no method is distinguishable from equal weighting at this budget"
@@ -135,14 +136,14 @@ def decide(delta_m: Mapping[str, Sequence[float]], reference: str = REFERENCE) -
     if better:
         mean, method, std, margin = min(better)
         return Decision(
-            f"{method} is better than equal weighting at this budget: Δm% {mean:+.2f} ± "
-            f"{std:.2f} (equal weighting's spread ± {ref_std:.2f}), {margin:.2f} points "
+            f"{method} is better than equal weighting at this budget: Δm% {_num(mean, '+')} ± "
+            f"{_num(std)} (equal weighting's spread ± {_num(ref_std)}), {_num(margin)} points "
             "beyond the larger seed spread",
             method,
             standing,
         )
     if worse:
-        named = ", ".join(f"{m} ({d:+.2f})" for m, d in sorted(worse, key=lambda x: x[1]))
+        named = ", ".join(f"{m} ({_num(d, '+')})" for m, d in sorted(worse, key=lambda x: x[1]))
         return Decision(
             "keep equal weighting: no method beats it at this budget, and these are worse "
             f"beyond the seed spread (Δm% against it): {named}",
@@ -205,7 +206,7 @@ class ProbeResult:
         ]
         for row in self.rows:
             lines.append(
-                f"| {row.method} | {_signed(row.delta_m)} ± {row.delta_m_std:.2f} | "
+                f"| {row.method} | {_num(row.delta_m, '+')} ± {_num(row.delta_m_std)} | "
                 f"{row.time_ratio:.2f} | {row.conflict_fraction:.2f} | "
                 f"{row.norm_ratio:.2f} | {row.standing} |"
             )
@@ -224,8 +225,12 @@ class ProbeResult:
         return f"{self.table()}\n{self.verdict}\n{self.cost_line()}"
 
 
-def _signed(value: float) -> str:
-    return f"{0.0 if abs(value) < 5e-3 else value:+.2f}"  # no "-0.00"
+def _num(value: float, sign: str = "") -> str:
+    """Two decimals; two significant digits below 0.1 (Δm% on AUCs is often that small);
+    ``0.00`` below 1e-9 (no ``-0.00`` for equal weighting's own mean)."""
+    if abs(value) < 1e-9:
+        return f"{0.0:{sign}.2f}"
+    return f"{value:{sign}.2f}" if abs(value) >= 0.1 else f"{value:{sign}.2g}"
 
 
 def _diagnostic_numbers(histories: Iterable[Any]) -> tuple[float, float]:
