@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -120,22 +120,12 @@ def compare_command(
     """Run every method x seed on one problem; write a Markdown/CSV table and PNGs."""
     from taskbalance.compare import compare
     from taskbalance.compare.options import (
-        build_problem,
         parse_options,
-        parse_problem,
         spec_directory,
     )
     from taskbalance.errors import BalancerUsageError
 
-    if size not in ("full", "small"):
-        raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
-    try:
-        label = parse_problem(problem)[2]
-        built = build_problem(problem, size=size)  # type: ignore[arg-type]
-    except KeyError as err:
-        raise typer.BadParameter(str(err.args[0]), param_hint="--problem") from None
-    except BalancerUsageError as err:
-        raise typer.BadParameter(str(err), param_hint="--problem") from None
+    label, built = _cli_problem(problem, size)
     try:  # every mistake in the methods or options is refused here, before any training
         report = compare(
             built,
@@ -191,23 +181,13 @@ def diagnose_command(
     from taskbalance.compare.options import (
         MethodSpec,
         _parse_spec,
-        build_problem,
-        parse_problem,
         spec_directory,
     )
     from taskbalance.compare.runner import make_factory
     from taskbalance.diagnostics import plot_diagnostics, summarize
     from taskbalance.errors import BalancerUsageError
 
-    if size not in ("full", "small"):
-        raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
-    try:
-        label = parse_problem(problem)[2]
-        built = build_problem(problem, size=size)  # type: ignore[arg-type]
-    except KeyError as err:
-        raise typer.BadParameter(str(err.args[0]), param_hint="--problem") from None
-    except BalancerUsageError as err:
-        raise typer.BadParameter(str(err), param_hint="--problem") from None
+    label, built = _cli_problem(problem, size)
     try:
         cls, bracketed = _parse_spec(method)
         if not cls.supports_diagnostics():
@@ -581,3 +561,19 @@ def gradnorm_command(
 
 if __name__ == "__main__":
     app()
+
+
+def _cli_problem(problem: str, size: str) -> tuple[str, Any]:
+    """``(label, problem object)`` from ``--problem`` and ``--size``, or a usage error."""
+    from taskbalance.compare.options import build_problem, parse_problem
+    from taskbalance.errors import BalancerUsageError
+
+    if size not in ("full", "small"):
+        raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
+    try:
+        label = parse_problem(problem)[2]
+        return label, build_problem(problem, size=size)  # type: ignore[arg-type]
+    except KeyError as err:
+        raise typer.BadParameter(str(err.args[0]), param_hint="--problem") from None
+    except BalancerUsageError as err:
+        raise typer.BadParameter(str(err), param_hint="--problem") from None
