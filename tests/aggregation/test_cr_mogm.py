@@ -248,3 +248,22 @@ def test_matches_torchjd_around_upgrad(beta: float) -> None:
         want = theirs(gram)
         got = ours.weights_from_gramian(gram, torch.ones(3, dtype=torch.float64))
         torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_matches_torchjd_on_the_cross_check_jacobians(case: int) -> None:
+    """The five cross-check Jacobians (random, conflicting, collinear, a zero row, norms
+    1e-3..1e3) from three seeds in turn, around UPGrad with torchjd's conventions, α = 0.7."""
+    pytest.importorskip("torchjd", reason="torchjd is the optional 'bench' extra")
+    pytest.importorskip("quadprog", reason="torchjd's default projector needs quadprog")
+    from _gradcheck import cross_check_jacobians
+    from torchjd.aggregation import CRMOGMWeighting, UPGradWeighting
+
+    theirs = CRMOGMWeighting(UPGradWeighting(), alpha=0.7)
+    ours = tb.make("cr_mogm", 4, inner="upgrad", beta=0.7, norm_eps=1e-4, reg_eps=1e-4)
+    for seed in range(3):
+        jac = torch.from_numpy(cross_check_jacobians(seed)[case])
+        gram = jac @ jac.T
+        want = theirs(gram)
+        got = ours.weights_from_gramian(gram, torch.ones(4, dtype=torch.float64))
+        torch.testing.assert_close(got, want, atol=1e-6 * float(want.abs().max()) + 1e-12, rtol=0)

@@ -267,3 +267,23 @@ def test_an_overflowing_product_of_finite_gradients_names_the_task_in_a_or_b() -
         bal.backward(losses, shared=[w])
     assert err.value.task == "1"
     torch.testing.assert_close(bal.lam, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_matches_torchjd_on_the_cross_check_jacobians(case: int) -> None:
+    """The five cross-check Jacobians (random, conflicting, collinear, a zero row, norms
+    1e-3..1e3), three calls each with the one-batch Gramian (torchjd's input matrix is then
+    J Jᵀ): the same λ as torchjd's MoDoWeighting (γ = 1e-3 scaled to the norms, ρ = 0.1)."""
+    pytest.importorskip("torchjd", reason="torchjd is the optional 'bench' extra")
+    from _gradcheck import cross_check_jacobians
+    from torchjd.aggregation import MoDoWeighting
+
+    for seed in range(3):
+        jac = torch.from_numpy(cross_check_jacobians(seed)[case])
+        gram = jac @ jac.T
+        gamma = 0.5 / float(gram.diagonal().max())  # a step that moves λ at every scale
+        theirs, ours = MoDoWeighting(gamma=gamma, rho=0.1), MoDo(4, gamma=gamma, rho=0.1)
+        for _ in range(3):
+            want = theirs(gram)
+            got = ours.weights_from_gramian(gram, torch.ones(4, dtype=torch.float64))
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
