@@ -59,7 +59,13 @@ from taskbalance.balancer import (
 )
 from taskbalance.diagnostics import step_diagnostics
 from taskbalance.distributed import Sync
-from taskbalance.errors import BalancerUsageError, NonFiniteGradientError, SolverError, warn
+from taskbalance.errors import (
+    BalancerUsageError,
+    NonFiniteGradientError,
+    SolverError,
+    TaskMismatchError,
+    warn,
+)
 from taskbalance.gradients import (
     ForkedFeatures,
     TaskGradients,
@@ -83,6 +89,27 @@ from taskbalance.gradients import (
 )
 
 Mode = Literal["exact", "features"]
+
+
+def task_index(tasks: tuple[str, ...], task: int | str, name: str = "main") -> int:
+    """The index of ``task`` (a task name or an index) in ``tasks``, checked; ``name`` is
+    the argument's name in the messages (``main=``, ``primary=``)."""
+    k = len(tasks)
+    if isinstance(task, str):
+        if task not in tasks:
+            raise TaskMismatchError(
+                f"{name}={task!r} is not a task; give one of {list(tasks)} or an index in "
+                f"0..{k - 1}"
+            )
+        return tasks.index(task)
+    if isinstance(task, bool) or not isinstance(task, int):
+        raise TypeError(f"{name} must be a task name or an int index, got {task!r}")
+    if not 0 <= task < k:
+        raise ValueError(
+            f"{name}={task} is out of range for {k} tasks; give an index in 0..{k - 1} or one "
+            f"of the names {list(tasks)}"
+        )
+    return task
 
 
 def spare_buffer(spare: Tensor | None, like: Tensor) -> Tensor:

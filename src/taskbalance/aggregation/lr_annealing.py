@@ -37,32 +37,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from taskbalance.aggregation.base import GradientBalancer
+from taskbalance.aggregation.base import GradientBalancer, task_index
 from taskbalance.balancer import Tasks
-from taskbalance.errors import NonFiniteGradientError, TaskMismatchError
+from taskbalance.errors import NonFiniteGradientError
 from taskbalance.gradients import TaskGradients
 from taskbalance.registry import register
 
 logger = logging.getLogger("taskbalance")
-
-
-def task_index(tasks: tuple[str, ...], main: int | str) -> int:
-    """The index of ``main`` (a task name or an index) in ``tasks``, checked."""
-    k = len(tasks)
-    if isinstance(main, str):
-        if main not in tasks:
-            raise TaskMismatchError(
-                f"main={main!r} is not a task; give one of {list(tasks)} or an index in 0..{k - 1}"
-            )
-        return tasks.index(main)
-    if isinstance(main, bool) or not isinstance(main, int):
-        raise TypeError(f"main must be a task name or an int index, got {main!r}")
-    if not 0 <= main < k:
-        raise ValueError(
-            f"main={main} is out of range for {k} tasks; give an index in 0..{k - 1} or one "
-            f"of the names {list(tasks)}"
-        )
-    return main
 
 
 def gradient_statistics(jacobian: Tensor, sizes: list[int] | None = None) -> tuple[Tensor, Tensor]:

@@ -40,8 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskbalance.aggregation.base import GradientBalancer
-from taskbalance.aggregation.lr_annealing import task_index
+from taskbalance.aggregation.base import GradientBalancer, task_index
 from taskbalance.balancer import Tasks
 from taskbalance.errors import BalancerUsageError, NonFiniteGradientError
 from taskbalance.gradients import TaskGradients

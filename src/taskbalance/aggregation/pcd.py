@@ -59,9 +59,8 @@ from torch import Tensor
 
 from taskbalance.aggregation._dual_cone import project_dual_cone
 from taskbalance.aggregation._margin_qp import margin_weights
-from taskbalance.aggregation.base import GradientBalancer
+from taskbalance.aggregation.base import GradientBalancer, task_index
 from taskbalance.balancer import Tasks
-from taskbalance.errors import TaskMismatchError
 from taskbalance.registry import register
 
 logger = logging.getLogger("taskbalance")
@@ -121,7 +120,7 @@ class PCD(GradientBalancer):
         **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
-        self.primary_index = self._primary_index(primary)
+        self.primary_index = task_index(self.tasks, primary, "primary")
         self.primary = primary
         if not isinstance(rescale, bool):
             raise TypeError(f"rescale must be True or False, got {rescale!r}")
@@ -147,24 +146,6 @@ class PCD(GradientBalancer):
                 f"secondary task, in task order without {self.tasks[p]!r}), got {tau!r}"
             )
         return np.insert(values, p, 0.0)
-
-    def _primary_index(self, primary: int | str) -> int:
-        k = self.num_tasks
-        if isinstance(primary, str):
-            if primary not in self.tasks:
-                raise TaskMismatchError(
-                    f"primary={primary!r} is not a task; give one of {list(self.tasks)} "
-                    f"or an index in 0..{k - 1}"
-                )
-            return self.tasks.index(primary)
-        if isinstance(primary, bool) or not isinstance(primary, int):
-            raise TypeError(f"primary must be a task name or an int index, got {primary!r}")
-        if not 0 <= primary < k:
-            raise ValueError(
-                f"primary={primary} is out of range for {k} tasks; give an index in "
-                f"0..{k - 1} or one of the names {list(self.tasks)}"
-            )
-        return primary
 
     def _count_fallback(self, rows: int) -> None:
         self.fallbacks += 1
