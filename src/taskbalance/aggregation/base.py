@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -645,3 +645,26 @@ class GradientBalancer(Balancer):
                 f"{type(self).__name__} produced a non-finite update (weights "
                 f"{weights.tolist()}); the task gradients may be non-finite"
             )
+
+
+class PerTensorBalancer(GradientBalancer):
+    """A Jacobian method whose statistics are taken per shared tensor (LR annealing's code
+    variant, MetaBalance): exact mode only, and :meth:`tensor_sizes` tells which columns of
+    J belong to which tensor."""
+
+    needs: ClassVar[str] = "jacobian"
+    modes: ClassVar[tuple[Mode, ...]] = ("exact",)
+    #: the numels of the shared tensors of the last J the engine formed
+    _sizes: Sequence[int] = ()
+
+    def _task_gradients(
+        self, items: list[Tensor], shared: Any, features: Any
+    ) -> tuple[TaskGradients, bool]:
+        grads, use_features = super()._task_gradients(items, shared, features)
+        self._sizes = [t.numel() for t in grads.inputs]
+        return grads, use_features
+
+    def tensor_sizes(self, width: int) -> list[int]:
+        """The tensors' numels for a J of ``width`` columns; one block of ``width`` when J
+        did not come from the engine (``aggregate`` called directly)."""
+        return list(self._sizes) if sum(self._sizes) == width else [width]

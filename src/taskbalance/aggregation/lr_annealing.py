@@ -37,10 +37,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from taskbalance.aggregation.base import GradientBalancer, task_index
+from taskbalance.aggregation.base import PerTensorBalancer, task_index
 from taskbalance.balancer import Tasks
 from taskbalance.errors import NonFiniteGradientError
-from taskbalance.gradients import TaskGradients
 from taskbalance.registry import register
 
 logger = logging.getLogger("taskbalance")
@@ -63,7 +62,7 @@ def annealed(lam: Tensor, target: Tensor, alpha: float, valid: Tensor) -> Tensor
 
 
 @register("lr_annealing", "gradient_pathologies")
-class LRAnnealing(GradientBalancer):
+class LRAnnealing(PerTensorBalancer):
     """Learning-rate annealing of Wang, Teng & Perdikaris (see the module docstring).
 
     Args:
@@ -78,9 +77,6 @@ class LRAnnealing(GradientBalancer):
 
     ``fallbacks`` counts the updates that kept a λ because a gradient was zero.
     """
-
-    needs = "jacobian"
-    modes = ("exact",)
 
     def __init__(
         self,
@@ -106,17 +102,9 @@ class LRAnnealing(GradientBalancer):
         self.lam = torch.ones(self.num_tasks, dtype=torch.float64)
         self.t = 0
         self.fallbacks = 0
-        self._sizes: list[int] | None = None
-
-    def _task_gradients(
-        self, items: list[Tensor], shared: Any, features: Any
-    ) -> tuple[TaskGradients, bool]:
-        grads, use_features = super()._task_gradients(items, shared, features)
-        self._sizes = [t.numel() for t in grads.inputs]
-        return grads, use_features
 
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        sizes = self._sizes if self.variant == "code" else None
+        sizes = self.tensor_sizes(jacobian.shape[1]) if self.variant == "code" else None
         peak, mean = gradient_statistics(jacobian, sizes)
         bad = ~(torch.isfinite(peak) & torch.isfinite(mean))
         if bool(bad.any()):

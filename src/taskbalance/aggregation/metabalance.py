@@ -40,10 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskbalance.aggregation.base import GradientBalancer, task_index
+from taskbalance.aggregation.base import PerTensorBalancer, task_index
 from taskbalance.balancer import Tasks
 from taskbalance.errors import BalancerUsageError, NonFiniteGradientError
-from taskbalance.gradients import TaskGradients
 from taskbalance.registry import register
 
 logger = logging.getLogger("taskbalance")
@@ -81,7 +80,7 @@ def norm_factors(norms: Tensor, scales: Tensor) -> Tensor:
 
 
 @register("metabalance", "meta_balance")
-class MetaBalance(GradientBalancer):
+class MetaBalance(PerTensorBalancer):
     """MetaBalance (see the module docstring).
 
     Args:
@@ -93,9 +92,6 @@ class MetaBalance(GradientBalancer):
 
     ``zero_scales`` counts the steps with a tensor whose auxiliary average was zero.
     """
-
-    needs = "jacobian"
-    modes = ("exact",)
 
     def __init__(
         self,
@@ -115,17 +111,9 @@ class MetaBalance(GradientBalancer):
         self.relax, self.beta = float(relax), float(beta)
         self.averages: Tensor | None = None
         self.zero_scales = 0
-        self._sizes: list[int] = []
-
-    def _task_gradients(
-        self, items: list[Tensor], shared: Any, features: Any
-    ) -> tuple[TaskGradients, bool]:
-        grads, use_features = super()._task_gradients(items, shared, features)
-        self._sizes = [t.numel() for t in grads.inputs]
-        return grads, use_features
 
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        sizes = self._sizes if sum(self._sizes) == jacobian.shape[1] else [jacobian.shape[1]]
+        sizes = self.tensor_sizes(jacobian.shape[1])
         norms = block_norms(jacobian, sizes)
         bad = ~torch.isfinite(norms).all(dim=1)
         if bool(bad.any()):
