@@ -226,6 +226,34 @@ def test_loss_ratios_are_against_the_first_step() -> None:
     )
 
 
+@pytest.mark.parametrize("path", ["balanced_loss", "amp_backward"])
+def test_loss_method_diagnosed_with_a_backward_of_its_own(path: str) -> None:
+    """balanced_loss (and amp_backward with a GradScaler, which uses it) records the same
+    diagnostics as a per-task loop, and the combined loss is balancer(losses)'s."""
+    from taskbalance.integrations import amp_backward
+
+    model = TinyNet()
+    bal = tb.make("uncertainty", tasks=3, diagnostics=True)
+    losses = task_losses(model, 0)
+    params = list(model.shared.parameters())
+    grads = task_gradient_vectors(losses, params)
+    if path == "balanced_loss":
+        total = bal.balanced_loss(losses, shared=model.shared)
+        assert total is not None
+        total.backward()
+    else:
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "called without shared=" warning
+            amp_backward(bal, losses, scaler=scaler, shared=model.shared)
+    w = bal.last_weights.double()
+    direction = sum(wi * g for wi, g in zip(w, grads))
+    assert_matches_loop(last_row(bal.history), loop_diagnostics(grads, direction), 1e-5)
+    written = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    scale = 1.0 if path == "balanced_loss" else 8.0
+    torch.testing.assert_close(written, scale * direction, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- sampling, off, accumulation
 def run(bal: tb.Balancer, steps: int, start: int = 0, model: TinyNet | None = None) -> TinyNet:
     model = model or TinyNet()
@@ -379,7 +407,10 @@ def test_plot_without_diagnostics_is_refused(tmp_path: Any) -> None:
 
 
 # ---------------------------------------------------------------- Lightning
-def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any) -> None:
+@pytest.mark.parametrize("method", ["mgda", "uncertainty"])
+def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any, method: str) -> None:
+    """A gradient method (its own Gramian) and a loss-weighting method (the engine's, from
+    balanced_step's shared= on the diagnosed steps) log what their history holds."""
     pl = pytest.importorskip("lightning.pytorch")
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -408,7 +439,7 @@ def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any) -> None:
         def __init__(self) -> None:
             super().__init__()
             self.net = TinyNet()
-            self.balancer = tb.MGDA(tasks=["a", "b", "c"], diagnostics=2)
+            self.balancer = tb.make(method, tasks=["a", "b", "c"], diagnostics=2)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
             x, y = batch
@@ -440,6 +471,7 @@ def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any) -> None:
     logged = torch.tensor([row["diag/cos/a-c"] for row in logger.rows if "diag/cos/a-c" in row])
     expected = history.extra("diag/cos")[:, 1]  # NaN on the steps not diagnosed (1 and 3)
     assert logged.shape == (4,) and torch.isnan(expected[[1, 3]]).all()
+    assert not torch.isnan(expected[[0, 2]]).any()
     torch.testing.assert_close(logged.double(), expected, rtol=1e-6, atol=0, equal_nan=True)
     align = torch.tensor([row["diag/align/b"] for row in logger.rows if "diag/align/b" in row])
     torch.testing.assert_close(

@@ -565,6 +565,27 @@ class Balancer:
         gradients from them (exact mode with ``shared=``, features mode with
         ``features=``) for the diagnostics before the combined loss is backpropagated.
         """
+        total = self.balanced_loss(losses, shared=shared, features=features, **context)
+        if total is None:
+            return None
+        total.backward()
+        return self.last_weights
+
+    def balanced_loss(
+        self, losses: Losses, *, shared: Any = None, features: Any = None, **context: Any
+    ) -> Tensor | None:
+        """``balancer(losses)``, diagnosed: the combined loss to backpropagate yourself
+        (``None`` when the step was skipped, ``nonfinite="skip_step"``).
+
+        The same as ``balancer(losses, **context)``, except on the steps that
+        ``diagnostics=`` diagnoses, where the task gradients are computed from ``shared``
+        (exact mode) or ``features`` (features mode) for the diagnostics first. For a
+        backward of your own (a GradScaler's ``scaler.scale(loss).backward()``,
+        Lightning's ``manual_backward``)::
+
+            total = balancer.balanced_loss(losses, shared=model.body)
+            scaler.scale(total).backward()
+        """
         if self._diag_every and self.steps % self._diag_every == 0:
             if shared is not None or features is not None:
                 losses, _ = with_reference(losses)  # a one-shot iterator becomes a list
@@ -581,10 +602,7 @@ class Balancer:
                 self._diag_pending = None
         else:
             total = self(losses, **context)
-        if self.last_step_skipped:
-            return None
-        total.backward()
-        return self.last_weights
+        return None if self.last_step_skipped else total
 
     def record_step(self, losses: Tensor, weights: Tensor) -> None:
         """Bookkeeping after a successful step: counter, last weights, history."""
@@ -636,7 +654,9 @@ class Balancer:
                     "without shared= or features=, so no task gradient was computed and no "
                     "diagnostics were recorded (loss = balancer(losses); loss.backward() "
                     "cannot be diagnosed). Call balancer.backward(losses, shared=model.body) "
-                    "(or features=z) instead of balancer(losses).backward(). Warned once"
+                    "(or features=z) instead of balancer(losses).backward(), or "
+                    "balancer.balanced_loss(losses, shared=model.body) for a backward of your "
+                    "own. Warned once"
                 )
             return
         from taskbalance.diagnostics import step_diagnostics, task_gramian

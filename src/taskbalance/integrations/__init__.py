@@ -263,8 +263,9 @@ def _amp_backward(
     active = scaler if scaler is not None and scaler.is_enabled() else None
     losses, reference = _with_first_tensor(losses)
     if uses_loss_path(balancer):
-        total = balancer(losses, **context)
-        if balancer.last_step_skipped:
+        # diagnosed steps (diagnostics=) compute the task gradients from shared=/features=
+        total = balancer.balanced_loss(losses, shared=shared, features=features, **context)
+        if total is None:
             return None, False
         if loss_backward is not None:
             loss_backward(total)
