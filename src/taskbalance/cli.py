@@ -249,12 +249,23 @@ def probe_command(
     ] = "uncertainty,pcgrad,upgrad",
     seeds: Annotated[int, typer.Option(help="Seeds 0..N-1 per method (at least 2).")] = 3,
     epochs: Annotated[
-        int, typer.Option(help="Epochs of every run (steps for the toys): the budget.")
-    ] = 1,
+        float | None,
+        typer.Option(
+            help="Epochs of every run, fractions allowed (steps for the toys): the budget. "
+            "Default: 0.2 (2% of the steps on the toys)."
+        ),
+    ] = None,
     every: Annotated[int, typer.Option(help="Diagnose every n-th training step.")] = 5,
     size: Annotated[
         str, typer.Option(help="'full' (documented) or 'small' (a smoke test, seconds).")
     ] = "full",
+    rule: Annotated[
+        str,
+        typer.Option(
+            help="Verdict rule: 'paired' (a paired t-test on the same starts) or 'spread' "
+            "(beyond the larger seed spread)."
+        ),
+    ] = "paired",
 ) -> None:
     """Should this problem be balanced, and with what? Equal weighting and a few candidates
     for a short budget over a few seeds: a ranked table and a verdict."""
@@ -273,6 +284,7 @@ def probe_command(
             epochs=epochs,
             every=every,
             size=size,
+            rule=rule,
         )
     except BalancerUsageError as err:
         typer.echo(f"taskbalance probe: {err}", err=True)

@@ -19,28 +19,35 @@ gradient method: pairwise projections of the K task gradients, the most used one
 has no hyper-parameter to tune). Nash-MTL is left out of the default: it solves an
 optimisation problem every step and is the slowest of the well-known ones.
 
-The verdict rule (:func:`decide`). Per seed, Δm% of a method against equal weighting's
-mean over the seeds (as in ``taskbalance compare``; lower is better). A method is
-**better** when its mean Δm% is below equal weighting's by more than the larger of the two
-seed spreads (the standard deviations over seeds of the method's and of equal weighting's
-Δm%), **worse** when it is above by more than that, and **indistinguishable** otherwise
-(also when the difference is below :data:`MIN_DIFFERENCE`, 0.01 points).
-With 3 seeds a paired t-test has 2 degrees of freedom and a sign test cannot go below
-p = 0.125, so neither could separate anything at the default budget; the spread rule is
-what the table shows, and it is conservative. The verdict names the better method with the
-lowest mean Δm% and its margin (how far beyond the spread it is); if no method is better
-and none is worse it is exactly :data:`NO_DIFFERENCE`; if none is better and some are
-worse it says to keep equal weighting and names them.
+The verdict rule (:func:`decide`, ``rule="paired"`` by default). Per seed, Δm% of a
+method against equal weighting's mean over the seeds (as in ``taskbalance compare``; lower
+is better). Every method starts from the same model and sees the same batches for a seed,
+so the runs pair up: per seed, the difference ``d_s`` between the method's Δm% and equal
+weighting's. A method is **better** when the mean difference is below zero by more than
+``t · sd(d) / √n`` (n seeds, ``t`` the one-sided 95% quantile of Student's t with n − 1
+degrees of freedom: a one-sided paired t-test at 5%), **worse** when above by more than
+that, and **indistinguishable** otherwise (also when the mean difference is below
+:data:`MIN_DIFFERENCE`, 0.01 points). Pairing removes what every method shares for a
+seed (the initialisation, the batch order), which is most of the spread at a short
+budget. Each candidate is tested at 5%; with the 3 default candidates the chance that a
+method is called better when none differs is at most 1 − 0.95³ ≈ 14%.
+``rule="spread"`` is the conservative rule that ignores the pairing: better when the mean
+Δm% is below equal weighting's by more than the larger of the two seed standard
+deviations. The verdict names the better method with the lowest mean Δm% and its margin;
+if no method is better and none is worse it is exactly :data:`NO_DIFFERENCE`; if none is
+better and some are worse it says to keep equal weighting and names them.
 
 Cost (:attr:`ProbeResult.cost_epochs`): the training steps of every run together, divided
-by the steps of one epoch of the training data. With the defaults (equal weighting and 3
-candidates, 3 seeds, 1 epoch) that is 12 epochs, plus one evaluation pass per run; the
+by the steps of one epoch of the training data. The default budget is
+:data:`DEFAULT_EPOCHS` = 0.2 of an epoch per run, so equal weighting and the 3 default
+candidates over 3 seeds cost 12 × 0.2 = 2.4 epochs, plus one evaluation pass per run; the
 diagnostics add K backward passes on every ``every``-th step of a loss-weighting run
 (equal weighting included), nothing to a gradient method's.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -63,9 +70,22 @@ DEFAULT_CANDIDATES: tuple[str, ...] = ("uncertainty", "pcgrad", "upgrad")
 MIN_DIFFERENCE = 0.01
 #: the verdict when no candidate is told apart from equal weighting.
 NO_DIFFERENCE = "no method is distinguishable from equal weighting at this budget"
+#: the default budget of every run, in epochs of the training data (12 runs: 2.4 epochs).
+DEFAULT_EPOCHS = 0.2
+#: the probe's budget on the toys, whose epochs are steps: this fraction of their steps.
+TOY_FRACTION = 0.02
+#: the verdict rules of :func:`decide`.
+RULES = ("paired", "spread")
+#: one-sided 95% quantiles of Student's t with 1..30 degrees of freedom.
+_T95 = (
+    6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812,
+    1.796, 1.782, 1.771, 1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725,
+    1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697,
+)  # fmt: skip
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "DEFAULT_EPOCHS",
     "MIN_DIFFERENCE",
     "NO_DIFFERENCE",
     "Decision",
@@ -74,6 +94,7 @@ __all__ = [
     "decide",
     "probe",
     "probe_problem",
+    "t_quantile_95",
 ]
 
 
@@ -92,19 +113,45 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def decide(delta_m: Mapping[str, Sequence[float]], reference: str = REFERENCE) -> Decision:
-    """The verdict rule on per-seed Δm% values (method -> one value per seed, ``reference``
-    among them; lower is better).
+def t_quantile_95(df: int) -> float:
+    """The one-sided 95% quantile of Student's t with ``df`` degrees of freedom: a table
+    up to 30, then the Cornish–Fisher expansion around the normal quantile 1.6449 (within
+    1e-3 of the exact value there)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {df}")
+    if df <= len(_T95):
+        return _T95[df - 1]
+    z = 1.6448536269514722
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
-    A method is better when ``mean_m - mean_ref < -max(std_m, std_ref)``, worse when
-    ``mean_m - mean_ref > max(std_m, std_ref)`` (standard deviations over seeds), a tie
-    otherwise; a difference below :data:`MIN_DIFFERENCE` is always a tie. See the module
-    docstring for why this rule.
+
+def paired_differences(
+    delta_m: Mapping[str, Sequence[float]], method: str, reference: str = REFERENCE
+) -> list[float]:
+    """Per seed, ``method``'s Δm% minus the reference's (seeds paired by position)."""
+    return [m - r for m, r in zip(delta_m[method], delta_m[reference], strict=True)]
+
+
+def decide(
+    delta_m: Mapping[str, Sequence[float]], reference: str = REFERENCE, rule: str = "paired"
+) -> Decision:
+    """The verdict rule on per-seed Δm% values (method -> one value per seed, ``reference``
+    among them, seeds in the same order for every method; lower is better).
+
+    ``rule="paired"``: with ``d`` the per-seed differences to the reference, better when
+    ``mean(d) < -max(t · sd(d) / √n, MIN_DIFFERENCE)`` (``t`` = :func:`t_quantile_95` of
+    n − 1), worse when ``mean(d)`` is above the same bound, a tie otherwise.
+    ``rule="spread"``: better when ``mean_m - mean_ref < -max(std_m, std_ref,
+    MIN_DIFFERENCE)`` (standard deviations over seeds), worse when above it. See the
+    module docstring for both.
 
     Raises:
-        BalancerUsageError: ``reference`` is missing, or a method has fewer than 2 seeds
-            (no spread to judge by).
+        BalancerUsageError: ``reference`` is missing, a method has fewer than 2 seeds (no
+            spread to judge by), the paired rule gets unequal numbers of seeds, or an
+            unknown rule.
     """
+    if rule not in RULES:
+        raise BalancerUsageError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}")
     if reference not in delta_m:
         raise BalancerUsageError(
             f"the Δm% of the reference {reference!r} is missing: give its per-seed values too"
@@ -115,38 +162,58 @@ def decide(delta_m: Mapping[str, Sequence[float]], reference: str = REFERENCE) -
             f"{', '.join(short)}: fewer than 2 seeds, so no seed spread to judge by; run at "
             "least 2 seeds (3 by default)"
         )
+    n = len(delta_m[reference])
+    unpaired = [m for m, values in delta_m.items() if len(values) != n]
+    if rule == "paired" and unpaired:
+        raise BalancerUsageError(
+            f"{', '.join(unpaired)}: not {n} seeds as {reference!r}, so the runs do not pair "
+            "up; give every method the same seeds, or rule='spread'"
+        )
     ref_mean, ref_std = _mean_std(delta_m[reference])
     standing = {reference: "reference"}
-    better: list[tuple[float, str, float, float]] = []
+    better: list[tuple[float, str, str]] = []
     worse: list[tuple[str, float]] = []
     for method, values in delta_m.items():
         if method == reference:
             continue
         mean, std = _mean_std(values)
-        spread = max(std, ref_std)
-        diff = mean - ref_mean
-        if diff < -max(spread, MIN_DIFFERENCE):
+        if rule == "paired":
+            d_mean, d_std = _mean_std(paired_differences(delta_m, method, reference))
+            bound = t_quantile_95(n - 1) * d_std / math.sqrt(n)
+            diff, why = (
+                d_mean,
+                (
+                    f"on the same starts {_num(-d_mean)} ± {_num(d_std)} points below it, beyond "
+                    f"the one-sided 5% bound {_num(bound)} of a paired t-test"
+                ),
+            )
+        else:
+            bound, diff = max(std, ref_std), mean - ref_mean
+            why = (
+                f"equal weighting's spread ± {_num(ref_std)}, {_num(-diff - bound)} points "
+                "beyond the larger seed spread"
+            )
+        if diff < -max(bound, MIN_DIFFERENCE):
             standing[method] = "better"
-            better.append((mean, method, std, -diff - spread))
-        elif diff > max(spread, MIN_DIFFERENCE):
+            better.append((mean, method, f"Δm% {_num(mean, '+')} ± {_num(std)} ({why})"))
+        elif diff > max(bound, MIN_DIFFERENCE):
             standing[method] = "worse"
             worse.append((method, diff))
         else:
             standing[method] = "tie"
     if better:
-        mean, method, std, margin = min(better)
+        _, method, detail = min(better)
         return Decision(
-            f"{method} is better than equal weighting at this budget: Δm% {_num(mean, '+')} ± "
-            f"{_num(std)} (equal weighting's spread ± {_num(ref_std)}), {_num(margin)} points "
-            "beyond the larger seed spread",
+            f"{method} is better than equal weighting at this budget: {detail}",
             method,
             standing,
         )
     if worse:
         named = ", ".join(f"{m} ({_num(d, '+')})" for m, d in sorted(worse, key=lambda x: x[1]))
+        basis = "on the same starts" if rule == "paired" else "beyond the seed spread"
         return Decision(
             "keep equal weighting: no method beats it at this budget, and these are worse "
-            f"beyond the seed spread (Δm% against it): {named}",
+            f"{basis} (Δm% against it): {named}",
             None,
             standing,
         )
@@ -156,13 +223,17 @@ def decide(delta_m: Mapping[str, Sequence[float]], reference: str = REFERENCE) -
 @dataclass(frozen=True)
 class ProbeRow:
     """One method of a probe: Δm% against equal weighting (mean and standard deviation
-    over seeds, lower is better), its training time per step / equal weighting's, the mean
-    conflict fraction and the median gradient-norm ratio over every diagnosed step of its
-    runs (NaN when none was diagnosed), and its standing (see :class:`Decision`)."""
+    over seeds, lower is better), the paired difference to equal weighting (mean and
+    standard deviation over seeds of its Δm% minus equal weighting's from the same start),
+    its training time per step / equal weighting's, the mean conflict fraction and the
+    median gradient-norm ratio over every diagnosed step of its runs (NaN when none was
+    diagnosed), and its standing (see :class:`Decision`)."""
 
     method: str
     delta_m: float
     delta_m_std: float
+    paired: float
+    paired_std: float
     time_ratio: float
     conflict_fraction: float
     norm_ratio: float
@@ -178,20 +249,27 @@ class ProbeResult:
         verdict: one plain sentence (see :func:`decide`).
         best: the method the verdict picks, or ``None`` (keep equal weighting).
         seeds: seeds per method.
-        epochs: epochs per run.
+        epochs: the budget of every run, in epochs (steps for the toys).
         steps: training steps of all runs together.
         epoch_steps: training steps of one epoch of the data.
+        rule: the verdict rule (``"paired"`` or ``"spread"``).
+        training_steps: the steps of one full training of a reference problem at its
+            default length (:func:`probe_problem`), ``None`` for :func:`probe`.
         metrics: the per-seed metrics of every run (method -> one mapping per seed).
+        delta_m: the per-seed Δm% of every method, as :func:`decide` judged them.
     """
 
     rows: list[ProbeRow]
     verdict: str
     best: str | None
     seeds: int
-    epochs: int
+    epochs: float
     steps: int
     epoch_steps: int
+    rule: str = "paired"
+    training_steps: int | None = None
     metrics: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    delta_m: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def cost_epochs(self) -> float:
@@ -201,25 +279,31 @@ class ProbeResult:
     def table(self) -> str:
         """The ranked table as GitHub Markdown."""
         lines = [
-            "| method | Δm% ↓ | time ×EW | conflict fraction | norm ratio | standing |",
-            "|---|---|---|---|---|---|",
+            "| method | Δm% ↓ | vs EW, same start | time ×EW | conflict fraction | "
+            "norm ratio | standing |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in self.rows:
             lines.append(
                 f"| {row.method} | {_num(row.delta_m, '+')} ± {_num(row.delta_m_std)} | "
+                f"{_num(row.paired, '+')} ± {_num(row.paired_std)} | "
                 f"{row.time_ratio:.2f} | {row.conflict_fraction:.2f} | "
                 f"{row.norm_ratio:.2f} | {row.standing} |"
             )
         return "\n".join(lines) + "\n"
 
     def cost_line(self) -> str:
-        """One line: the budget and the cost as a multiple of one epoch."""
-        return (
+        """One line: the budget and the cost as a multiple of one epoch (and of one full
+        training, for a reference problem)."""
+        runs = f"{len(self.rows)} methods × {self.seeds} seeds × {self.epochs:g} epoch"
+        line = (
             f"cost: {self.steps} training steps = {self.cost_epochs:.3g} epochs "
-            f"({len(self.rows)} methods × {self.seeds} seeds × {self.epochs} epoch"
-            f"{'s' if self.epochs != 1 else ''}; one epoch = {self.epoch_steps} step"
+            f"({runs}{'s' if self.epochs != 1 else ''}; one epoch = {self.epoch_steps} step"
             f"{'s' if self.epoch_steps != 1 else ''})"
         )
+        if self.training_steps:
+            line += f" = {self.steps / self.training_steps:.3g} full trainings"
+        return line
 
     def __str__(self) -> str:
         return f"{self.table()}\n{self.verdict}\n{self.cost_line()}"
@@ -256,9 +340,11 @@ def _assemble(
     histories: Mapping[str, list[Any]],
     *,
     seeds: int,
-    epochs: int,
+    epochs: float,
     steps: int,
     epoch_steps: int,
+    rule: str,
+    training_steps: int | None = None,
 ) -> ProbeResult:
     """Δm% per seed against equal weighting's mean, the verdict, and the ranked rows."""
     from taskbalance.compare.metrics import delta_m
@@ -269,17 +355,20 @@ def _assemble(
         method: [delta_m(run, base, metric_defs) for run in runs]
         for method, runs in metrics.items()
     }
-    decision = decide(deltas)
+    decision = decide(deltas, rule=rule)
     ref_time = statistics.fmean(step_times[REFERENCE])
     rows = []
     for method, values in deltas.items():
         mean, std = _mean_std(values)
+        paired, paired_std = _mean_std(paired_differences(deltas, method))
         conflict, ratio = _diagnostic_numbers(histories[method])
         rows.append(
             ProbeRow(
                 method,
                 mean,
                 std,
+                paired,
+                paired_std,
                 statistics.fmean(step_times[method]) / ref_time,
                 conflict,
                 ratio,
@@ -295,7 +384,10 @@ def _assemble(
         epochs,
         steps,
         epoch_steps,
+        rule,
+        training_steps,
         {m: list(runs) for m, runs in metrics.items()},
+        deltas,
     )
 
 
@@ -343,11 +435,11 @@ def _candidate_specs(candidates: Sequence[str]) -> list[tuple[str, type, dict[st
     return specs
 
 
-def _check_budget(seeds: int, epochs: int, every: int) -> None:
-    if not isinstance(epochs, int) or epochs < 1:
+def _check_budget(seeds: int, epochs: float, every: int, rule: str) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
         raise BalancerUsageError(
-            f"the budget must be at least one epoch, got epochs={epochs!r}: pass epochs=1 "
-            "(the default) or more"
+            f"the budget must be a positive number of epochs, got epochs={epochs!r}: pass "
+            f"epochs={DEFAULT_EPOCHS} (the default) or more"
         )
     if not isinstance(seeds, int) or seeds < 2:
         raise BalancerUsageError(
@@ -358,6 +450,8 @@ def _check_budget(seeds: int, epochs: int, every: int) -> None:
         raise BalancerUsageError(
             f"every must be a positive number of steps, got every={every!r}: 1 diagnoses every step"
         )
+    if rule not in RULES:
+        raise BalancerUsageError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}")
 
 
 class _Fresh:
@@ -430,11 +524,12 @@ def probe(
     higher_is_better: Collection[str] = (),
     candidates: Sequence[str] = DEFAULT_CANDIDATES,
     seeds: int = 3,
-    epochs: int = 1,
+    epochs: float = DEFAULT_EPOCHS,
     every: int = 5,
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
     holdout: float = 0.2,
     split: Callable[[Any], tuple[Any, Any]] | None = None,
+    rule: str = "paired",
 ) -> ProbeResult:
     """Should you balance, and with what? Train equal weighting and a few candidates
     briefly from the same initialisations over a few seeds, and compare them.
@@ -443,8 +538,10 @@ def probe(
     state is left as it was), ``model = model_fn()``, the balancer (``diagnostics=every``,
     ``seed=s`` if it takes one), ``optimizer(model.parameters())``, then
     :func:`taskbalance.train_joint` for ``epochs`` epochs with
-    ``shared_parameters=shared(model)``, then the evaluation. Every method sees the same
-    initial model for a seed, and the data in the same order.
+    ``shared_parameters=shared(model)`` (a fractional budget ends with the first batches
+    of the next pass: ``round(epochs × B)`` steps in all, B the batches of one epoch), then
+    the evaluation. Every method sees the same initial model for a seed, and the data in
+    the same order.
 
     Args:
         model_fn: builds a fresh model; called once per run.
@@ -465,24 +562,28 @@ def probe(
         candidates: method specs (``"dwa"``, ``"cagrad[c=0.2]"``); default
             :data:`DEFAULT_CANDIDATES`. Equal weighting is always run as the reference.
         seeds: seeds ``0..seeds-1`` per method (at least 2: the verdict needs a spread).
-        epochs: the budget of every run, in passes over the training batches.
+        epochs: the budget of every run, in passes over the training batches (fractions
+            allowed; default :data:`DEFAULT_EPOCHS`, 0.2: 2.4 epochs in all with the
+            default candidates and seeds).
         every: diagnose every n-th step (1: every step).
         optimizer: ``optimizer(params)``; default ``torch.optim.Adam(params, lr=1e-3)``.
         holdout: the fraction of the batches held out by the default evaluation.
         split: ``batch -> (inputs, targets)`` (default
             :func:`taskbalance.training.joint.split_batch`).
+        rule: the verdict rule, ``"paired"`` (default) or ``"spread"`` (:func:`decide`).
 
     Raises:
-        BalancerUsageError: an unknown or unusable candidate, a budget below one epoch,
-            fewer than 2 seeds, one-shot data (a generator), too few batches to hold one
-            out, or ``shared`` returning no parameters, before any training.
+        BalancerUsageError: an unknown or unusable candidate, a budget that is not a
+            positive number of epochs, fewer than 2 seeds, an unknown rule, one-shot data
+            (a generator), too few batches to hold one out, or ``shared`` returning no
+            parameters, before any training.
     """
     import taskbalance as tb
     from taskbalance.compare.problem import Metric
     from taskbalance.registry import constructor_parameters
-    from taskbalance.training.joint import split_batch
+    from taskbalance.training.joint import split_batch, step_budget
 
-    _check_budget(seeds, epochs, every)
+    _check_budget(seeds, epochs, every, rule)
     specs = _candidate_specs(candidates)
     tasks = list(tasks)
     split = split or split_batch
@@ -508,12 +609,15 @@ def probe(
         held_out = batches[cut:]
     else:
         train_data = _Fresh(data) if callable(data) else data  # type: ignore[arg-type]
+    epoch_steps = _count_batches(train_data)
+    if epoch_steps == 0:
+        raise BalancerUsageError("the data gave no batch: nothing would be trained")
+    budget = step_budget(epochs, epoch_steps)
 
     metrics: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in specs}
     step_times: dict[str, list[float]] = {label: [] for label, _, _ in specs}
     histories: dict[str, list[Any]] = {label: [] for label, _, _ in specs}
     steps = 0
-    epoch_steps = 0
     for seed in range(seeds):
         for label, cls, options in specs:
             with torch.random.fork_rng():
@@ -526,23 +630,26 @@ def probe(
                 balancer = cls(tasks, **kwargs)
                 opt = make_optimizer(model.parameters())
                 start = time.perf_counter()
-                run = tb.train_joint(
-                    model,
-                    train_data,
-                    loss_fn,
-                    opt,
-                    balancer,
-                    epochs=epochs,
-                    split=split,
-                    shared_parameters=params,
-                    progress=False,
-                )
+                run_steps = 0
+                # whole passes, then the first batches of the next one (a fractional budget)
+                whole, rest = divmod(budget, epoch_steps)
+                passes = [(train_data, whole), (_first(train_data, rest), 1 if rest else 0)]
+                for part, count in passes:
+                    if count:
+                        run_steps += tb.train_joint(
+                            model,
+                            part,
+                            loss_fn,
+                            opt,
+                            balancer,
+                            epochs=count,
+                            split=split,
+                            shared_parameters=params,
+                            progress=False,
+                        ).steps
                 wall = time.perf_counter() - start
-            if run.steps == 0:
-                raise BalancerUsageError("the data gave no batch: nothing was trained")
-            steps += run.steps
-            epoch_steps = epoch_steps or run.steps // epochs
-            step_times[label].append(wall / run.steps)
+            steps += run_steps
+            step_times[label].append(wall / run_steps)
             histories[label].append(balancer.history)
             if evaluate is None:
                 values = _mean_losses(model, held_out, loss_fn, tasks, split)
@@ -565,8 +672,22 @@ def probe(
         seeds=seeds,
         epochs=epochs,
         steps=steps,
-        epoch_steps=max(epoch_steps, 1),
+        epoch_steps=epoch_steps,
+        rule=rule,
     )
+
+
+def _count_batches(data: Iterable[Any]) -> int:
+    """The batches of one pass: ``len(data)`` where it has one, else counted by a pass."""
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return sum(1 for _ in data)
+
+
+def _first(data: Iterable[Any], count: int) -> list[Any]:
+    """The first ``count`` batches of a pass over ``data`` (nothing read for 0)."""
+    return list(itertools.islice(iter(data), count)) if count else []
 
 
 def probe_problem(
@@ -574,9 +695,10 @@ def probe_problem(
     *,
     candidates: Sequence[str] = DEFAULT_CANDIDATES,
     seeds: int = 3,
-    epochs: int = 1,
+    epochs: float | None = None,
     every: int = 5,
     size: str = "full",
+    rule: str = "paired",
 ) -> ProbeResult:
     """:func:`probe` on a reference problem of ``taskbalance compare`` (a name, optionally
     with options in brackets, or a :class:`~taskbalance.compare.problem.ComparisonProblem`).
@@ -584,37 +706,51 @@ def probe_problem(
     Each run is the problem's own ``run`` with a balancer from compare's factory
     (:func:`~taskbalance.compare.runner.make_factory`: the problem's method settings, the
     seed), ``diagnostics=every``; the metrics are the problem's (those of
-    ``taskbalance compare``'s table, on its test split). For the toys an epoch is a step.
+    ``taskbalance compare``'s table, on its test split). ``epochs`` defaults to
+    :data:`DEFAULT_EPOCHS` of an epoch; for the toys, which have no data and whose epochs
+    are steps, to :data:`TOY_FRACTION` of the problem's steps (a whole number of steps).
 
     Raises:
-        BalancerUsageError: an unknown problem or candidate, a budget below one epoch or
-            fewer than 2 seeds, before any training.
+        BalancerUsageError: an unknown problem or candidate, a budget that is not positive
+            (or not a whole number of steps on a toy), fewer than 2 seeds or an unknown
+            rule, before any training.
     """
     from taskbalance.compare.options import MethodSpec, build_problem
     from taskbalance.compare.runner import make_factory
+    from taskbalance.problems._supervised import SupervisedProblem
 
-    _check_budget(seeds, epochs, every)
-    specs = _candidate_specs(candidates)
     if isinstance(problem, str):
         try:
             problem = build_problem(problem, size=size)  # type: ignore[arg-type]
         except KeyError as err:
             raise BalancerUsageError(str(err.args[0])) from None
+    supervised = isinstance(problem, SupervisedProblem)
+    if epochs is None:
+        epochs = (
+            DEFAULT_EPOCHS if supervised else max(1, round(TOY_FRACTION * problem.default_epochs))
+        )
+    _check_budget(seeds, epochs, every, rule)
+    if not supervised and not float(epochs).is_integer():
+        raise BalancerUsageError(
+            f"{problem.name} has no data: its epochs are steps, so the budget must be a whole "
+            f"number of steps, got epochs={epochs!r}"
+        )
+    specs = _candidate_specs(candidates)
     if hasattr(problem, "lean"):
         problem.lean = False  # the toys' fast path skips the engine, hence the diagnostics
     problem.prepare()
+    # one epoch in steps: the batches of the training data; a step on a toy
+    epoch_steps = problem.epoch_steps() if supervised else 1
     metrics: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in specs}
     step_times: dict[str, list[float]] = {label: [] for label, _, _ in specs}
     histories: dict[str, list[Any]] = {label: [] for label, _, _ in specs}
     steps = 0
-    epoch_steps = 0
     for seed in range(seeds):
         for label, cls, options in specs:
             spec = MethodSpec(cls.method_name, {**options, "diagnostics": every}, label)
             factory, _ = make_factory(problem, spec, seed)
             result = problem.run(factory, seed=seed, epochs=epochs, progress=False)
             steps += result.steps
-            epoch_steps = epoch_steps or result.steps // epochs
             step_times[label].append(result.step_time)
             histories[label].extend(result.histories.values())
             metrics[label].append({k: float(v) for k, v in result.metrics.items()})
@@ -626,5 +762,7 @@ def probe_problem(
         seeds=seeds,
         epochs=epochs,
         steps=steps,
-        epoch_steps=max(epoch_steps, 1),
+        epoch_steps=epoch_steps,
+        rule=rule,
+        training_steps=problem.default_epochs * epoch_steps,
     )

@@ -44,6 +44,7 @@ it, in ``RunResult.extras["validation"]``.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from abc import abstractmethod
 from collections.abc import Iterator
@@ -66,7 +67,7 @@ from taskbalance.compare.problem import (
     balanced_backward,
 )
 from taskbalance.problems._scores import roc_auc
-from taskbalance.training.joint import make_progress
+from taskbalance.training.joint import make_progress, step_budget
 
 TaskKind = Literal["classification", "binary", "regression"]
 KINDS: tuple[str, ...] = ("classification", "binary", "regression")
@@ -310,6 +311,10 @@ class SupervisedProblem(ComparisonProblem):
             self._data = self.build_data()
         return self._data
 
+    def epoch_steps(self) -> int:
+        """The training steps of one epoch: the mini-batches of the training set."""
+        return math.ceil(len(self.data().x_train) / self.batch_size)
+
     def config(self) -> dict[str, Any]:
         sizes = {k: v for k, v in self.settings.items() if k != "epochs"}  # the runner's
         return {
@@ -329,10 +334,19 @@ class SupervisedProblem(ComparisonProblem):
 
     # ------------------------------------------------------------------ the run
     def run(
-        self, make_balancer: BalancerFactory, *, seed: int, epochs: int, progress: bool = False
+        self,
+        make_balancer: BalancerFactory,
+        *,
+        seed: int,
+        epochs: float,
+        progress: bool = False,
     ) -> RunResult:
-        """Train one model with one balancer for ``epochs`` passes; evaluate on the test set."""
-        if epochs < 0:
+        """Train one model with one balancer for ``epochs`` passes; evaluate on the test set.
+
+        ``epochs`` may be fractional (the probe's short budgets): ``round(epochs × B)``
+        steps in all, at least one, with B the batches of one epoch; the last, partial
+        epoch ends its period and its loss record like a whole one."""
+        if not epochs >= 0:
             raise ValueError(f"epochs must be non-negative, got {epochs}")
         data = self.data()
         with torch.random.fork_rng(devices=[]), torch_threads(self.threads):
@@ -371,7 +385,7 @@ class SupervisedProblem(ComparisonProblem):
         optimizer: torch.optim.Optimizer,
         data: SupervisedData,
         order: torch.Generator,
-        epochs: int,
+        epochs: float,
         progress: bool,
     ) -> tuple[dict[str, list[float]], int, float]:
         tasks = self.supervised_tasks()
@@ -380,14 +394,17 @@ class SupervisedProblem(ComparisonProblem):
         epoch_losses: dict[str, list[float]] = {t: [] for t in names}
         steps, seconds = 0, 0.0
         n = len(data.x_train)
+        budget = step_budget(epochs, self.epoch_steps())
         meta_batches = self._meta_batches(balancer, order, n)
         model.train()
         with make_progress(progress, self.name) as bar:
-            bar_task = bar.add_task(self.name, total=epochs, info="")
-            for _epoch in range(epochs):
+            bar_task = bar.add_task(self.name, total=math.ceil(epochs), info="")
+            for _epoch in range(math.ceil(epochs)):
                 total = torch.zeros(len(names), dtype=torch.float64)
                 counted = 0
                 for idx in torch.randperm(n, generator=order).split(self.batch_size):
+                    if steps == budget:
+                        break
                     start = time.perf_counter()
                     x = data.x_train[idx]
                     ys = {t: y[idx] for t, y in data.y_train.items()}

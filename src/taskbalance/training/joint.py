@@ -95,6 +95,15 @@ class JointResult:
         return len(next(iter(self.epoch_losses.values()), []))
 
 
+def step_budget(epochs: float, batches: int) -> int:
+    """The training steps of ``epochs`` passes over ``batches`` batches: whole epochs
+    exactly, a fractional budget rounded to the nearest step and at least one (none for 0
+    epochs)."""
+    if float(epochs).is_integer():
+        return int(epochs) * batches
+    return max(1, round(epochs * batches))
+
+
 def train_joint(
     model: Callable[[Any], Any],
     data: Iterable[Any],
