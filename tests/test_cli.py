@@ -86,3 +86,19 @@ def test_demo_gradnorm_small_run_prints_table_and_writes_figure(tmp_path) -> Non
 def test_demo_gradnorm_rejects_other_task_counts(tmp_path) -> None:
     result = runner.invoke(app, ["demo", "gradnorm", "--tasks", "3", "--out", str(tmp_path)])
     assert result.exit_code != 0
+
+
+def test_module_entry_point_defines_every_command_before_running() -> None:
+    """``python -m taskbalance.cli`` runs the app at the end of the module: every helper
+    must be defined by then (a helper after it raised NameError there)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "taskbalance.cli", "compare", "--problem", "penguinz"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "unknown problem" in done.stderr and "NameError" not in done.stderr

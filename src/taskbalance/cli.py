@@ -571,10 +571,6 @@ def gradnorm_command(
     console.print(f"figure: {plot(result, out / 'gradnorm.png')}")
 
 
-if __name__ == "__main__":
-    app()
-
-
 def _cli_problem(problem: str, size: str) -> tuple[str, Any]:
     """``(label, problem object)`` from ``--problem`` and ``--size``, or a usage error."""
     from taskbalance.compare.options import build_problem, parse_problem
@@ -589,3 +585,7 @@ def _cli_problem(problem: str, size: str) -> tuple[str, Any]:
         raise typer.BadParameter(str(err.args[0]), param_hint="--problem") from None
     except BalancerUsageError as err:
         raise typer.BadParameter(str(err), param_hint="--problem") from None
+
+
+if __name__ == "__main__":
+    app()
