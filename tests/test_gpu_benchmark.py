@@ -1,0 +1,78 @@
+"""Smoke test of ``benchmarks/gpu.py`` on a CPU at its tiniest size (a few seconds).
+
+The numbers are not checked (they are measurements); what is checked is that every
+configuration the issue asks for is timed and reported, that the J-free exact mode, which
+does not exist, is reported as such and never timed, that no memory figure is made up on a
+CPU, and that asking for CUDA where there is none stops with the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--small", "--tasks", "2,3", "--batch", "4", "--image", "8"]
+TINY += ["--rounds", "1", "--steps", "1", "--solver-rounds", "1", "--threads", "1"]
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu() -> ModuleType:
+    return load_script()
+
+
+def row(out: str, name: str) -> list[str]:
+    """The cells of the first table row named ``name``."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == name:
+            return cells[1:]
+    raise AssertionError(f"no row {name!r} in:\n{out}")
+
+
+def test_tiny_cpu_run_reports_every_configuration(
+    gpu: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    threads = torch.get_num_threads()
+    gpu.main(TINY)
+    out = capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # --threads is put back
+    assert out.count("## K=") == 2
+    for name in ("EW", "loop (LibMTL)", "exact, upgrad", "features, upgrad", "fork, upgrad"):
+        ms, ratio, _ = row(out, name)
+        assert float(ms) > 0 and float(ratio) > 0
+    for mode in ("exact", "features", "fork"):
+        assert float(row(out, f"{mode}, engine only (mean)")[0]) > 0
+    assert row(out, "J-free exact")[:2] == ["n/a (not implemented)"] * 2
+    assert row(out, "EW")[-2:] != ["n/a on CPU", "n/a"]  # the timing row, not the memory one
+    memory = [line for line in out.splitlines() if "n/a on CPU" in line]
+    assert len(memory) == 2 * 8  # every configuration of both K, no figure made up
+    assert re.search(r"\| upgrad \| [0-9.]+ \| [0-9.]+ \|", out)  # solver times at K = 2, 3
+
+
+def test_cuda_without_cuda_stops_with_the_fix(
+    gpu: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        gpu.main(["--device", "cuda"])
+    assert "run with --device cpu" in capsys.readouterr().err
+
+
+def test_trunk_is_resnet18_sized(gpu: ModuleType) -> None:
+    trunk = gpu.resnet_trunk()
+    assert 11.0e6 < sum(p.numel() for p in trunk.parameters()) < 11.3e6
+    assert trunk(torch.randn(2, 3, 32, 32)).shape == (2, 512)
