@@ -409,7 +409,7 @@ def task_jacobian(
                 raise BalancerUsageError(
                     f"a parameter of shape {tuple(p.shape)} is used by tasks "
                     f"{tasks[owners[id(p)]]!r} and {tasks[i]!r} but is not in shared; "
-                    "pass it as shared (or give the features after it)"
+                    "pass it as shared (or give the features after it)" + compile_hint(losses)
                 )
             owners[id(p)] = i
         own_params.append(params)
@@ -426,11 +426,19 @@ def task_jacobian(
     for i in range(k):
         targets = list(inputs) + own_params[i]
         retain = features or retain_graph or i < k - 1
-        grads = torch.autograd.grad(losses[i], targets, retain_graph=retain, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(losses[i], targets, retain_graph=retain, allow_unused=True)
+        except RuntimeError as err:
+            if "donated buffers" in str(err):  # a trunk compiled by inductor: see the message
+                raise BalancerUsageError(DONATED_BUFFERS) from err
+            raise
         shared_grads = grads[: len(inputs)]
         if all(g is None for g in shared_grads):
             what = "features" if features else "shared parameters"
-            raise BalancerUsageError(f"loss of task {tasks[i]!r} does not depend on the {what}")
+            raise BalancerUsageError(
+                f"loss of task {tasks[i]!r} does not depend on the {what}"
+                + compile_hint(losses[i : i + 1])
+            )
         row = jac[i]
         pieces = [
             g.reshape(-1) if g is not None else zeros(i, t, row)
@@ -469,6 +477,44 @@ def _not_from_features(task: str, fix: str = "z = body(x); heads(z); features=z"
         "second forward pass or a copy?); pass features= the very tensor the heads were "
         f"computed from ({fix})"
     )
+
+
+#: autograd's node for a graph compiled by ``torch.compile`` (AOTAutograd): one node that
+#: links each output of the graph to every input, so the tasks' paths through it merge.
+COMPILED_NODE = "CompiledFunctionBackward"
+
+
+#: the error for a compiled trunk whose backward refuses ``retain_graph=True``.
+DONATED_BUFFERS = (
+    "the shared trunk is compiled by torch.compile with donated buffers (inductor's default), "
+    "whose backward refuses retain_graph=True; the exact mode (shared=) backpropagates every "
+    "task's loss through the trunk and must retain its graph between the tasks. Set "
+    "torch._functorch.config.donated_buffer = False before the first compiled call, or use "
+    "the features mode (features=z, or tb.fork), which goes through the trunk once; see "
+    "docs/compile.md"
+)
+
+
+def compile_hint(roots: Sequence[Tensor]) -> str:
+    """The fix for tasks merged by a ``torch.compile`` graph, if ``roots``' graphs go
+    through one (empty otherwise). Looked for only once a check has failed."""
+    stack = [t.grad_fn for t in roots]
+    seen: set[object] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == COMPILED_NODE:
+            return (
+                ". The losses come out of a torch.compile graph: autograd sees a compiled "
+                "graph as one node that links each of its outputs to all of its inputs, so a "
+                "graph that also computes the heads hides which task uses what. If it does, "
+                "compile only the shared trunk (model.body = torch.compile(model.body)) and "
+                "run the heads outside it; see docs/compile.md"
+            )
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return ""
 
 
 def accumulate_grad(param: Tensor, grad: Tensor, *, owned: bool = False) -> None:
@@ -659,7 +705,7 @@ def forked_task_jacobian(
         if reached != [i]:
             raise BalancerUsageError(
                 f"loss of task {tasks[i]!r} must be computed from its own view forked[{i}] "
-                f"of fork() (it reaches views {reached})"
+                f"of fork() (it reaches views {reached})" + compile_hint([loss])
             )
         for p in params:
             if owners.get(id(p), i) != i:
