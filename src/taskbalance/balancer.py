@@ -131,8 +131,11 @@ class Balancer:
         distributed: ``"auto"`` (default) synchronises the balancer over the default
             ``torch.distributed`` process group when one is initialised with two or more
             ranks (same weights on every rank, update equal to one process on the global
-            batch); ``"off"`` never does; a ``ProcessGroup`` synchronises within it. See
-            :mod:`taskbalance.distributed`.
+            batch); ``"off"`` never does, and raises
+            :class:`~taskbalance.errors.BalancerUsageError` at a call made while a group of
+            two or more ranks is initialised (the ranks would drift apart unnoticed);
+            ``"local"`` never synchronises, for ranks that are meant to train on their own;
+            a ``ProcessGroup`` synchronises within it. See :mod:`taskbalance.distributed`.
         accumulation_steps: N consecutive calls form one accumulated step (one optimizer
             step). Each call computes its micro-batch's weights from the state at the start
             of the step and contributes 1/N of its gradient; the state (history, step
@@ -214,6 +217,9 @@ class Balancer:
         self.skipped_steps = 0
         self.history: History | None = History(self.tasks) if record else None
         self.last_weights: Tensor | None = None
+        #: the losses ``(K,)`` that :attr:`last_weights` were computed from: under DDP the
+        #: losses averaged over the ranks (the global batch's), else the call's own.
+        self.last_losses: Tensor | None = None
         self.last_step_skipped = False
         self._skip_reason = "loss"
         self._init_diagnostics(diagnostics)
@@ -607,7 +613,7 @@ class Balancer:
     def record_step(self, losses: Tensor, weights: Tensor) -> None:
         """Bookkeeping after a successful step: counter, last weights, history."""
         weights = weights.detach()
-        self.last_weights = weights
+        self.last_weights, self.last_losses = weights, losses.detach()
         if self.history is not None:
             extras = self.extras()
             if self._diag_sum is not None:
@@ -819,7 +825,7 @@ class Balancer:
             return
         self._open.calls += 1
         if losses is not None and weights is not None:
-            self.last_weights = weights.detach()
+            self.last_weights, self.last_losses = weights.detach(), losses.detach()
             self._open.add(losses.detach(), self.last_weights, context or {})
         if boundary:
             self._close(sync, release=losses is None)

@@ -1,13 +1,17 @@
 """Cross-rank agreement of balancers under ``torch.distributed`` (DDP launched by torchrun).
 
-Every balancer has a ``distributed=`` setting: ``"auto"`` (default), ``"off"``, or a
-:class:`torch.distributed.ProcessGroup`. With ``"auto"`` a balancer synchronises over the
+Every balancer has a ``distributed=`` setting: ``"auto"`` (default), ``"off"``, ``"local"``
+or a :class:`torch.distributed.ProcessGroup`. With ``"auto"`` a balancer synchronises over the
 default process group whenever one is initialised — a world of one included: there the
 collectives are trivial, but the representation mode must still keep out of DDP's
 gradient hooks (an ordinary backward through a DDP-wrapped body would leave DDP's
 reduction unfinished) — and does nothing at all without one: the single-process path is
-unchanged, with no collective and no extra work. ``"off"`` never synchronises (e.g.
-when every rank trains its own model); a process group synchronises within that group.
+unchanged, with no collective and no extra work. ``"off"`` never synchronises, and is
+refused (:class:`~taskbalance.errors.BalancerUsageError` at the call) while a process group
+of two or more ranks is initialised, where it would let the ranks' weights, and models,
+drift apart unnoticed. ``"local"`` never synchronises either, anywhere: each rank balances
+its own losses (e.g. when every rank trains its own model, or computes a single-process
+reference inside a DDP job). A process group synchronises within that group.
 
 What is synchronised, so that every rank takes the same weights at every step and the
 update equals a single-process run on the global batch (when every rank has the same
@@ -55,6 +59,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from taskbalance.errors import BalancerUsageError
+
 try:  # torch.distributed is optional in some builds
     import torch.distributed as dist
 
@@ -64,29 +70,49 @@ except ImportError:  # pragma: no cover - depends on the torch build
     _AVAILABLE = False
 
 #: the values of ``distributed=`` other than a process group.
-SETTINGS = ("auto", "off")
+SETTINGS = ("auto", "off", "local")
 
 
 def check_setting(setting: Any) -> Any:
-    """Validate a ``distributed=`` value: ``"auto"``, ``"off"`` or a ProcessGroup."""
+    """Validate a ``distributed=`` value: ``"auto"``, ``"off"``, ``"local"`` or a ProcessGroup."""
     if isinstance(setting, str):
         if setting in SETTINGS:
             return setting
     elif _AVAILABLE and isinstance(setting, dist.ProcessGroup):
         return setting
     raise ValueError(
-        f"distributed must be 'auto', 'off' or a torch.distributed.ProcessGroup, got {setting!r}"
+        "distributed must be 'auto', 'off', 'local' or a torch.distributed.ProcessGroup, "
+        f"got {setting!r}"
     )
 
 
 def active_sync(setting: Any) -> Sync | None:
     """The :class:`Sync` to use now for ``setting``, or ``None`` when there is nothing to do.
 
-    ``None`` for ``"off"`` and when torch.distributed is unavailable or not initialised.
+    ``None`` for ``"off"`` and ``"local"`` and when torch.distributed is unavailable or not
+    initialised.
+
+    Raises:
+        BalancerUsageError: ``"off"`` while a process group of two or more ranks is
+            initialised (the ranks would silently take different weights; ``"local"`` says
+            that this is meant).
     """
-    if isinstance(setting, str) and setting == "off":
+    if isinstance(setting, str) and setting == "local":
         return None
     if not _AVAILABLE or not dist.is_initialized():
+        return None
+    if isinstance(setting, str) and setting == "off":
+        world = dist.get_world_size()
+        if world > 1:
+            raise BalancerUsageError(
+                f"distributed='off' while a torch.distributed process group of {world} ranks "
+                "is initialised: each rank would weight its own local losses, so the ranks "
+                "would take different weights and their models would drift apart (silently "
+                "where a gradient method writes .grad itself, without DDP's reduction, as in "
+                "exact mode). Use distributed='auto' (the default) to keep the ranks on the "
+                "same weights, or distributed='local' if every rank is meant to train on its "
+                "own (docs/scaling.md)"
+            )
         return None
     group = None if isinstance(setting, str) else setting
     world = dist.get_world_size(group)

@@ -13,7 +13,7 @@ rank a different seed (the balancer must broadcast rank 0's generator); ``ddp=``
 DDP's options: ``"find_unused"`` (``find_unused_parameters=True``), ``"static_graph"``, or
 ``"body_only"`` (only the shared body is wrapped, with ``find_unused_parameters=True``,
 and the heads run outside DDP). :func:`controls`
-are configurations with ``distributed="off"``, which must *not* match: they show that the
+are configurations with ``distributed="local"``, which must *not* match: they show that the
 comparison can fail.
 """
 
@@ -99,7 +99,7 @@ def configs() -> list[Config]:
 
 def controls() -> list[Config]:
     """Configurations without synchronisation, which must differ from one process."""
-    off = {"distributed": "off"}
+    off = {"distributed": "local"}  # "off" is refused under a 2-rank group
     return [
         ("dwa", "loss", 1, off),
         ("uncertainty", "loss", 1, off),
@@ -181,7 +181,7 @@ def run(config: Config, rank: int, world: int) -> dict[str, Tensor]:
             sync_ctx = contextlib.nullcontext()
             if world > 1 and mode == "loss" and not last:
                 sync_ctx = model.no_sync()  # DDP's own accumulation for ordinary backwards
-            if world > 1 and mode != "loss" and kw.get("distributed") == "off":
+            if world > 1 and mode != "loss" and kw.get("distributed") == "local":
                 sync_ctx = model.no_sync()  # the plain engine's backward would trip DDP
             with sync_ctx:
                 z, outs = model(x)

@@ -108,8 +108,8 @@ def main(out: Path) -> None:
     for method in ("gradnorm", "dwa"):
         for sharding in ("root", "nested"):
             ranks = train(make(sharding), tb.make(method, K), x[mine], y[:, mine])
-            single = train(make(None), tb.make(method, K, distributed="off"), x, y)
-            alone = train(make(None), tb.make(method, K, distributed="off"), x[mine], y[:, mine])
+            single = train(make(None), tb.make(method, K, distributed="local"), x, y)
+            alone = train(make(None), tb.make(method, K, distributed="local"), x[mine], y[:, mine])
             gaps[f"{method} {sharding}"] = (gap(ranks, single), gap(alone, single))
     torch.save({"refusals": refusals, "gaps": gaps}, out / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -12,7 +12,7 @@ this process on the 8-sample global batch and compare:
 Both must hold for every registered method in every mode it has (loss, exact, features,
 forked), for the variants with learnable parameters or randomness, and with gradient
 accumulation (see ``docs/scaling.md`` for why they hold exactly). The control
-configurations run with ``distributed="off"`` and must differ, which shows the comparison
+configurations run with ``distributed="local"`` and must differ, which shows the comparison
 is sensitive.
 """
 

@@ -288,7 +288,7 @@ torch.set_num_threads(1)
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 out = {}
-for setting in ("auto", "off"):
+for setting in ("auto", "local"):
     torch.manual_seed(0)
     net = nn.Linear(3, 2)
     model = nn.parallel.DistributedDataParallel(net)
@@ -331,7 +331,7 @@ def test_ranks_take_the_same_meta_step_under_ddp(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(first["auto"], second["auto"])  # the averaged meta-gradient
-    assert not torch.equal(first["off"], second["off"])  # ... which is what makes them agree
+    assert not torch.equal(first["local"], second["local"])  # ... which is what makes them agree
     assert not torch.equal(first["auto"], torch.full((2,), 0.1, dtype=D))
 
 

@@ -106,8 +106,16 @@ __all__ = ["CHECKPOINT_KEY", "BalancerMixin", "LightningModule"]
 #: key of the balancer's state in a Lightning checkpoint.
 CHECKPOINT_KEY = "taskbalance"
 
+#: key under which a worker of a spawning strategy (``ddp_spawn``, ``ddp_fork``,
+#: ``ddp_notebook``) adds the balancer's state to the module's ``state_dict()`` at the end
+#: of its fit, the one state that Lightning hands back to the launching process.
+HANDBACK_KEY = "_taskbalance_balancer_state"
+
 #: the ``LightningModule`` class of the Lightning package found (``lightning`` first).
 LightningModule = pl.LightningModule
+
+#: the launcher of the strategies that fit in spawned (or forked) child processes
+_SpawnLauncher = pl.strategies.launchers._MultiProcessingLauncher
 
 
 class BalancerMixin:
@@ -140,6 +148,9 @@ class BalancerMixin:
         self._tb_closed: int | None = None  # last epoch closed by on_train_epoch_end
         self._tb_batches = 0  # optimizer steps so far in the current epoch
         self._tb_contributed = False  # a micro-batch of the open step wrote gradients
+        self._tb_hand_back = False  # a spawned worker's fit ended: state_dict() carries it
+        self.register_state_dict_post_hook(_add_balancer_state)
+        self.register_load_state_dict_pre_hook(_take_balancer_state)
 
     # ------------------------------------------------------------------ access
     @property
@@ -271,8 +282,12 @@ class BalancerMixin:
         return self._tb_log(balancer, losses, weights)
 
     def _tb_log(self, balancer: Balancer, losses: Losses, weights: Tensor) -> Tensor:
-        values = torch.stack([v.detach().reshape(()).double() for v in _by_task(balancer, losses)])
-        used = weights.detach().to(values)
+        used = weights.detach().double()
+        if balancer.last_losses is not None:  # what the weights came from: global under DDP
+            values = balancer.last_losses.detach().reshape(-1).to(used)
+        else:  # a balancer that records no losses: this process's own
+            values = torch.stack([v.detach().reshape(()) for v in _by_task(balancer, losses)])
+            values = values.to(used)
         prefix = self.balancer_log_prefix
         metrics: dict[str, Tensor] = {}
         for i, task in enumerate(balancer.tasks):
@@ -367,6 +382,18 @@ class BalancerMixin:
         if self.balancer_step_schedulers:
             self._tb_step_schedulers("epoch")
 
+    def on_fit_end(self) -> None:
+        """In a worker of a spawning strategy, have ``state_dict()`` carry the balancer.
+
+        ``ddp_spawn`` (and ``ddp_fork``, ``ddp_notebook``) fit in child processes and hand
+        back to the launching process only rank 0's ``state_dict()``, which Lightning loads
+        into the launching process's module; without this, its balancer would stay at its
+        initial state (no steps, an empty history) although the workers trained it.
+        """
+        super().on_fit_end()
+        if isinstance(getattr(self.trainer.strategy, "launcher", None), _SpawnLauncher):
+            self._tb_hand_back = True
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store ``balancer.state_dict()`` in the checkpoint under :data:`CHECKPOINT_KEY`."""
         super().on_save_checkpoint(checkpoint)
@@ -384,6 +411,21 @@ class BalancerMixin:
             )
             return
         self.task_balancer.load_state_dict(state["balancer"])
+
+
+def _add_balancer_state(
+    module: Any, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """``state_dict`` post-hook: add the balancer's state in a spawned worker after its fit."""
+    if getattr(module, "_tb_hand_back", False):
+        state_dict[prefix + HANDBACK_KEY] = {"balancer": module.task_balancer.state_dict()}
+
+
+def _take_balancer_state(module: Any, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook: restore (and remove) a handed-back balancer state."""
+    state = state_dict.pop(prefix + HANDBACK_KEY, None)
+    if state is not None:
+        module.task_balancer.load_state_dict(state["balancer"])
 
 
 def _by_task(balancer: Balancer, losses: Losses) -> list[Tensor]:
