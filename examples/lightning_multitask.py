@@ -6,11 +6,20 @@ Run it (a few seconds on a CPU)::
     python examples/lightning_multitask.py                 # UPGrad, exact mode
     python examples/lightning_multitask.py --method dwa    # any registered method
     python examples/lightning_multitask.py --mode features --precision bf16-mixed
+    python examples/lightning_multitask.py --devices 2 --strategy ddp        # DDP, 2 CPU ranks
+    python examples/lightning_multitask.py --devices 2 --strategy ddp_spawn
 
 The data are synthetic: ``y_t = a_t · x + noise_t`` with a different direction ``a_t`` and
 noise level per task. The balancer's weights and the per-task losses are logged by
 Lightning (``weight/<task>``, ``loss/<task>``) into ``runs/lightning_multitask/``
 (a CSV file); the last ones are printed at the end.
+
+Under DDP every rank trains on its part of each batch and the balancer keeps the ranks on
+the same weights; the logged losses are the global ones the weights were computed from.
+Lightning's DistributedSampler shuffles the training data (whatever the DataLoader's
+``shuffle=``), so a DDP run sees other batches than a one-process run. With ``ddp_spawn``
+the ranks run in child processes; the balancer's state comes back to this process with
+the parameters, so the summary printed below is the trained one.
 """
 
 from __future__ import annotations
@@ -81,6 +90,8 @@ def main() -> None:
     parser.add_argument("--mode", default="exact", choices=["exact", "features"])
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP if > 1)")
+    parser.add_argument("--strategy", default="auto", help="e.g. ddp, ddp_spawn")
     parser.add_argument("--out", type=Path, default=Path("runs/lightning_multitask"))
     args = parser.parse_args()
 
@@ -90,6 +101,8 @@ def main() -> None:
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy,
         precision=args.precision,
         logger=pl.loggers.CSVLogger(args.out, name=args.method),
         log_every_n_steps=1,
@@ -98,6 +111,8 @@ def main() -> None:
         enable_model_summary=False,
     )
     trainer.fit(model, loader)
+    if not trainer.is_global_zero:  # strategy="ddp": every rank runs this script
+        return
 
     weights = model.balancer.history.weights[-1].tolist()
     losses = model.balancer.history.losses[-1].tolist()

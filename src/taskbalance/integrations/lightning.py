@@ -61,15 +61,28 @@ What :class:`BalancerMixin` does:
 * **Logging.** Each balanced step logs ``weight/<task>``, ``loss/<task>``, the method's
   per-task extras (e.g. ``sigma/<task>`` for uncertainty weighting) and ``weighted_loss``
   (``sum_i w_i L_i``) through ``self.log_dict``, so every Lightning logger records them.
+  The losses are those the weights were computed from (``balancer.last_losses``): under
+  DDP the losses averaged over the ranks, the same on every rank, so rank 0's dashboard
+  shows the global losses beside the global weights.
   A balancer built with ``diagnostics=`` adds its ``diag/...`` columns (``diag/cos/<a>-<b>``,
   ``diag/norm/<task>``, ``diag/norm_ratio``, ...; see ``docs/diagnostics.md``), step
   values only, NaN on the steps it does not diagnose (as in its history).
   Lightning writes logged values every ``Trainer(log_every_n_steps=...)`` steps (50 by
   default).
 
-If you override ``on_train_epoch_end``, ``on_save_checkpoint`` or ``on_load_checkpoint``,
-call ``super()``: a forgotten ``on_train_epoch_end`` is detected at the next epoch's first
-step and raises :class:`~taskbalance.errors.BalancerUsageError`.
+* **DDP.** ``Trainer(strategy="ddp", devices=N)``: the balancer synchronises itself over
+  the process group (``distributed="auto"``, see :mod:`taskbalance.distributed`); the mixin
+  adds no collective. ``distributed="off"`` is refused under a group of two or more ranks
+  (``distributed="local"`` if the ranks are meant to diverge). With ``ddp_spawn``,
+  ``ddp_fork`` or ``ddp_notebook`` the ranks train in child processes and Lightning hands
+  only rank 0's ``state_dict()`` back to the launching process: at the end of its fit a
+  rank adds the balancer's state to it (key :data:`HANDBACK_KEY`), and the launching
+  module's ``load_state_dict`` restores the balancer from it, so ``model.balancer`` after
+  ``fit`` holds the trained state, as ``model``'s parameters do.
+
+If you override ``on_train_epoch_end``, ``on_fit_end``, ``on_save_checkpoint`` or
+``on_load_checkpoint``, call ``super()``: a forgotten ``on_train_epoch_end`` is detected at
+the next epoch's first step and raises :class:`~taskbalance.errors.BalancerUsageError`.
 """
 
 from __future__ import annotations
@@ -101,7 +114,7 @@ from taskbalance.integrations import (
     uses_loss_path,
 )
 
-__all__ = ["CHECKPOINT_KEY", "BalancerMixin", "LightningModule"]
+__all__ = ["CHECKPOINT_KEY", "HANDBACK_KEY", "BalancerMixin", "LightningModule"]
 
 #: key of the balancer's state in a Lightning checkpoint.
 CHECKPOINT_KEY = "taskbalance"
@@ -250,7 +263,9 @@ class BalancerMixin:
                 ``last_shared=`` for GradNorm).
 
         Returns:
-            ``sum_i w_i L_i`` (detached) for logging or returning from ``training_step``,
+            ``sum_i w_i L_i`` (detached; the losses the weights came from, under DDP the
+            global ones, the same on every rank) for logging or returning from
+            ``training_step``,
             or ``None`` when the balancer skipped the step (no optimizer step then) or
             the fp16 gradients overflowed (the optimizer step runs; the scaler skips it).
         """
