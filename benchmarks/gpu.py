@@ -20,7 +20,10 @@ configuration (:func:`speed.timed`: the ratio is the median of these paired rati
 Then the peak memory of one step of each configuration (``torch.cuda.max_memory_allocated``
 after ``reset_peak_memory_stats``, model, optimizer state and data included; on a CPU
 "n/a": no allocator statistic comparable to it exists there), and the solvers' time on the
-device: ``aggregate(J, losses)`` of a random K x 1000 J, synchronised.
+device: ``aggregate(J, losses)`` of a random K x 1000 J, synchronised. ``--compile
+inductor`` compiles the trunk (``torch.compile(trunk)``, donated buffers off, as the exact
+mode needs: docs/compile.md) and first prints each configuration's first step and the
+number of graphs compiled after the first steps (0: no recompilation).
 
 Usage: ``python benchmarks/gpu.py`` (CUDA, about 2-4 minutes on a recent GPU);
 ``python benchmarks/gpu.py --device cpu --small --threads 1 --rounds 3 --steps 1`` (a CPU;
@@ -37,7 +40,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch._dynamo
+import torch._functorch.config
 from torch import Tensor, nn
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -89,11 +95,21 @@ def resnet_trunk(widths: Sequence[int] = (64, 128, 256, 512), blocks: int = 2) -
 class ConvSetup:
     """Model, data and optimizer for one K: the interface of :class:`speed.Setup`."""
 
-    def __init__(self, k: int, batch: int, image: int, small: bool, device: torch.device) -> None:
+    def __init__(
+        self,
+        k: int,
+        batch: int,
+        image: int,
+        small: bool,
+        device: torch.device,
+        backend: str | None = None,
+    ) -> None:
         torch.manual_seed(0)
         self.k = k
         widths, blocks = ((8, 16, 32, 64), 1) if small else ((64, 128, 256, 512), 2)
         self.body = resnet_trunk(widths, blocks).to(device)
+        #: what the forward runs: the trunk, or the trunk compiled with ``backend``
+        self.run_body = self.body if backend is None else torch.compile(self.body, backend=backend)
         self.heads = nn.ModuleList(nn.Linear(widths[-1], 1) for _ in range(k)).to(device)
         self.x = torch.randn(batch, 3, image, image, device=device)
         self.y = torch.randn(batch, k, device=device)
@@ -101,7 +117,7 @@ class ConvSetup:
         self.opt = torch.optim.SGD(params, lr=1e-4)
 
     def forward(self, forked: bool = False) -> tuple[list[Tensor], Tensor | list[Tensor]]:
-        z = self.body(self.x)
+        z = self.run_body(self.x)
         inputs = tb.fork(z, self.k) if forked else [z] * self.k
         losses = [
             nn.functional.mse_loss(h(zi).squeeze(-1), self.y[:, i])
@@ -201,6 +217,24 @@ def solver_times(ks: Sequence[int], device: torch.device, rounds: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def compile_report(configs: dict[str, Callable[[], None]]) -> None:
+    """Time the first step of each configuration (the first compiles the trunk), then say
+    how many graphs dynamo compiled and whether any was compiled after the first step."""
+    torch._dynamo.reset()
+    counters.clear()
+    firsts = []
+    for name, fn in configs.items():
+        t0 = time.perf_counter()
+        fn()
+        firsts.append(f"{name} {time.perf_counter() - t0:.2f} s")
+    before = counters["stats"]["unique_graphs"]
+    for fn in configs.values():
+        fn()
+    after = counters["stats"]["unique_graphs"]
+    print("\nfirst step of each configuration (the first one compiles): " + "; ".join(firsts))
+    print(f"graphs compiled: {before} in the first steps, {after - before} afterwards")
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
@@ -218,6 +252,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per timed sample")
     parser.add_argument("--solver-rounds", type=int, default=5)
     parser.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="compile the trunk with torch.compile (inductor, aot_eager); docs/compile.md",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
     args = parser.parse_args(argv)
@@ -225,13 +265,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available here; run with --device cpu (and --small)")
     ks = [int(k) for k in args.tasks.split(",")]
-    threads = torch.get_num_threads()
+    threads, donated = torch.get_num_threads(), torch._functorch.config.donated_buffer
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         run(args, device, ks)
     finally:
         torch.set_num_threads(threads)
+        torch._functorch.config.donated_buffer = donated
 
 
 def run(args: argparse.Namespace, device: torch.device, ks: list[int]) -> None:
@@ -242,9 +283,15 @@ def run(args: argparse.Namespace, device: torch.device, ks: list[int]) -> None:
         f"{args.image}x{args.image} images, batch {args.batch}, K={ks}; "
         f"{args.rounds} rounds of {args.steps}-step samples, paired with EW"
     )
+    if args.compile:
+        # the exact mode retains the trunk's graph between the tasks (docs/compile.md)
+        torch._functorch.config.donated_buffer = False
+        print(f"trunk compiled with torch.compile(backend={args.compile!r}), no donated buffers")
     for k in ks:
-        s = ConvSetup(k, args.batch, args.image, args.small, device)
+        s = ConvSetup(k, args.batch, args.image, args.small, device, args.compile)
         configs = {name: synchronised(fn, device) for name, fn in configurations(s).items()}
+        if args.compile:
+            compile_report(configs)
         times = speed.timed(configs, args.rounds, args.steps, "EW")
         speed.print_table(f"K={k}, {trunk}, batch {args.batch}", times, "EW")
         print(f"| {J_FREE} | n/a (not implemented) | n/a (not implemented) | n/a |")
