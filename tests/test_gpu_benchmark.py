@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+import torch._functorch.config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--small", "--tasks", "2,3", "--batch", "4", "--image", "8"]
@@ -25,6 +27,7 @@ def load_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dynamo looks the compiled code's module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -76,3 +79,15 @@ def test_trunk_is_resnet18_sized(gpu: ModuleType) -> None:
     trunk = gpu.resnet_trunk()
     assert 11.0e6 < sum(p.numel() for p in trunk.parameters()) < 11.3e6
     assert trunk(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_compiled_trunk_is_compiled_once(
+    gpu: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--compile``: one graph for every configuration, none compiled after the first steps."""
+    donated = torch._functorch.config.donated_buffer
+    gpu.main([*TINY[:3], "--tasks", "2", *TINY[5:], "--compile", "aot_eager"])
+    out = capsys.readouterr().out
+    assert torch._functorch.config.donated_buffer == donated  # put back
+    assert "graphs compiled: 1 in the first steps, 0 afterwards" in out
+    assert float(row(out, "fork, upgrad")[0]) > 0
