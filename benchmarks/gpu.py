@@ -25,7 +25,8 @@ inductor`` compiles the trunk (``torch.compile(trunk)``, donated buffers off, as
 mode needs: docs/compile.md) and first prints each configuration's first step and the
 number of graphs compiled after the first steps (0: no recompilation).
 
-Usage: ``python benchmarks/gpu.py`` (CUDA, about 2-4 minutes on a recent GPU);
+Usage: ``python benchmarks/gpu.py`` (CUDA; meant to finish in under five minutes, not yet
+run on a GPU);
 ``python benchmarks/gpu.py --device cpu --small --threads 1 --rounds 3 --steps 1`` (a CPU;
 one torch thread: on a loaded machine a second one mostly waits for a core).
 """
@@ -126,9 +127,16 @@ class ConvSetup:
         return losses, (inputs if forked else z)
 
 
+class EngineOnly(speed.UniformGradient):
+    """:class:`speed.UniformGradient` with its weights on the Gramian's device (a GPU's)."""
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        return super().weights_from_gramian(gramian, losses).to(gramian.device)
+
+
 def step_engine(s: ConvSetup, mode: str) -> Callable[[], None]:
     """The engine with no solver (mean of the task gradients) in ``mode``."""
-    engine = speed.UniformGradient(s.k)
+    engine = EngineOnly(s.k)
 
     def step() -> None:
         s.opt.zero_grad()
