@@ -14,7 +14,7 @@ Sections (``--section``):
   gradients into one vector (the LibMTL approach; target <= 1.05x), and torchjd's autojac
   and autogram engines on the same model when torchjd is installed (``pip install torchjd``).
 * ``memory``: peak resident memory of a fresh process running exact mode vs the loop.
-* ``solver``: time of the weight computation alone at K = 2, 10, 40.
+* ``solver``: time of the weight computation alone at K = 2, 10, 40, 100.
 
 Usage: ``python benchmarks/speed.py [--section all] [--rounds 7] [--steps 10] [--tasks 10]``
 
@@ -383,7 +383,7 @@ def section_solver(rounds: int) -> None:
 
 def _solver_table(rounds: int) -> None:
     print("\n## weight computation alone (ms per call, 1 torch thread), random J with P = 1000\n")
-    sizes = (2, 10, 40)
+    sizes = (2, 10, 40, 100)
     print("| method | " + " | ".join(f"K={k}" for k in sizes) + " |")
     print("|---|" + "---:|" * len(sizes))
     for name in gradient_methods():

@@ -393,3 +393,7 @@ def test_probe_on_a_toy_counts_steps_and_refuses_a_fraction_of_one() -> None:
     # a toy "epoch" is one step; each run is one start's trajectory of `steps` steps
     assert (result.epochs, result.epoch_steps, result.steps) == (steps, 1, 2 * 2 * steps)
     assert result.training_steps == toy.default_epochs
+    assert result.cost_line() == (
+        f"cost: {4 * steps} training steps from each start (2 methods × 2 seeds × {steps} steps) "
+        f"= {4 * steps / toy.default_epochs:.3g} full trainings"
+    )

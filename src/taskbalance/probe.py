@@ -257,6 +257,7 @@ class ProbeResult:
             default length (:func:`probe_problem`), ``None`` for :func:`probe`.
         metrics: the per-seed metrics of every run (method -> one mapping per seed).
         delta_m: the per-seed Δm% of every method, as :func:`decide` judged them.
+        toy: a problem without data, whose epochs are steps (the cost is not in epochs).
     """
 
     rows: list[ProbeRow]
@@ -270,6 +271,7 @@ class ProbeResult:
     training_steps: int | None = None
     metrics: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     delta_m: dict[str, list[float]] = field(default_factory=dict)
+    toy: bool = False
 
     @property
     def cost_epochs(self) -> float:
@@ -294,13 +296,16 @@ class ProbeResult:
 
     def cost_line(self) -> str:
         """One line: the budget and the cost as a multiple of one epoch (and of one full
-        training, for a reference problem)."""
-        runs = f"{len(self.rows)} methods × {self.seeds} seeds × {self.epochs:g} epoch"
-        line = (
-            f"cost: {self.steps} training steps = {self.cost_epochs:.3g} epochs "
-            f"({runs}{'s' if self.epochs != 1 else ''}; one epoch = {self.epoch_steps} step"
-            f"{'s' if self.epoch_steps != 1 else ''})"
-        )
+        training, for a reference problem; a toy, without data, counts steps only)."""
+        runs = f"{len(self.rows)} methods × {self.seeds} seeds × {self.epochs:g}"
+        if self.toy:
+            line = f"cost: {self.steps} training steps from each start ({runs} steps)"
+        else:
+            line = (
+                f"cost: {self.steps} training steps = {self.cost_epochs:.3g} epochs ({runs} "
+                f"epoch{'s' if self.epochs != 1 else ''}; one epoch = {self.epoch_steps} step"
+                f"{'s' if self.epoch_steps != 1 else ''})"
+            )
         if self.training_steps:
             line += f" = {self.steps / self.training_steps:.3g} full trainings"
         return line
@@ -345,6 +350,7 @@ def _assemble(
     epoch_steps: int,
     rule: str,
     training_steps: int | None = None,
+    toy: bool = False,
 ) -> ProbeResult:
     """Δm% per seed against equal weighting's mean, the verdict, and the ranked rows."""
     from taskbalance.compare.metrics import delta_m
@@ -388,6 +394,7 @@ def _assemble(
         training_steps,
         {m: list(runs) for m, runs in metrics.items()},
         deltas,
+        toy,
     )
 
 
@@ -765,4 +772,5 @@ def probe_problem(
         epoch_steps=epoch_steps,
         rule=rule,
         training_steps=problem.default_epochs * epoch_steps,
+        toy=not supervised,
     )
