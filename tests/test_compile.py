@@ -35,6 +35,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._functorch.config
+import torch._inductor.config
 from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
@@ -201,9 +202,15 @@ def test_donated_buffers_in_exact_mode_are_refused_with_the_fix(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Inductor donates the buffers of a backward it compiles ahead of time (here: the one
-    a plain backward cached) and that backward then refuses ``retain_graph=True``."""
+    a plain backward left in AOTAutograd's cache) and that backward then refuses
+    ``retain_graph=True``."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache, then a hit
-    with torch._functorch.config.patch(donated_buffer=True):
+    if torch.compiler.config.force_disable_caches:
+        pytest.skip("torch's caches are disabled (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1)")
+    with (
+        torch._functorch.config.patch(donated_buffer=True, enable_autograd_cache=True),
+        torch._inductor.config.patch(fx_graph_cache=True),
+    ):
         train("equal", "loss", "inductor")
         with pytest.raises(BalancerUsageError, match=r"donated_buffer = False.*features mode"):
             train("mgda", "exact", "inductor")
