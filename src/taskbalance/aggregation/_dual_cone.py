@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from taskbalance.aggregation import _linalg as linalg
 from taskbalance.aggregation._qp import (
     _TINY,
     CHECK_TOL,
@@ -161,7 +162,7 @@ def project_dual_cone(
         _warn("dual-cone projection", f"{int(bad.sum())} of {u.shape[0]} problems", k)
         if on_fallback is not None:
             on_fallback(int(bad.sum()))
-        lip, lo = max(float(np.linalg.eigvalsh(hat)[-1]), 1.0), low[bad]
+        lip, lo = max(float(linalg.eigvalsh(hat)[-1]), 1.0), low[bad]
         start = np.where(np.isfinite(x[bad]), x[bad], 0.0) + lo
         x[bad] = -lo + _fista(
             lambda t: t - (t @ hat) / lip,

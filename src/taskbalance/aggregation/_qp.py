@@ -27,7 +27,9 @@ the rounding floor ``||g_j|| Σ_k |w_k| ||g_k||`` of ``(Gw)_j``. When the final 
 or an iteration cap is hit, the fallback is 2000 steps of accelerated projected gradient
 from the best point so far, with a warning on the ``taskbalance`` logger. A non-finite
 Gramian raises :class:`~taskbalance.errors.NonFiniteGradientError` (a
-:class:`~taskbalance.errors.SolverError`); no solver returns NaN.
+:class:`~taskbalance.errors.SolverError`); no solver returns NaN. The factorizations run
+through ``torch.linalg`` in torch's thread pool (:mod:`taskbalance.aggregation._linalg`:
+NumPy's own BLAS threads stalled them on busy CPUs).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from taskbalance.aggregation import _linalg as linalg
 from taskbalance.aggregation._simplex import project_simplex
 from taskbalance.errors import NonFiniteGradientError
 
@@ -67,10 +70,8 @@ def _prepare(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         d = np.sqrt(np.diag(g))
         sub = slice(None)
     hat = g / np.outer(d, d)
-    try:
-        np.linalg.cholesky(hat[sub])
-    except np.linalg.LinAlgError:
-        low = float(np.linalg.eigvalsh(hat[sub])[0])
+    if not linalg.is_positive_definite(hat[sub]):
+        low = float(linalg.eigvalsh(hat[sub])[0])
         if low < 0:
             hat[sub] += -2.0 * low * np.eye(int((~zero).sum()))
             g = hat * np.outer(d, d)
@@ -81,15 +82,10 @@ def _solve(m: np.ndarray, rhs: np.ndarray, ridge: float = 0.0) -> np.ndarray:
     """``m z = rhs`` (batched over leading axes); least squares where ``m`` is singular."""
     if ridge:
         m = m + ridge * np.eye(m.shape[-1])
-    try:
-        z = np.linalg.solve(m, rhs[..., None])[..., 0]
-        if np.isfinite(z).all():
-            return z
-    except np.linalg.LinAlgError:
-        pass
-    if m.ndim == 2:
-        return np.linalg.lstsq(m, rhs, rcond=None)[0]
-    return np.stack([np.linalg.lstsq(mi, ri, rcond=None)[0] for mi, ri in zip(m, rhs)])
+    z = linalg.solve(m, rhs)
+    if z is not None and np.isfinite(z).all():
+        return z
+    return linalg.lstsq(m, rhs)
 
 
 def _fista(
@@ -226,5 +222,5 @@ def min_norm_weights(
     if finished and problem.optimal(w):
         return w
     _warn("min-norm solver", "no convergence" if not finished else "a point", k)
-    lip = max(float(np.linalg.eigvalsh(g)[-1]), _TINY)
+    lip = max(float(linalg.eigvalsh(g)[-1]), _TINY)
     return _fista(lambda x: x - (g @ x) / lip, project_simplex, w, lambda x: float(x @ g @ x))

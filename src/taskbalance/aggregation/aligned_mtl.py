@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from taskbalance.aggregation import _linalg as linalg
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.balancer import Tasks
 from taskbalance.registry import register
@@ -45,10 +46,7 @@ def balance_transformation(
     g = gramian.detach().cpu().double().numpy()
     g = 0.5 * (g + g.T)
     k = g.shape[0]
-    # eigenvectors by SVD: LAPACK's eigh stalls for ~20 ms on busy multi-threaded CPUs; the
-    # Rayleigh quotients restore the signs of the eigenvalues
-    vec = np.linalg.svd(g)[0]
-    lam = np.einsum("ij,ik,kj->j", vec, g, vec)
+    lam, vec = linalg.eigh(g)  # through torch's thread pool, not NumPy's (see _linalg)
     tol = lam.max() * k * _EPS32 if rank_tol is None else rank_tol * max(lam.max(), 0.0)
     keep = lam > max(tol, 0.0)
     if not keep.any():

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from taskbalance.aggregation import _linalg as linalg
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.balancer import Tasks
 from taskbalance.registry import register
@@ -80,10 +81,12 @@ def config_weights(
     hat = g / np.outer(safe, safe) * np.outer(live, live)
     hat[np.diag_indices(k)] = live.astype(float)  # unit rows: cosine 1 with themselves
     target = p * live
-    left, s, right = np.linalg.svd(hat)
-    tol = (k * _EPS32 if rank_tol is None else rank_tol) * (s[0] if s.size else 0.0)
-    keep = s > tol
-    y = right[keep].T @ ((left[:, keep].T @ target) / s[keep])  # Ĝ⁺ ŵ
+    # Ĝ is symmetric: its pseudo-inverse from its eigenpairs (|λ| are its singular values)
+    lam, vec = linalg.eigh(hat)
+    size = np.abs(lam)
+    tol = (k * _EPS32 if rank_tol is None else rank_tol) * (size.max() if size.size else 0.0)
+    keep = size > tol
+    y = vec[:, keep] @ ((vec[:, keep].T @ target) / lam[keep])  # Ĝ⁺ ŵ
     fit = (hat @ y)[live]  # the cosines U x, a least-squares fit of ŵ
     v = y / safe * live
     gv = g @ v
