@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import keras
+import numpy as np
 from keras import ops
 
 from taskbalance.balancer import task_names
@@ -383,6 +384,19 @@ class RLW(KerasBalancer):
 
     def _config(self) -> dict[str, Any]:
         return {"seed": self.seed}
+
+    _STATE_KEY = "rlw_generator_state"
+
+    def save_own_variables(self, store: Any) -> None:
+        """Saves the generator's state too (Keras leaves seed generators out of a
+        ``.keras`` file, so a resumed run would repeat the draws)."""
+        super().save_own_variables(store)
+        store[self._STATE_KEY] = self.generator.state
+
+    def load_own_variables(self, store: Any) -> None:
+        keys = [k for k in store.keys() if k != self._STATE_KEY]  # noqa: SIM118 (an H5 store)
+        super().load_own_variables({k: store[k] for k in keys})
+        self.generator.state.assign(ops.convert_to_tensor(np.asarray(store[self._STATE_KEY])))
 
     def compute(self, losses: Any, kpi: Any) -> tuple[Any, Any, list[tuple[Any, Any]]]:
         state = self.generator.state
