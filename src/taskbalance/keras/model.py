@@ -182,7 +182,10 @@ class BalancedModel(keras.Model):
         """``keras.Model.compile`` with ``loss=`` a dict of one loss per task.
 
         ``loss_weights`` is refused (the balancer sets the weights). The balancer's
-        trainable variables are excluded from the optimizer's weight decay.
+        trainable variables are excluded from the optimizer's weight decay. The optimizer
+        is wrapped in a ``keras.optimizers.LossScaleOptimizer`` with scale 1 (no scaling;
+        unless it is one already), which skips an update whose gradients are not finite:
+        the step of a NaN loss changes no weight, whether it is raised or skipped.
         """
         if loss_weights is not None:
             raise BalancerUsageError(
@@ -196,6 +199,13 @@ class BalancedModel(keras.Model):
                 f", got {type(loss).__name__}"
             )
         self._check_names(loss, "compile(loss=...) keys")
+        optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # skips an update whose gradients are not finite (the step of a NaN loss), so
+            # that a raised or skipped step leaves the model as it was; scale 1: no scaling
+            optimizer = keras.optimizers.LossScaleOptimizer(
+                optimizer, initial_scale=1.0, dynamic_growth_steps=2**30
+            )
         super().compile(optimizer=optimizer, loss=dict(loss), **kw)
         self._loss_fns = {t: keras.losses.get(loss[t]) for t in self.tasks}
         self._exclude_balancer_from_weight_decay()
