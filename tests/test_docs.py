@@ -258,10 +258,52 @@ def run_and_check(block: Block, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return problems
 
 
+KERAS_BLOCK = re.compile(r"^\s*(import|from)\s+taskbalance\.keras\b", re.M)
+
+
+def run_and_check_keras(block: Block, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A Keras block (docs/keras.md) trains with ``BalancedModel.fit``: every model it fits
+    has all its trainable variables changed by its first fit, and its balancer stepped."""
+    import taskbalance.keras as tbk
+
+    fitted: list[tuple[Any, list[Any]]] = []
+    fit = tbk.BalancedModel.fit
+
+    def recording_fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if all(model is not self for model, _ in fitted):
+            fitted.append((self, [v.numpy().copy() for v in self.trainable_variables]))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(tbk.BalancedModel, "fit", recording_fit)
+    start = time.perf_counter()
+    exec(compile(block.code, block.name, "exec"), {"__name__": "__main__"})
+    seconds = time.perf_counter() - start
+    problems = [] if fitted else ["no BalancedModel.fit: a block must show a whole training"]
+    for model, values in fitted:
+        same = [
+            v.path for v, old in zip(model.trainable_variables, values) if (v.numpy() == old).all()
+        ]
+        if same:
+            problems.append(f"variables {same} never changed")
+        if float(model.balancer.steps.numpy()) == 0:
+            problems.append(f"{type(model.balancer).__name__} never stepped")
+    if seconds > MAX_SECONDS:
+        problems.append(f"took {seconds:.0f} s (at most {MAX_SECONDS:.0f})")
+    return problems
+
+
 @pytest.mark.parametrize("block", RUN, ids=[b.name for b in RUN])
 def test_block_runs_and_trains(
     block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if KERAS_BLOCK.search(block.code):
+        if importlib.util.find_spec("keras") is None:
+            pytest.skip("Keras is not installed (pip install 'taskbalance[keras]')")
+        monkeypatch.setenv("KERAS_BACKEND", "torch")  # only read if Keras is not loaded yet
+        monkeypatch.chdir(tmp_path)
+        problems = run_and_check_keras(block, monkeypatch)
+        assert not problems, f"{block.name}: " + "; ".join(problems)
+        return
     lightning = re.search(r"^\s*(import|from)\s+(lightning|pytorch_lightning)\b", block.code, re.M)
     if lightning and importlib.util.find_spec("lightning") is None:
         pytest.skip("Lightning is not installed (pip install 'taskbalance[lightning]')")
@@ -318,6 +360,30 @@ def test_the_check_catches_a_missing_step_and_an_idle_balancer(
     problems = run_and_check(Block(ROOT / "probe.md", 1, code, None), monkeypatch)
     assert [p.split(" ")[0] for p in problems] == ["parameters", "balancers"]
     assert "DWA(" in problems[1]
+
+
+KERAS_IDLE = """
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+import keras
+
+import taskbalance.keras as tbk
+
+inputs = keras.Input((4,))
+net = keras.Model(inputs, {t: keras.layers.Dense(1)(inputs) for t in "ab"})
+model = tbk.BalancedModel(net, tbk.make("dwa", tasks=["a", "b"]))
+model.compile(optimizer="sgd", loss={"a": "mse", "b": "mse"})
+"""
+
+
+def test_the_keras_check_catches_a_block_that_never_fits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("keras", reason="Keras is not installed")
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    problems = run_and_check_keras(Block(ROOT / "probe.md", 1, KERAS_IDLE, None), monkeypatch)
+    assert problems == ["no BalancedModel.fit: a block must show a whole training"]
 
 
 def test_readme_quick_start_is_two_commands() -> None:
