@@ -117,6 +117,13 @@ def _trajectory(name: str, torch_optimizer: str, keras_optimizer: Any) -> tuple[
     return worst, moved
 
 
+TORCH_ONLY = pytest.mark.skipif(
+    keras.backend.backend() != "torch",
+    reason="takes gradients with torch autograd: needs Keras's torch backend in this process",
+)
+
+
+@TORCH_ONLY
 @pytest.mark.parametrize("name", ["uncertainty", "imtl_l"])
 def test_learnable_trajectory_matches_pytorch_sgd(name: str) -> None:
     """20 SGD steps (lr 0.05) of the learnable parameters: PyTorch (optimizer="external")
@@ -126,6 +133,7 @@ def test_learnable_trajectory_matches_pytorch_sgd(name: str) -> None:
     assert moved > 0.05  # the parameters did move
 
 
+@TORCH_ONLY
 @pytest.mark.parametrize("name", ["uncertainty", "imtl_l"])
 def test_learnable_trajectory_matches_pytorch_adam(name: str) -> None:
     """With PyTorch's default (its own Adam, lr 1e-2 here) against Keras's Adam: Keras adds

@@ -211,6 +211,27 @@ def test_gradient_methods_point_to_the_pytorch_api() -> None:
         tbk.make("dwaa", ["a", "b"])
 
 
+def test_validation_logs_the_tasks_validation_losses() -> None:
+    x, y = kc.tiny_data()
+    model = kc.balanced("dwa", {"period": "step"})
+    y16 = {t: v[:16] for t, v in y.items()}
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, validation_data=(x[:16], y16))
+    result = model.evaluate(x[:16], y16, batch_size=16, verbose=0, return_dict=True)
+    for task in ("a", "b"):
+        assert history.history[f"val_{task}_loss"][-1] == pytest.approx(result[f"{task}_loss"])
+        assert result[f"{task}_loss"] > 0
+
+
+def test_dwa_with_steps_per_period_ignores_the_epochs() -> None:
+    """With steps_per_period=N the periods are N steps long, as in PyTorch: fit's epochs do
+    not close periods of their own (3 steps an epoch, periods of 2 steps here)."""
+    x, y = kc.tiny_data()
+    model = kc.balanced("dwa", {"steps_per_period": 2})
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    assert float(model.balancer.period_count.numpy()) == 0  # 6 steps: 3 full periods
+    assert float(model.balancer.closed.numpy()) == 2
+
+
 def test_evaluate_changes_no_state() -> None:
     x, y = kc.tiny_data()
     model = kc.balanced("dwa", {"period": "step"})

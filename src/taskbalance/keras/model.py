@@ -57,12 +57,17 @@ class _BalancerLogs(keras.metrics.Metric):
         )
         self.status = self.add_variable(shape=(3,), initializer="zeros", name="status")
 
-    def update_state(self, losses: Any, balancer: KerasBalancer) -> None:
-        ok = ops.equal(ops.convert_to_tensor(balancer.error)[0], 0.0)
+    def update_state(self, losses: Any, balancer: KerasBalancer, training: bool = True) -> None:
+        """Add a step's losses; on a training step, also take the balancer's weights,
+        extras and status (an evaluation step only adds its losses)."""
+        finite = ops.all(ops.isfinite(losses))
+        ok = ops.equal(ops.convert_to_tensor(balancer.error)[0], 0.0) if training else finite
         safe = ops.where(ops.isfinite(losses), losses, ops.zeros_like(losses))
         kept = ops.where(ok, safe, ops.zeros_like(safe))
         self.loss_sum.assign(ops.convert_to_tensor(self.loss_sum) + kept)
         self.count.assign(ops.convert_to_tensor(self.count) + ops.cast(ok, "float32"))
+        if not training:
+            return
         self.weights_last.assign(ops.convert_to_tensor(balancer.task_weights))
         extras = balancer.extras()
         if extras:
@@ -100,9 +105,9 @@ class BalancerCallback(keras.callbacks.Callback):
         self._skipped = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        end_period = getattr(self.balanced.balancer, "end_period", None)
-        if end_period is not None:
-            end_period()  # the period of the previous epoch closes at this epoch's first step
+        balancer = self.balanced.balancer
+        if getattr(balancer, "period", None) == "epoch" and balancer.steps_per_period is None:
+            balancer.end_period()  # the previous epoch's period closes at this epoch's 1st step
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is None:
@@ -304,6 +309,7 @@ class BalancedModel(keras.Model):
             self.balancer_logs.update_state(losses, self.balancer)
         else:
             total = self.balancer.evaluation_loss(losses)
+            self.balancer_logs.update_state(losses, self.balancer, training=False)
         regularization = self.losses
         if regularization:
             total = total + ops.sum(ops.stack([ops.cast(r, "float32") for r in regularization]))
