@@ -980,7 +980,11 @@ class Balancer:
 
 
 #: constructor settings every balancer has; ``repr`` shows them only when not the default.
-_COMMON_SETTINGS = frozenset(constructor_parameters(Balancer)) | {"task_specific"}
+_COMMON_SETTINGS = frozenset(constructor_parameters(Balancer)) | {
+    "task_specific",
+    "tasks_per_step",
+    "tasks_seed",
+}
 #: not compared on load: how a run is executed (``record``, ``distributed``), and starting
 #: values that the checkpoint's state supersedes (a random ``seed``, a learnable's ``init``).
 _RUNTIME_SETTINGS = frozenset({"record", "distributed", "seed", "init", "diagnostics"})

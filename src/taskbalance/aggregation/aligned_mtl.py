@@ -87,6 +87,8 @@ class AlignedMTL(GradientBalancer):
         rank_tol: relative eigenvalue cut-off; default ``K * eps_float32`` (official).
     """
 
+    weights_per_task = True  # w = B p, p = ones: a sum over the tasks (tasks_per_step)
+
     def __init__(
         self,
         tasks: Tasks,

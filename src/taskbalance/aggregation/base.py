@@ -36,6 +36,12 @@ Off, nothing is computed.
 Objective sampling (:meth:`GradientBalancer.task_subset`): a method may ask for the
 gradients of a subset of the tasks only; the other losses are not back-propagated, their
 rows of J are zero and their heads get no gradient in that step.
+
+Task sampling (``tasks_per_step=m``, the methods that compute their weights from the
+Gramian): each step draws m of the K tasks (:meth:`GradientBalancer.task_subset`), solves the
+method on their m×m Gramian as if they were all the tasks, and rescales the weights so that
+the update estimates the K-task one (:meth:`GradientBalancer.sampled_weights`; the
+semantics are in :class:`GradientBalancer` and docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -129,6 +135,15 @@ def spare_buffer(spare: Tensor | None, like: Tensor) -> Tensor:
     return spare
 
 
+def sample_tasks(k: int, m: int, generator: torch.Generator) -> list[int]:
+    """``m`` of ``k`` task indices, uniformly without replacement, sorted."""
+    return sorted(torch.randperm(k, generator=generator)[:m].tolist())
+
+
+#: the odd 64-bit constant that spreads ``tasks_seed`` before the step counter is added
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
 def _full_task_gradients(grads: TaskGradients, subset: list[int], k: int) -> TaskGradients:
     """The gradients of the sampled tasks ``subset`` as those of all ``k`` tasks: zero rows
     of J and no task-specific gradients for the others (:meth:`GradientBalancer.task_subset`)."""
@@ -148,7 +163,47 @@ class GradientBalancer(Balancer):
         tasks: number of tasks or their names.
         task_specific: ``"unweighted"`` (default) gives each task-specific parameter the
             plain gradient of its own loss; ``"weighted"`` multiplies it by the task weight.
+        tasks_per_step: ``m`` in ``1..K``: back-propagate only ``m`` tasks per step, drawn
+            uniformly without replacement (default ``None``: all K; ``m = K`` is the same,
+            bit for bit). See *Task sampling* below.
+        tasks_seed: seed of the draws of ``tasks_per_step`` (default 0).
         **kw: see :class:`~taskbalance.balancer.Balancer` (``nonfinite``, ``record``).
+
+    Task sampling (``tasks_per_step=m < K``), for the methods that compute their weights
+    from the Gramian. Step t draws a set S of m tasks, uniformly without replacement, from a
+    generator seeded by ``(tasks_seed, t)`` (t = :attr:`steps`, the steps completed: the
+    draw is a function of the state, so every DDP rank and every micro-batch of an
+    accumulated step has the same S, and a run resumed from ``state_dict()`` draws the same
+    sets). Only the m losses in S are back-propagated (exact, features and forked modes: the
+    cost of m tasks); the others get weight 0 and their task-specific parameters (heads) no
+    gradient in that step. The method runs on the m×m Gramian of S as if S were all the
+    tasks (its defaults are those of m tasks: UPGrad's and DualProj's ``p_i = 1/m``; a
+    ``pref_vector`` given for the K tasks is restricted to S and, for the methods whose
+    default is ``1/K``, multiplied by K/m), and the weights ``w_S`` it returns are rescaled
+    so that the update estimates the K-task one:
+
+    * methods whose weights are shares that sum to about one (the update has the size of
+      one task gradient whatever K: MGDA, UPGrad, DualProj, CAGrad, IMTL-G; PCGrad with
+      ``reduction="mean"``) apply ``w_S`` as it is: the m-task shares (1/m for the mean)
+      are already K/m times the K-task ones (1/K);
+    * methods whose weights are per task (the update sums the tasks: PCGrad, Aligned-MTL,
+      ConFIG, FairGrad, Nash-MTL; :attr:`weights_per_task`) apply ``(K/m) w_S``.
+
+    Both are the inverse-probability (Horvitz-Thompson) estimate ``Σ_{i∈S} (K/m) c_i g_i``
+    of ``Σ_i c_i g_i`` with ``c`` the method's K-task weights, so when the weights do not
+    depend on the gradients (UPGrad and DualProj without conflict are the mean, PCGrad
+    without conflict the sum) the expected update over the draws is the full-K update:
+    **unbiased**. Otherwise (a conflict, MGDA, CAGrad, Nash-MTL, ...) the weights are a
+    nonlinear function of the Gramian and the update is an estimate that is **not**
+    unbiased. History records the K weights with zeros for the unsampled tasks.
+
+    Refused with :class:`~taskbalance.errors.BalancerUsageError` for ``m < K``: the methods
+    that need the Jacobian itself, that sample tasks themselves (SDMGrad-OS: ``n=``,
+    M-ConFIG: ``per_step=``), that keep per-task state across steps which a subset step
+    would corrupt (:attr:`tasks_per_step_refusal`: GradVac, PCD, SDMGrad, MoDo, CR-MOGM,
+    IMTL's learnable scales), and ``diagnostics=`` (K-task statistics that m gradients do
+    not give). Warm starts (CAGrad's support, FairGrad's and Nash-MTL's last solution) are
+    kept: they are only starting points, compared with a cold start.
     """
 
     kind: ClassVar[str] = "gradient"
@@ -167,11 +222,20 @@ class GradientBalancer(Balancer):
     _body_unsharded = False  # features mode: the body was found free of FSDP parameters
     _bypass_checked = False  # features mode: no loss reaches the body besides the features
 
+    #: why the method refuses ``tasks_per_step=`` below K (``None``: it takes it), for a
+    #: method whose state or step a subset would break; see :meth:`sampling_refusal`.
+    tasks_per_step_refusal: ClassVar[str | None] = None
+    #: the method's weights are per task (the update sums the tasks: PCGrad, Nash-MTL, ...),
+    #: not shares summing to about one; a subset step then multiplies them by K/m.
+    weights_per_task: ClassVar[bool] = False
+
     def __init__(
         self,
         tasks: Tasks,
         *,
         task_specific: Literal["unweighted", "weighted"] = "unweighted",
+        tasks_per_step: int | None = None,
+        tasks_seed: int = 0,
         **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
@@ -181,6 +245,58 @@ class GradientBalancer(Balancer):
             )
         self.task_specific = task_specific
         self.mode: Mode | None = None
+        self.tasks_per_step = self._check_tasks_per_step(tasks_per_step)
+        if isinstance(tasks_seed, bool) or not isinstance(tasks_seed, int):
+            raise ValueError(f"tasks_seed must be an int, got {tasks_seed!r}")
+        self.tasks_seed = tasks_seed
+
+    def _check_tasks_per_step(self, m: int | None) -> int | None:
+        """``tasks_per_step`` checked: ``None`` or an int in ``1..K``, refused below K by a
+        method that cannot take it or together with ``diagnostics=``."""
+        if m is None:
+            return None
+        k, name = self.num_tasks, type(self).__name__
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= k:
+            raise ValueError(
+                f"tasks_per_step must be an int in 1..{k} (the tasks back-propagated per step; "
+                f"{k} or None: all of them), got {m!r}"
+            )
+        if m == k:
+            return m
+        why = self.sampling_refusal()
+        if why is not None:
+            raise BalancerUsageError(
+                f"{name} does not take tasks_per_step={m} < K={k}: {why}. Leave tasks_per_step "
+                "out, or use a method that takes it (MGDA, UPGrad, DualProj, CAGrad, IMTL-G, "
+                "PCGrad, Aligned-MTL, ConFIG, FairGrad, Nash-MTL)"
+            )
+        if self._diag_every:
+            raise BalancerUsageError(
+                f"{name}: diagnostics= with tasks_per_step={m} < K={k} is refused: the "
+                f"diagnostics are statistics of all {k} task gradients and a step computes "
+                f"only {m}. Drop diagnostics= here, or diagnose with a separate run without "
+                "tasks_per_step"
+            )
+        return m
+
+    @classmethod
+    def sampling_refusal(cls) -> str | None:
+        """Why the method cannot take ``tasks_per_step`` below K (``None``: it can)."""
+        if cls.task_subset is not GradientBalancer.task_subset:
+            return "it samples the tasks itself (see its own setting)"
+        if cls.tasks_per_step_refusal is not None:
+            return cls.tasks_per_step_refusal
+        if cls.needs != "gramian":
+            return (
+                "it needs the task Jacobian itself, not only the Gramian (task sampling solves "
+                "the method on the sampled tasks' Gramian)"
+            )
+        if (
+            cls.aggregate is not GradientBalancer.aggregate
+            or cls._backward is not GradientBalancer._backward
+        ):
+            return "its step does not go through the engine's Gramian path"
+        return None
 
     def preference_vector(self, pref_vector: Any) -> Tensor | None:
         """``pref_vector`` as a finite float64 ``(K,)`` tensor (``None`` stays ``None``)."""
@@ -199,11 +315,21 @@ class GradientBalancer(Balancer):
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(direction (P,), weights (K,))`` from the Jacobian ``(K, P)``.
 
-        The default computes the weights from the Gramian and returns ``wᵀ J``.
+        The default computes the weights from the Gramian and returns ``wᵀ J``; on a step
+        of a task subset, from the Gramian of the sampled rows only (the others are zero).
         """
-        weights = self.scaled_weights(compute_gramian(jacobian).double(), losses)
-        weights = weights.to(jacobian.dtype)
-        return weights @ jacobian, weights
+        subset = self.current_subset
+        if subset is None:
+            weights = self.scaled_weights(compute_gramian(jacobian).double(), losses)
+            weights = weights.to(jacobian.dtype)
+            return weights @ jacobian, weights
+        k = self.num_tasks
+        index = torch.tensor(subset, device=jacobian.device)
+        rows = jacobian.index_select(0, index)
+        gram = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
+        gram[index.unsqueeze(1), index] = compute_gramian(rows).double()
+        weights = self.scaled_weights(gram, losses).to(jacobian.dtype)
+        return weights.index_select(0, index) @ rows, weights
 
     def scaled_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         """:meth:`gramian_weights` times :meth:`direction_scale` of ``||wᵀJ|| = sqrt(wᵀGw)``
@@ -243,7 +369,32 @@ class GradientBalancer(Balancer):
                 f"{float(gramian[bad, bad])}); no weights can be computed",
                 task=self.tasks[bad],
             )
+        if self.tasks_per_step is not None and self.current_subset is not None:
+            return self.sampled_weights(gramian, losses.double(), self.current_subset)
         return self.weights_from_gramian(gramian, losses.double())
+
+    def sampled_weights(self, gramian: Tensor, losses: Tensor, subset: list[int]) -> Tensor:
+        """The K weights of a ``tasks_per_step`` step on the tasks ``subset``: the method on
+        the sampled tasks' Gramian as if they were all the tasks, rescaled (K/m for
+        :attr:`weights_per_task`), zero for the others (see the class docstring)."""
+        k, m = self.num_tasks, len(subset)
+        index = torch.tensor(subset, device=gramian.device)
+        sub = gramian.index_select(0, index).index_select(1, index)
+        tasks, pref = self.tasks, getattr(self, "pref", None)
+        self.tasks = tuple(tasks[i] for i in subset)  # num_tasks is m in the solve
+        if pref is not None:  # p_S, on the scale of an m-task default (1/m where 1/K)
+            self.pref = pref[subset] * (1.0 if self.weights_per_task else k / m)
+        try:
+            weights = self.weights_from_gramian(sub, losses[subset])
+        finally:
+            self.tasks = tasks
+            if pref is not None:
+                self.pref = pref
+        if self.weights_per_task:
+            weights = weights * (k / m)
+        full = weights.new_zeros(k)
+        full[index.to(full.device)] = weights
+        return full
 
     # ------------------------------------------------------------------ task subsets
     #: the tasks back-propagated in the current call, sorted (``None``: all of them); set by
@@ -273,8 +424,15 @@ class GradientBalancer(Balancer):
         state advances once per accumulated step. The one-time checks that look at every
         task (a head in ``shared=``, a loss bypassing the features) see only the sampled
         ones on such a step.
+
+        With ``tasks_per_step=m < K`` (the methods that take it): m tasks drawn uniformly
+        without replacement by a generator seeded from ``tasks_seed`` and :attr:`steps`.
         """
-        return None
+        m = self.tasks_per_step
+        if m is None or m >= self.num_tasks:
+            return None
+        seed = (self.tasks_seed * _SEED_MIX + self.steps) % (1 << 63)
+        return sample_tasks(self.num_tasks, m, torch.Generator().manual_seed(seed))
 
     def _draw_subset(self) -> list[int] | None:
         """:meth:`task_subset`, checked, sorted, kept for the open accumulated step."""

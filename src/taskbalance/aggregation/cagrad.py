@@ -128,6 +128,8 @@ class CAGrad(GradientBalancer):
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         start = None if self.support is None else self.support.numpy()
+        if start is not None and start.shape != (gramian.shape[0],):  # tasks_per_step
+            start = None
         boost, w, _ = cagrad_solve(
             gramian.detach().cpu().numpy(),
             self.c,

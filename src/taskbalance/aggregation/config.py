@@ -113,6 +113,8 @@ class ConFIG(GradientBalancer):
         rank_tol: relative eigenvalue cut-off of ``Ĝ⁺``; default ``K * eps_float32``.
     """
 
+    weights_per_task = True  # d = (Σ_i g_i·x̂) x̂ grows with K (tasks_per_step)
+
     def __init__(
         self,
         tasks: Tasks,

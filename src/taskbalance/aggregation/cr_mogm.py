@@ -124,6 +124,11 @@ class CRMOGM(Balancer):
         **kw: the inner method's hyper-parameters and the common settings.
     """
 
+    tasks_per_step_refusal: ClassVar[str | None] = (
+        "it averages the K weights across steps, and a subset step's weights are zero for "
+        "the unsampled tasks"
+    )
+
     #: the default inner method's kind; an instance has its inner method's kind.
     kind: ClassVar[str] = "gradient"
 

@@ -110,6 +110,8 @@ class FairGrad(GradientBalancer):
         ridge: the ridge of the first fallback, relative to ``||G||_F``.
     """
 
+    weights_per_task = True  # G w = w^(-1/α): about one per task (tasks_per_step)
+
     def __init__(
         self,
         tasks: Tasks,
@@ -150,6 +152,8 @@ class FairGrad(GradientBalancer):
         G = gramian.detach().cpu().double().numpy()
         G = 0.5 * (G + G.T)
         prev = None if self.solution is None else self.solution.cpu().numpy()
+        if prev is not None and prev.shape != (G.shape[0],):  # a subset step's (tasks_per_step)
+            prev = None
         power = -self.alpha / (1.0 + self.alpha)
         weights = solve_with_fallbacks(
             self, G, prev, lambda n: n**power, "FairGrad", "G w = w^(-1/alpha)"

@@ -111,6 +111,11 @@ class GradVac(GradientBalancer):
         **kw: see :class:`~taskbalance.aggregation.base.GradientBalancer`.
     """
 
+    tasks_per_step_refusal = (
+        "its cosine targets are EMAs per pair of tasks, which a subset step would update "
+        "only for the sampled pairs"
+    )
+
     def __init__(
         self,
         tasks: Tasks,

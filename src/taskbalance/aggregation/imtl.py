@@ -36,6 +36,7 @@ from torch import Tensor
 
 from taskbalance.aggregation.base import GradientBalancer
 from taskbalance.balancer import Balancer, Losses, Tasks, with_reference
+from taskbalance.errors import BalancerUsageError
 from taskbalance.gradients import autocast_disabled
 from taskbalance.learnable import OptimizerMode, OwnedParameters
 from taskbalance.registry import register
@@ -127,6 +128,14 @@ class IMTL(_Scales, GradientBalancer):
             raise ValueError(f"variant must be 'g', 'l' or 'hybrid', got {variant!r}")
         self.variant = variant
         if variant != "g":
+            m = self.tasks_per_step
+            if m is not None and m < self.num_tasks:
+                raise BalancerUsageError(
+                    f"IMTL(variant={variant!r}) does not take tasks_per_step={m} < "
+                    f"K={self.num_tasks}: its learnable loss scales are stepped on all K "
+                    "losses every step. Use variant='g' (IMTL-G takes it) or leave "
+                    "tasks_per_step out"
+                )
             self._init_scales(self.num_tasks, optimizer, lr)
         self._pending: Tensor | None = None
 

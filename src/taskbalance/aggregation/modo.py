@@ -65,6 +65,11 @@ class MoDo(GradientBalancer):
         **kw: see :class:`~taskbalance.aggregation.base.GradientBalancer`.
     """
 
+    tasks_per_step_refusal = (
+        "its weights λ are an iterate over all K tasks carried across steps, and its step "
+        "takes up to three batches"
+    )
+
     def __init__(self, tasks: Tasks, gamma: float = 1e-3, rho: float = 0.1, **kw: Any) -> None:
         super().__init__(tasks, **kw)
         for name, value in (("gamma", gamma), ("rho", rho)):

@@ -110,6 +110,8 @@ def nash_solve(G: np.ndarray, start: np.ndarray, max_iter: int = 100) -> tuple[n
 class NashMTL(GradientBalancer):
     """Nash-MTL (see the module docstring). ``fallbacks`` counts steps that used a fallback."""
 
+    weights_per_task = True  # Gα = 1/α: about one per task (tasks_per_step)
+
     scales_direction = True  # the clip of ||d|| = sqrt(αᵀGα)
 
     def __init__(
@@ -144,6 +146,8 @@ class NashMTL(GradientBalancer):
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         G = gramian.detach().cpu().double().numpy()
         prev = None if self.alpha is None else self.alpha.cpu().numpy()
+        if prev is not None and prev.shape != (G.shape[0],):  # a subset step's (tasks_per_step)
+            prev = None
         alpha = solve_with_fallbacks(
             self, G, prev, lambda n: 1.0 / np.sqrt(n), "NashMTL", "G alpha = 1/alpha"
         )

@@ -109,6 +109,11 @@ class PCD(GradientBalancer):
     ``infeasible_steps`` those whose margins could not all hold (update ``g_p``).
     """
 
+    tasks_per_step_refusal = (
+        "it keeps EMAs of the task gradients' statistics across steps and a primary task "
+        "that a subset step may leave out"
+    )
+
     def __init__(
         self,
         tasks: Tasks,

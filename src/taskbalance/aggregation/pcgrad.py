@@ -112,6 +112,11 @@ class PCGrad(GradientBalancer):
         self.reduction: Reduction = reduction
         self.generator = torch.Generator().manual_seed(int(seed))
 
+    @property
+    def weights_per_task(self) -> bool:  # type: ignore[override]
+        """``reduction="sum"``: each weight is about one (tasks_per_step's K/m applies)."""
+        return self.reduction == "sum"
+
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         k = self.num_tasks
         orders = visiting_orders(k, self.order, self.generator)

@@ -84,6 +84,11 @@ class SDMGrad(GradientBalancer):
         **kw: see :class:`~taskbalance.aggregation.base.GradientBalancer`.
     """
 
+    tasks_per_step_refusal = (
+        "its weights w are an iterate carried across steps (with momentum) over all K tasks; "
+        "for sampling use SDMGrad-OS (tb.make('sdmgrad_os', tasks, n=m))"
+    )
+
     def __init__(
         self,
         tasks: Tasks,
