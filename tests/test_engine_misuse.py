@@ -313,23 +313,72 @@ def sharded(how: str) -> Net:
 
 
 SHARDINGS = ["fsdp2 body", "fsdp2 nested", "fsdp2 root", "fsdp1", "fsdp1 orig params"]
+MODES = ("features", "forked")
+
+
+@pytest.mark.parametrize("how", SHARDINGS)
+def test_sharded_parameters_are_refused_in_the_exact_mode(process_group: None, how: str) -> None:
+    net = sharded(how)
+    losses, _ = net(X, "exact")
+    expected = r"FSDP-sharded parameters are not supported by gradient methods yet \(MGDA, exact"
+    with plain_failure():
+        with pytest.raises(tb.BalancerUsageError, match=expected) as caught:
+            tb.make("mgda", TASKS).backward(losses, shared=net.body)
+        assert "Use the features mode (features=z, or zs = tb.fork(z, K))" in str(caught.value)
+        assert all(g is None for g in grads_of(net))
+
+
+#: the features mode's refusal for each sharding it does not support
+FEATURES_REFUSALS = {
+    "fsdp2 nested": r"the head of task 'cls' \(.*\) is sharded by FSDP",  # in the root's group
+    "fsdp2 root": r"the head of task 'cls' \(.*\) is sharded by FSDP",
+    "fsdp1": r"the features depend on parameters sharded other than by fully_shard \(MGDA",
+    "fsdp1 orig params": r"sharded other than by fully_shard .* FullyShardedDataParallel",
+}
 
 
 @pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")  # the forked views, not in-place
-@pytest.mark.parametrize("mode", ["exact", "features", "forked"])
-@pytest.mark.parametrize("how", SHARDINGS)
-def test_sharded_parameters_are_refused_in_every_gradient_mode(
+@pytest.mark.parametrize("mode", ["features", "forked"])
+@pytest.mark.parametrize("how", list(FEATURES_REFUSALS))
+def test_features_mode_refuses_sharded_heads_and_fsdp1(
     process_group: None, how: str, mode: str
 ) -> None:
     net = sharded(how)
     losses, features = net(X, mode)
-    shared = net.body if mode == "exact" else None
-    expected = r"FSDP-sharded parameters are not supported by gradient methods yet \(MGDA, "
     with plain_failure():
-        with pytest.raises(tb.BalancerUsageError, match=expected + mode) as caught:
-            tb.make("mgda", TASKS).backward(losses, shared=shared, features=features)
-        assert "use a loss-weighting method, or DDP" in str(caught.value)
+        with pytest.raises(tb.BalancerUsageError, match=FEATURES_REFUSALS[how]) as caught:
+            tb.make("mgda", TASKS).backward(losses, features=features)
+        fix = "fully_shard(model.body)" if how.startswith("fsdp2") else "shard the body with"
+        assert fix in str(caught.value)
         assert all(g is None for g in grads_of(net))
+
+
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")  # the forked views, not in-place
+@pytest.mark.parametrize("mode", ["features", "forked"])
+@pytest.mark.parametrize("method", ["mgda", "upgrad", "nash_mtl"])
+def test_features_mode_on_a_body_sharded_by_fully_shard(
+    process_group: None, method: str, mode: str
+) -> None:
+    """One rank, the body sharded (each layer, then the body), the heads plain: the sharded
+    parameters' gradients (FSDP's reduce-scatter of the body's backward) and the heads' are
+    those of the same model unsharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = Net()
+    fully_shard(net.body[0])
+    fully_shard(net.body[2])
+    fully_shard(net.body)
+    plain = Net()
+    with plain_failure():
+        losses, features = net(X, mode)
+        weights = tb.make(method, TASKS).backward(losses, features=features)
+        losses, features = plain(X, mode)
+        expected = tb.make(method, TASKS, distributed="local").backward(losses, features=features)
+        torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+        for p, q in zip(net.parameters(), plain.parameters()):
+            assert p.grad is not None, "no gradient reached a sharded parameter"
+            got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            torch.testing.assert_close(got, q.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_sharded_parameters_given_as_a_list_are_refused(process_group: None) -> None:
@@ -378,10 +427,12 @@ def test_weighted_loss_methods_run_under_fsdp(process_group: None, method: str) 
         assert all(g is not None for g in grads_of(net))
 
 
-def test_two_ranks_refuse_fsdp_and_weighted_losses_match_one_process(tmp_path: Path) -> None:
-    """On 2 gloo ranks (torchrun): MGDA refuses an FSDP2 model in every mode on every rank,
-    and GradNorm's features variant and DWA under FSDP2 train like one process on the
-    global batch (parameters to 1e-5 after 4 SGD steps; see ``fsdp_worker.py``)."""
+def test_two_ranks_under_fsdp_match_one_process_or_refuse(tmp_path: Path) -> None:
+    """On 2 gloo ranks (torchrun, see ``fsdp_worker.py``): MGDA refuses an FSDP2 model in the
+    exact mode, sharded heads in the features and forked modes, and ``distributed="local"``;
+    GradNorm's features variant and DWA, and MGDA, UPGrad and Nash-MTL in the features and
+    forked modes on a sharded body, take the same weights on both ranks and train like one
+    process on the global batch (parameters to 1e-5 after 4 SGD steps)."""
     if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
         pytest.skip("torch.distributed with gloo is not available")
     command = torchrun_command(FSDP_WORKER, str(tmp_path))
@@ -389,13 +440,26 @@ def test_two_ranks_refuse_fsdp_and_weighted_losses_match_one_process(tmp_path: P
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         pytest.fail(f"torchrun failed ({done.returncode}):\n{done.stderr[-6000:]}")
+    weights: list[dict[str, Tensor]] = []
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         refusals = result["refusals"]
-        assert len(refusals) == 9  # 3 shardings x 3 modes
+        assert len(refusals) == 11  # 4 shardings in exact mode, 3 x 2 with heads, local
         for config, message in refusals.items():
-            assert "FSDP-sharded parameters are not supported" in message, config
-        assert set(result["gaps"]) == {"gradnorm root", "gradnorm nested", "dwa root", "dwa nested"}
+            if config.endswith("exact"):
+                assert "FSDP-sharded parameters are not supported" in message, config
+            elif config == "body local":
+                assert message.startswith("distributed='local' with a body sharded"), message
+            else:
+                assert "is sharded by FSDP: in the features mode" in message, config
+        gradient = {f"{m} {mode}" for m in ("mgda", "upgrad", "nash_mtl") for mode in MODES}
+        loss = {"gradnorm root", "gradnorm nested", "dwa root", "dwa nested"}
+        assert set(result["gaps"]) == loss | gradient
         for config, (gap, control) in result["gaps"].items():
             assert gap <= 1e-5, config
             assert control > 1e-3, config  # the comparison can fail: one rank's batch differs
+        assert set(result["weights"]) == gradient
+        weights.append(result["weights"])
+    for config, trace in weights[0].items():
+        assert trace.shape == (4, 3), config
+        torch.testing.assert_close(trace, weights[1][config], rtol=0, atol=0)

@@ -45,6 +45,13 @@ accumulate into a parameter that DDP watches, so a DDP model's forward may be us
 (DDP then simply sees no backward). Loss-weighting methods and GradNorm end in an ordinary
 ``backward``, whose parameter gradients DDP averages as usual. See ``docs/scaling.md``.
 
+FSDP (``fully_shard``): in the representation mode the body is sharded and the heads are
+replicated (:func:`taskbalance.gradients.fsdp_body`). The weights are synchronised exactly
+as under DDP (K×K Gramian and K losses in one all-reduce, generators broadcast), the body
+gets one ordinary ``backward`` of ``wᵀJ^r`` whose gradients FSDP itself reduce-scatters
+(averaged over its ranks), and the heads' gradients are averaged by the balancer. The exact
+mode is refused there (it needs each task's gradient of every shard).
+
 Collectives are issued from the calling thread in the same order on every rank, so every
 rank must make the same balancer calls (as with DDP's own collectives), with tensors of
 the same shapes: the same model structure and, for the exact mode, the same shared
@@ -117,6 +124,23 @@ def active_sync(setting: Any) -> Sync | None:
     group = None if isinstance(setting, str) else setting
     world = dist.get_world_size(group)
     return Sync(group, world, dist.get_rank(group))
+
+
+def check_fsdp_setting(setting: Any) -> None:
+    """Refuse ``distributed="local"`` for a body sharded by ``fully_shard`` in a process
+    group of two or more ranks: FSDP averages the body's gradients over its ranks, so
+    ranks weighting their own losses would mix different objectives in one update."""
+    if not (isinstance(setting, str) and setting == "local"):
+        return
+    if not _AVAILABLE or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    raise BalancerUsageError(
+        "distributed='local' with a body sharded by fully_shard: FSDP averages the body's "
+        "gradients over its ranks, so ranks that weight their own losses would combine "
+        "different weights in one update (and their replicated heads would drift apart). "
+        "Use distributed='auto' (the default) or the FSDP module's process group, so that "
+        "every rank takes the same weights (docs/scaling.md)"
+    )
 
 
 class Sync:

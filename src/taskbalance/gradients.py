@@ -31,10 +31,14 @@ that only one task reaches looks like a head passed as shared: it would enter J 
 combined update instead of its task's gradient; the balancer warns once
 (:attr:`TaskGradients.single`).
 
-Parameters sharded by FSDP (``fully_shard``, ``FullyShardedDataParallel``) or held as
-DTensors are refused in every mode (:func:`check_not_sharded`): the per-task gradients would
-be taken on copies that FSDP's reduce-scatter never sees. The check costs one dictionary
-look-up unless FSDP or DTensor was imported and a process group is initialised.
+Parameters sharded by FSDP: the features mode (and :func:`fork`) works on a body sharded
+with ``fully_shard`` (FSDP2), heads outside it (:func:`fsdp_body`): the K per-task passes
+stop at the features, and the body gets one ordinary backward, which FSDP reduce-scatters
+itself. The exact mode refuses sharded parameters (:func:`check_not_sharded`): its per-task
+gradients would be taken on the unsharded copies that FSDP's reduce-scatter never sees.
+``FullyShardedDataParallel`` (FSDP1), bare DTensors and heads managed by FSDP are refused in
+every mode. The checks cost one dictionary look-up unless FSDP or DTensor was imported and a
+process group is initialised.
 
 Under DDP (see :mod:`taskbalance.distributed`) the engine reduces across ranks itself:
 ``torch.autograd.grad`` never runs DDP's gradient hooks, so in the features mode the body
@@ -202,7 +206,9 @@ def sharded_tensors(tensors: Iterable[Tensor]) -> list[Tensor]:
 
 def check_not_sharded(tensors: Iterable[Tensor], where: str, owner: object = None) -> None:
     """Refuse parameters sharded by FSDP (or DTensors) with the fix; ``where`` names the
-    method and the mode, e.g. ``"MGDA, exact mode"``; ``owner`` (a module) names them."""
+    method and the mode, e.g. ``"MGDA, exact mode"``; ``owner`` (a module) names them.
+
+    For what needs each parameter's per-task gradient: the exact mode, GradNorm's ``W``."""
     found = sharded_tensors(tensors)
     if not found:
         return
@@ -210,11 +216,58 @@ def check_not_sharded(tensors: Iterable[Tensor], where: str, owner: object = Non
         f"FSDP-sharded parameters are not supported by gradient methods yet ({where}): "
         f"{describe_tensors(found, parameter_names(owner))} "
         f"{'is' if len(found) == 1 else 'are'} managed by FSDP (fully_shard or "
-        "FullyShardedDataParallel) or DTensor. The per-task gradients would be taken on "
-        "copies that FSDP's reduce-scatter never sees, and the model would train silently "
-        "wrong. Until FSDP is supported, use a loss-weighting method, or DDP "
-        "(DistributedDataParallel), under which every gradient method is exact"
+        "FullyShardedDataParallel) or DTensor. The per-task gradients of these parameters "
+        "would be taken on copies that FSDP's reduce-scatter never sees, and the model would "
+        "train silently wrong. Use the features mode (features=z, or zs = tb.fork(z, K)), "
+        "which works on a body sharded with fully_shard, or a loss-weighting method, or DDP "
+        "(DistributedDataParallel), under which every gradient method is exact "
+        "(docs/scaling.md)"
     )
+
+
+def fsdp_body(leaves: Sequence[Tensor], where: str, owner: object = None) -> bool:
+    """Features mode: whether the body (the features' ``leaves``) is sharded by
+    ``fully_shard`` (FSDP2), whose own backward then reduces its gradients.
+
+    Raises:
+        BalancerUsageError: a body parameter held by ``FullyShardedDataParallel`` (FSDP1)
+            or as a DTensor outside ``fully_shard``, whose gradients the engine could not
+            hand to the sharding.
+    """
+    if not sharding_possible():
+        return False
+    managed = _fsdp2_parameter_ids()
+    found = [t for t in sharded_tensors(leaves) if id(t) not in managed]
+    if found:
+        raise BalancerUsageError(
+            f"the features depend on parameters sharded other than by fully_shard ({where}): "
+            f"{describe_tensors(found, parameter_names(owner))} "
+            f"{'is' if len(found) == 1 else 'are'} held by FullyShardedDataParallel (FSDP1) "
+            "or as DTensors. The features mode supports bodies sharded with "
+            "torch.distributed.fsdp.fully_shard (FSDP2); shard the body with fully_shard, "
+            "or use DDP (docs/scaling.md)"
+        )
+    return any(id(t) in managed for t in leaves)
+
+
+def check_heads_not_sharded(params: Sequence[Sequence[Tensor]], tasks: Sequence[str]) -> None:
+    """Features mode: refuse task-specific parameters (after the features) sharded by FSDP,
+    before any per-task pass; ``params[i]`` are task i's. FSDP would reshard them between
+    the passes and never reduce the gradients the engine gives them."""
+    if not sharding_possible():
+        return
+    for i, own in enumerate(params):
+        found = sharded_tensors(own)
+        if found:
+            raise BalancerUsageError(
+                f"the head of task {tasks[i]!r} ({describe_tensors(found, {})}) is sharded by "
+                "FSDP: in the features mode the heads take part in the K per-task passes, "
+                "between which FSDP would free their unsharded copies, and their gradients "
+                "are written by the engine, which FSDP's reduce-scatter never sees. Apply "
+                "fully_shard to the body only (fully_shard(model.body), each of its blocks "
+                f"first if you like) and keep the {len(tasks)} heads out of it (they are "
+                "replicated and averaged over the ranks by the balancer); see docs/scaling.md"
+            )
 
 
 def _reachable_leaves(
@@ -413,6 +466,8 @@ def task_jacobian(
                 )
             owners[id(p)] = i
         own_params.append(params)
+    if features:
+        check_heads_not_sharded(own_params, tasks)
     total = sum(t.numel() for t in inputs)
     # fp16/bf16 gradients are widened to float32 as they are copied into J (no extra copy)
     jac = torch.empty(k, total, dtype=jacobian_dtype(inputs), device=inputs[0].device)
@@ -715,6 +770,7 @@ def forked_task_jacobian(
                 )
             owners[id(p)] = i
         own_params.append(params)
+    check_heads_not_sharded(own_params, tasks)
     flat_params = [p for params in own_params for p in params]
     grads = torch.autograd.grad(
         torch.stack(list(losses)).sum(),

@@ -3,14 +3,19 @@
 Run by ``python -m torch.distributed.run --nproc_per_node=2 fsdp_worker.py OUT_DIR``. Each
 rank saves to ``OUT_DIR/rank{r}.pt``:
 
-* ``refusals``: for each sharding (the whole model, each body layer then the model, body and
-  heads then the model) and each gradient mode (exact, features, forked), the message of the
-  error MGDA's ``backward`` raised (``"not refused"`` if it did not);
-* ``gaps``: for GradNorm's features variant and DWA (a weighted loss, backpropagated by
-  FSDP as usual) under FSDP2, the largest parameter difference after 4 SGD steps between
-  the 2-rank run (4 samples per rank) and one process on the 8-sample global batch, and the
-  difference between that reference and one process on this rank's 4 samples alone (a
-  control: it must be large, or the comparison could not fail).
+* ``refusals``: the message of the error MGDA's ``backward`` raised (``"not refused"`` if it
+  did not) for each sharding (the whole model, each body layer then the model, body and
+  heads then the model, each body layer then the body) in the exact mode, for the first
+  three (heads sharded with the model) in the features and forked modes, and for the body
+  sharded alone with ``distributed="local"``;
+* ``gaps``: the largest parameter difference after 4 SGD steps between the 2-rank run
+  (4 samples per rank) and one process on the 8-sample global batch, and the difference
+  between that reference and one process on this rank's 4 samples alone (a control: it
+  must be large, or the comparison could not fail). For GradNorm's features variant and
+  DWA (a weighted loss, backpropagated by FSDP as usual) with the whole model sharded and
+  with nested sharding, and for MGDA, UPGrad and Nash-MTL in the features and forked modes
+  with the body sharded (each layer, then the body) and the heads outside it;
+* ``weights``: for the latter, the weights of the 4 steps (to compare across the ranks).
 """
 
 from __future__ import annotations
@@ -45,10 +50,13 @@ class Net(nn.Module):
 
 def make(sharding: str | None) -> Net:
     net = Net()
-    if sharding == "nested":
+    if sharding in ("nested", "body"):
         fully_shard(net.body[0])
         fully_shard(net.body[2])
-    elif sharding == "body+heads":
+    if sharding == "body":
+        fully_shard(net.body)  # the heads stay plain (replicated) modules
+        return net
+    if sharding == "body+heads":
         fully_shard(net.body)
         for head in net.heads:
             fully_shard(head)
@@ -66,12 +74,12 @@ def losses(outputs: list[Tensor], y: Tensor) -> list[Tensor]:
     return [((o - t) ** 2).mean() for o, t in zip(outputs, y)]
 
 
-def refusal(sharding: str, mode: str, x: Tensor, y: Tensor) -> str:
+def refusal(sharding: str, mode: str, x: Tensor, y: Tensor, setting: str = "auto") -> str:
     net = make(sharding)
     z, zs, outputs = net(x, fork=mode == "forked")
     features = {"exact": None, "features": z, "forked": zs}[mode]
     try:
-        tb.make("mgda", K).backward(
+        tb.make("mgda", K, distributed=setting).backward(
             losses(outputs, y), shared=net.body if mode == "exact" else None, features=features
         )
     except tb.BalancerUsageError as err:
@@ -79,18 +87,39 @@ def refusal(sharding: str, mode: str, x: Tensor, y: Tensor) -> str:
     return "not refused"
 
 
-def train(net: Net, bal: tb.Balancer, x: Tensor, y: Tensor) -> list[Tensor]:
+def train(
+    net: Net, bal: tb.Balancer, x: Tensor, y: Tensor, mode: str | None = None
+) -> tuple[list[Tensor], Tensor]:
+    """Parameters (full tensors) after STEPS SGD steps, and the weights of each step.
+    ``mode``: ``"features"``, ``"forked"``, or ``None`` (a loss method; GradNorm on z)."""
     opt = torch.optim.SGD(net.parameters(), lr=LR)
+    weights = []
     for _ in range(STEPS):
         opt.zero_grad()
-        z, _, outputs = net(x)
-        bal.backward(losses(outputs, y), features=z if bal.method_name == "gradnorm" else None)
+        z, zs, outputs = net(x, fork=mode == "forked")
+        features = zs if mode == "forked" else z
+        if mode is None and bal.method_name != "gradnorm":
+            features = None
+        weights.append(bal.backward(losses(outputs, y), features=features))
         opt.step()
-    return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in net.parameters()]
+    params = [
+        p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in net.parameters()
+    ]
+    return params, torch.stack(weights)
 
 
 def gap(a: list[Tensor], b: list[Tensor]) -> float:
     return max(float((p - q).abs().max()) for p, q in zip(a, b))
+
+
+def compare(method: str, sharding: str, mode: str | None, x: Tensor, y: Tensor, rank: int):
+    """``((gap to one process on the global batch, control), the ranks' weights)``."""
+    mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    ranks, weights = train(make(sharding), tb.make(method, K), x[mine], y[:, mine], mode)
+    single, _ = train(make(None), tb.make(method, K, distributed="local"), x, y, mode)
+    local = tb.make(method, K, distributed="local")
+    alone, _ = train(make(None), local, x[mine], y[:, mine], mode)
+    return (gap(ranks, single), gap(alone, single)), weights
 
 
 def main(out: Path) -> None:
@@ -100,18 +129,22 @@ def main(out: Path) -> None:
     x, y = data()
     mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
     refusals = {
-        f"{sharding} {mode}": refusal(sharding, mode, x[mine], y[:, mine])
-        for sharding in ("root", "nested", "body+heads")
-        for mode in ("exact", "features", "forked")
+        f"{sharding} exact": refusal(sharding, "exact", x[mine], y[:, mine])
+        for sharding in ("root", "nested", "body+heads", "body")
     }
-    gaps = {}
+    for sharding in ("root", "nested", "body+heads"):
+        for mode in ("features", "forked"):
+            refusals[f"{sharding} {mode}"] = refusal(sharding, mode, x[mine], y[:, mine])
+    refusals["body local"] = refusal("body", "features", x[mine], y[:, mine], "local")
+    gaps, weights = {}, {}
     for method in ("gradnorm", "dwa"):
         for sharding in ("root", "nested"):
-            ranks = train(make(sharding), tb.make(method, K), x[mine], y[:, mine])
-            single = train(make(None), tb.make(method, K, distributed="local"), x, y)
-            alone = train(make(None), tb.make(method, K, distributed="local"), x[mine], y[:, mine])
-            gaps[f"{method} {sharding}"] = (gap(ranks, single), gap(alone, single))
-    torch.save({"refusals": refusals, "gaps": gaps}, out / f"rank{rank}.pt")
+            gaps[f"{method} {sharding}"], _ = compare(method, sharding, None, x, y, rank)
+    for method in ("mgda", "upgrad", "nash_mtl"):
+        for mode in ("features", "forked"):
+            key = f"{method} {mode}"
+            gaps[key], weights[key] = compare(method, "body", mode, x, y, rank)
+    torch.save({"refusals": refusals, "gaps": gaps, "weights": weights}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 

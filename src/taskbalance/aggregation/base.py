@@ -18,8 +18,10 @@ mode a shared tensor that one task alone reaches (a head passed in ``shared=``) 
 about once; in features mode ``shared=``, which the engine does not use, is compared with
 what the features depend on at the first call and warned about once if it holds more (the
 heads) and a loss that reaches a body parameter other than through the features (a head
-reading an inner activation) is refused; parameters sharded by FSDP are refused in every
-mode (exact: on every call where FSDP could be in use; features: at the first such call).
+reading an inner activation) is refused; parameters sharded by FSDP are refused in the
+exact mode (on every call where FSDP could be in use); in the features mode a body sharded by
+``fully_shard`` is backpropagated by one ordinary backward that FSDP reduces itself (looked
+for at the first call where FSDP could be in use; FSDP1, DTensors and sharded heads refused).
 The features-mode checks share one walk of the body's graph.
 
 The step runs with autocast disabled for the losses' device type, so ``backward`` may be
@@ -64,7 +66,7 @@ from taskbalance.balancer import (
     with_reference,
 )
 from taskbalance.diagnostics import step_diagnostics
-from taskbalance.distributed import Sync
+from taskbalance.distributed import Sync, check_fsdp_setting
 from taskbalance.errors import (
     BalancerUsageError,
     NonFiniteGradientError,
@@ -85,6 +87,7 @@ from taskbalance.gradients import (
     describe_tensors,
     feature_leaves,
     forked_task_jacobian,
+    fsdp_body,
     parameter_names,
     resolve_tensors,
     sharding_possible,
@@ -219,7 +222,8 @@ class GradientBalancer(Balancer):
     # one-time checks of the arguments (see the module docstring); set on the instance
     _warned_heads = False  # exact mode: a head in shared= was warned about
     _shared_checked = False  # features mode: shared= was compared with the features' body
-    _body_unsharded = False  # features mode: the body was found free of FSDP parameters
+    _body_unsharded = False  # features mode: the body's sharding was looked at
+    _body_fsdp = False  # features mode: the body is sharded by fully_shard, which reduces it
     _bypass_checked = False  # features mode: no loss reaches the body besides the features
 
     #: why the method refuses ``tasks_per_step=`` below K (``None``: it takes it), for a
@@ -632,7 +636,9 @@ class GradientBalancer(Balancer):
             return None
         leaves = feature_leaves(inputs)
         if check_sharding:
-            check_not_sharded(leaves, where, shared)
+            self._body_fsdp = fsdp_body(leaves, where, shared)
+            if self._body_fsdp:
+                check_fsdp_setting(self.distributed)
             self._body_unsharded = True
         if check_shared:
             given = resolve_tensors(shared)
@@ -708,7 +714,11 @@ class GradientBalancer(Balancer):
         if scale is not None:
             direction = direction * scale
         own_weights = weights if self.task_specific == "weighted" else None
-        if sync is not None and use_features:
+        if sync is not None and use_features and self._body_fsdp:
+            # one ordinary backward: FSDP reduce-scatters (averages) the body's gradients
+            apply_direction(direction, grads, features=True)
+            self.touch(p for pairs in grads.own for p, _ in pairs)  # the replicated heads
+        elif sync is not None and use_features:
             # local body and head gradients; averaged over the ranks when the step closes
             leaves = feature_leaves(grads.inputs)
             for leaf, grad in zip(leaves, backprop_to_leaves(direction, grads.inputs, leaves)):
