@@ -129,6 +129,7 @@ def test_unsampled_tasks_get_weight_zero_and_no_head_gradient() -> None:
     torch.manual_seed(1)
     net, (x, y) = Net(k), data(k)
     bal = tb.make("mgda", tasks=k, tasks_per_step=m)
+    returned = []
     for _ in range(4):
         weights = step(bal, net, x, y, "exact")
         chosen = sampled(weights)
@@ -141,9 +142,13 @@ def test_unsampled_tasks_get_weight_zero_and_no_head_gradient() -> None:
         expected = torch.autograd.grad(total, list(net.body.parameters()))
         for p, e in zip(net.body.parameters(), expected):
             torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+        returned.append(weights)
     assert bal.history is not None
-    recorded = bal.history.state_dict()
-    assert recorded  # the K-vector rows, zeros for the unsampled tasks: checked below
+    recorded = bal.history.weights  # K columns, zeros for the unsampled tasks
+    assert recorded.shape == (4, k)
+    for row, weights in zip(recorded, returned):
+        assert int((row != 0).sum()) == m
+        torch.testing.assert_close(row, weights.to(row.dtype))
 
 
 def test_two_balancers_with_one_seed_draw_the_same_sets_and_another_seed_does_not() -> None:
@@ -404,3 +409,16 @@ def test_m_equal_to_k_is_the_ordinary_step_bit_for_bit(method: str, mode: str) -
         for p, q in zip(net.parameters(), other.parameters()):
             assert torch.equal(p.grad, q.grad)
     assert "tasks_per_step" not in repr(plain) and "tasks_per_step=4" in repr(full)
+
+
+def test_nash_mtl_clips_the_update_applied_after_the_rescaling() -> None:
+    """``max_norm`` bounds the norm of the update written to ``.grad`` (after the K/m)."""
+    k, m = 6, 2
+    a = 10 * torch.rand(k, 3, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    bal = tb.make("nash_mtl", tasks=k, tasks_per_step=m, max_norm=0.5)
+    for _ in range(4):
+        theta.grad = None
+        bal.backward([a[i] @ theta for i in range(k)], shared=[theta])
+        assert float(theta.grad.norm()) <= 0.5 + 1e-9
+        assert float(theta.grad.norm()) > 0.4  # these gradients are large: it does clip
