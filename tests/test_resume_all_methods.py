@@ -17,10 +17,15 @@ import taskbalance as tb
 from conftest import TinyNet, assert_same, balancer_step, batch, kpi_from, save_load
 
 K, FIRST, TOTAL = 3, 4, 7
+#: methods also run with ``tasks_per_step=2`` (2 of the 3 tasks per step), as "name/2"
+SAMPLED = ["upgrad/2", "pcgrad/2", "cagrad/2", "fairgrad/2", "nash_mtl/2"]
 
 
 def fresh(method: str) -> tuple[tb.Balancer, TinyNet, torch.optim.Optimizer]:
     kw: dict[str, Any] = {"weights": [0.5, 1.0, 2.0]} if method == "static" else {}
+    if "/" in method:
+        method, per_step = method.split("/")
+        kw["tasks_per_step"] = int(per_step)
     model = TinyNet(K, seed=1)
     return tb.make(method, K, **kw), model, torch.optim.Adam(model.parameters(), lr=0.01)
 
@@ -43,7 +48,7 @@ def run(
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("method", tb.list_methods())
+@pytest.mark.parametrize("method", tb.list_methods() + SAMPLED)
 def test_resume_is_bit_exact(method: str) -> None:
     bal, model, opt = fresh(method)
     straight = run(method, bal, model, opt, 0, TOTAL)
