@@ -35,6 +35,7 @@ def main() -> None:
         fit["resume"] = {
             kc.case_id(name, kwargs): kc.resume_check(name, kwargs, folder)
             for name, kwargs in kc.RESUME_CASES
+            if name in ("dwa", "uncertainty", "rlw")  # all six run on the torch backend
         }
     fit["nan_error"] = kc.nan_error()
     report["fit"] = fit
