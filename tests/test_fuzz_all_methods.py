@@ -45,6 +45,8 @@ import taskbalance as tb
 from taskbalance.errors import NonFiniteLossError, NonPositiveLossError, SolverError
 
 METHODS = tb.list_methods()
+#: Gramian methods also run with ``tasks_per_step=ceil(K/2)`` (half the tasks per step)
+SAMPLED = ["upgrad/half", "pcgrad/half", "config/half", "aligned_mtl/half", "nash_mtl/half"]
 
 #: methods documented to need strictly positive losses (NonPositiveLossError otherwise).
 POSITIVE_ONLY = {"famo", "gls", "dwa", "db_mtl", "gradnorm", "si", "relobralo", "stch"}
@@ -83,7 +85,7 @@ DOCUMENTED_SOLVER_ERRORS: dict[tuple[str, str, str], str] = {}
 
 
 def modes_of(method: str) -> tuple[str, ...]:
-    cls = tb.get(method)
+    cls = tb.get(method.split("/")[0])
     if cls.kind == "loss":
         return ("loss",)
     modes = getattr(cls, "modes", None)
@@ -94,7 +96,7 @@ def modes_of(method: str) -> tuple[str, ...]:
 
 def _params() -> list[Any]:
     params = []
-    for method in METHODS:
+    for method in METHODS + SAMPLED:
         for case in CASES:
             for mode in modes_of(method):
                 marks = []
@@ -121,8 +123,10 @@ class Net(nn.Module):
 
 
 def make_balancer(method: str, k: int, nonfinite: str, seed: int) -> tb.Balancer:
-    cls = tb.get(method)
     kw: dict[str, Any] = {"nonfinite": nonfinite}
+    if method.endswith("/half"):
+        method, kw["tasks_per_step"] = method.split("/")[0], (k + 1) // 2
+    cls = tb.get(method)
     if method == "static":
         gen = torch.Generator().manual_seed(seed)
         kw["weights"] = (torch.rand(k, generator=gen, dtype=torch.float64) + 0.1).tolist()
@@ -286,7 +290,7 @@ def test_method_on_case(method: str, case: str, mode: str, data: st.DataObject) 
 
 
 def test_every_method_is_covered() -> None:
-    assert {p.values[0] for p in _params()} == set(tb.list_methods())
+    assert {p.values[0] for p in _params()} == set(tb.list_methods() + SAMPLED)
 
 
 def test_an_undocumented_solver_error_fails_the_case(monkeypatch: pytest.MonkeyPatch) -> None:
