@@ -427,12 +427,15 @@ def test_weighted_loss_methods_run_under_fsdp(process_group: None, method: str) 
         assert all(g is not None for g in grads_of(net))
 
 
+# two torchrun launches at once would compete for the 2 cores: run with DDP's (loadgroup)
+@pytest.mark.xdist_group("ddp_torchrun")
 def test_two_ranks_under_fsdp_match_one_process_or_refuse(tmp_path: Path) -> None:
     """On 2 gloo ranks (torchrun, see ``fsdp_worker.py``): MGDA refuses an FSDP2 model in the
     exact mode, sharded heads in the features and forked modes, and ``distributed="local"``;
     GradNorm's features variant and DWA, and MGDA, UPGrad and Nash-MTL in the features and
-    forked modes on a sharded body, take the same weights on both ranks and train like one
-    process on the global batch (parameters to 1e-5 after 4 SGD steps)."""
+    forked modes on a sharded body (MGDA also with gradient accumulation), take the same
+    weights on both ranks and train like one process on the global batch (parameters to
+    1e-5 after 4 SGD steps)."""
     if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
         pytest.skip("torch.distributed with gloo is not available")
     command = torchrun_command(FSDP_WORKER, str(tmp_path))
@@ -454,7 +457,7 @@ def test_two_ranks_under_fsdp_match_one_process_or_refuse(tmp_path: Path) -> Non
                 assert "is sharded by FSDP: in the features mode" in message, config
         gradient = {f"{m} {mode}" for m in ("mgda", "upgrad", "nash_mtl") for mode in MODES}
         loss = {"gradnorm root", "gradnorm nested", "dwa root", "dwa nested"}
-        assert set(result["gaps"]) == loss | gradient
+        assert set(result["gaps"]) == loss | gradient | {"mgda forked accumulated"}
         for config, (gap, control) in result["gaps"].items():
             assert gap <= 1e-5, config
             assert control > 1e-3, config  # the comparison can fail: one rank's batch differs

@@ -15,7 +15,9 @@ rank saves to ``OUT_DIR/rank{r}.pt``:
   DWA (a weighted loss, backpropagated by FSDP as usual) with the whole model sharded and
   with nested sharding, and for MGDA, UPGrad and Nash-MTL in the features and forked modes
   with the body sharded (each layer, then the body) and the heads outside it;
-* ``weights``: for the latter, the weights of the 4 steps (to compare across the ranks).
+  Also MGDA in the forked mode with ``accumulation_steps=2`` (:func:`accumulated`);
+* ``weights``: for MGDA, UPGrad and Nash-MTL, the weights of the 4 steps (to compare across
+  the ranks).
 """
 
 from __future__ import annotations
@@ -122,6 +124,35 @@ def compare(method: str, sharding: str, mode: str | None, x: Tensor, y: Tensor, 
     return (gap(ranks, single), gap(alone, single)), weights
 
 
+def accumulated(x: Tensor, y: Tensor, rank: int) -> tuple[float, float]:
+    """MGDA in the forked mode with ``accumulation_steps=2`` (2 micro-batches of 2 samples
+    per rank) against one process whose micro-batch j joins the ranks' micro-batches j:
+    ``(gap, control)`` as in :func:`compare`."""
+
+    def run(net: Net, bal: tb.Balancer, parts: list[Tensor]) -> list[Tensor]:
+        opt = torch.optim.SGD(net.parameters(), lr=LR)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            for rows in parts:
+                _, zs, outputs = net(x[rows], fork=True)
+                bal.backward(losses(outputs, y[:, rows]), features=zs)
+            opt.step()
+        return [
+            p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in net.parameters()
+        ]
+
+    def rows(r: int, j: int) -> Tensor:
+        return torch.arange(r * LOCAL + 2 * j, r * LOCAL + 2 * j + 2)
+
+    mine = [rows(rank, j) for j in range(2)]
+    joined = [torch.cat([rows(0, j), rows(1, j)]) for j in range(2)]
+    ranks = run(make("body"), tb.make("mgda", K, accumulation_steps=2), mine)
+    local = {"accumulation_steps": 2, "distributed": "local"}
+    single = run(make(None), tb.make("mgda", K, **local), joined)
+    alone = run(make(None), tb.make("mgda", K, **local), mine)
+    return gap(ranks, single), gap(alone, single)
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -144,6 +175,7 @@ def main(out: Path) -> None:
         for mode in ("features", "forked"):
             key = f"{method} {mode}"
             gaps[key], weights[key] = compare(method, "body", mode, x, y, rank)
+    gaps["mgda forked accumulated"] = accumulated(x, y, rank)
     torch.save({"refusals": refusals, "gaps": gaps, "weights": weights}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
