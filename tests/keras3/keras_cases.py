@@ -35,6 +35,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("dwa", {"period": "step", "temperature": 1.5}),
     ("dwa", {"steps_per_period": 2}),
     ("dtp", {"gamma": [1.0, 2.0, 0.5], "alpha": 0.3}),
+    ("famo", {}),
+    # (float32 against PyTorch's float64 logs: lr 0.1 differs by 1.1e-6 after 9 steps)
+    ("famo", {"gamma": 0.0, "min_losses": [0.01, 0.0, 0.02]}),
 ]
 
 
@@ -159,6 +162,7 @@ RESUME_CASES = [
     ("rlw", {"seed": 5}),
     ("dtp", {}),
     ("imtl_l", {}),
+    ("famo", {}),
 ]
 
 

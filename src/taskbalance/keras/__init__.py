@@ -11,7 +11,8 @@ never imports Keras; this subpackage does::
     model.fit(x, {"a": ya, "b": yb})
 
 Methods: equal, static, uncertainty (kendall, paper, positive), DWA (epoch and step
-periods), DTP, GLS, RLW, IMTL-L. Gradient-based methods exist only in the PyTorch API.
+periods), DTP, GLS, RLW, IMTL-L, FAMO (the next batch's losses as its "after"
+losses). Gradient-based methods exist only in the PyTorch API.
 See ``docs/keras.md``.
 """
 
@@ -31,6 +32,7 @@ if not _keras.__version__.startswith("3."):  # pragma: no cover
 from taskbalance.keras.methods import (
     DTP,
     DWA,
+    FAMO,
     GLS,
     IMTLL,
     METHODS,
@@ -46,6 +48,7 @@ from taskbalance.keras.model import BalancedModel, BalancerCallback
 __all__ = [
     "DTP",
     "DWA",
+    "FAMO",
     "GLS",
     "IMTLL",
     "METHODS",
