@@ -240,3 +240,19 @@ def test_evaluate_changes_no_state() -> None:
     result = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
     assert kc.state_vector(model)[: len(before)] == before
     assert not any(key.startswith("tb_") for key in result)
+
+
+def test_an_optimizer_built_with_weight_decay_is_refused() -> None:
+    """A built optimizer can no longer exclude the balancer's variables from its decay."""
+    optimizer = keras.optimizers.AdamW(0.01, weight_decay=0.1)
+    model = tbk.BalancedModel(kc.tiny_model(), tbk.make("uncertainty", ["a", "b"]))
+    optimizer.build(model.trainable_variables)
+    with pytest.raises(BalancerUsageError, match="built before the balancer's variables"):
+        model.compile(optimizer=optimizer, loss={"a": "mse", "b": "mse"})
+
+
+def test_steps_per_execution_above_one_is_refused() -> None:
+    """Several steps per call would report only the last step's status, hiding an error."""
+    model = tbk.BalancedModel(kc.tiny_model(), tbk.make("dwa", ["a", "b"]))
+    with pytest.raises(BalancerUsageError, match=r"steps_per_execution=4 .* use 1"):
+        model.compile(optimizer="sgd", loss={"a": "mse", "b": "mse"}, steps_per_execution=4)

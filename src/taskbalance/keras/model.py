@@ -204,6 +204,12 @@ class BalancedModel(keras.Model):
                 f", got {type(loss).__name__}"
             )
         self._check_names(loss, "compile(loss=...) keys")
+        steps = kw.get("steps_per_execution", 1)
+        if steps != 1:
+            raise BalancerUsageError(
+                f"steps_per_execution={steps} runs several steps per call and reports only "
+                "the last one's status, which would hide an error of the others: use 1"
+            )
         optimizer = keras.optimizers.get(optimizer)
         if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             # skips an update whose gradients are not finite (the step of a NaN loss), so
