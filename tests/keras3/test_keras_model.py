@@ -256,3 +256,10 @@ def test_steps_per_execution_above_one_is_refused() -> None:
     model = tbk.BalancedModel(kc.tiny_model(), tbk.make("dwa", ["a", "b"]))
     with pytest.raises(BalancerUsageError, match=r"steps_per_execution=4 .* use 1"):
         model.compile(optimizer="sgd", loss={"a": "mse", "b": "mse"}, steps_per_execution=4)
+
+
+def test_sample_weight_is_refused() -> None:
+    x, y = kc.tiny_data()
+    model = kc.balanced("dwa", {})
+    with pytest.raises(BalancerUsageError, match="sample_weight is not supported"):
+        model.fit(x, y, sample_weight=np.ones(len(x)), batch_size=16, epochs=1, verbose=0)
