@@ -194,6 +194,7 @@ def jax_results() -> dict[str, Any]:
     return _worker("jax")
 
 
+@pytest.mark.xdist_group("keras_jax_worker")  # one worker subprocess
 def test_jax_backend_matches_pytorch(jax_results: dict[str, Any]) -> None:
     assert jax_results["backend"] == "jax"
     for name, kwargs in kc.CASES:
@@ -212,6 +213,7 @@ def test_jax_backend_matches_pytorch(jax_results: dict[str, Any]) -> None:
     assert np.abs(got - by_hand).max() < TOL
 
 
+@pytest.mark.xdist_group("keras_jax_worker")  # one worker subprocess
 def test_jax_backend_trains_and_resumes(jax_results: dict[str, Any]) -> None:
     """On JAX (jit-compiled train step): fit logs the weights per task, a model saved and
     loaded resumes exactly as an uninterrupted run, and a NaN loss raises the PyTorch
