@@ -422,3 +422,18 @@ def test_nash_mtl_clips_the_update_applied_after_the_rescaling() -> None:
         bal.backward([a[i] @ theta for i in range(k)], shared=[theta])
         assert float(theta.grad.norm()) <= 0.5 + 1e-9
         assert float(theta.grad.norm()) > 0.4  # these gradients are large: it does clip
+
+
+def test_a_rank_that_takes_rank_0s_generators_draws_rank_0s_sets() -> None:
+    """Under DDP the balancer's generators take rank 0's state at the first synchronised
+    call (``Balancer.current_sync``); done here by hand, a balancer built with another
+    ``tasks_seed`` then draws rank 0's sets (tests/distributed runs it on two ranks)."""
+    k = 8
+    torch.manual_seed(14)
+    net, (x, y) = Net(k), data(k)
+    rank0 = tb.make("upgrad", tasks=k, tasks_per_step=3, tasks_seed=0)
+    rank1 = tb.make("upgrad", tasks=k, tasks_per_step=3, tasks_seed=1)
+    for mine, theirs in zip(rank1._generators(), rank0._generators(), strict=True):
+        mine.set_state(theirs.get_state())
+    draws = [[sampled(step(bal, net, x, y, "exact")) for _ in range(6)] for bal in (rank0, rank1)]
+    assert draws[0] == draws[1]

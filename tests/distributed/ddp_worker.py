@@ -86,6 +86,9 @@ def configs() -> list[Config]:
         ("sdmgrad_os", "forked", 1, {"n": 2}),
         ("m_config", "exact", 2, {}),
         ("m_config", "exact", 1, {"per_step": 2, "adaptive": False}),
+        ("upgrad", "exact", 1, {"tasks_per_step": 2, "tasks_seed": "rank"}),
+        ("nash_mtl", "features", 2, {"tasks_per_step": 2}),
+        ("pcgrad", "forked", 1, {"tasks_per_step": 1}),
         # gradient diagnostics: from the Gramian the method used, the same on every rank
         ("mgda", "exact", 1, {"diagnostics": True}),
         ("upgrad", "features", 2, {"diagnostics": True}),
@@ -159,6 +162,8 @@ def run(config: Config, rank: int, world: int) -> dict[str, Tensor]:
         kw["weights"] = [0.5, 1.0, 2.0]
     if kw.get("seed") == "rank":
         kw["seed"] = rank  # rank 0's generator state is broadcast: same draws everywhere
+    if kw.get("tasks_seed") == "rank":
+        kw["tasks_seed"] = rank  # the same: rank 0's seed draws the tasks_per_step subsets
     bal = tb.make(method, K, accumulation_steps=acc, **kw)
     net = Net(forked=mode == "forked")
     model: Any = net

@@ -174,16 +174,16 @@ class GradientBalancer(Balancer):
 
     Task sampling (``tasks_per_step=m < K``), for the methods that compute their weights
     from the Gramian. Step t draws a set S of m tasks, uniformly without replacement, from a
-    generator seeded by ``(tasks_seed, t)`` (t = :attr:`steps`, the steps completed: the
-    draw is a function of the state, so every DDP rank and every micro-batch of an
-    accumulated step has the same S, and a run resumed from ``state_dict()`` draws the same
-    sets). Only the m losses in S are back-propagated (exact, features and forked modes: the
-    cost of m tasks); the others get weight 0 and their task-specific parameters (heads) no
-    gradient in that step. The method runs on the m×m Gramian of S as if S were all the
-    tasks (its defaults are those of m tasks: UPGrad's and DualProj's ``p_i = 1/m``; a
-    ``pref_vector`` given for the K tasks is restricted to S and, for the methods whose
-    default is ``1/K``, multiplied by K/m), and the weights ``w_S`` it returns are rescaled
-    so that the update estimates the K-task one:
+    generator seeded by ``(tasks_seed, t)``, t = :attr:`steps` the steps completed and,
+    under DDP, rank 0's ``tasks_seed``. The draw is a function of the state, so every DDP
+    rank and every micro-batch of an accumulated step has the same S, and a run resumed from
+    ``state_dict()`` draws the same sets. Only the m losses in S are back-propagated (exact,
+    features and forked modes: the cost of m tasks); the others get weight 0 and their
+    task-specific parameters (heads) no gradient in that step. The method runs on the m×m
+    Gramian of S as if S were all the tasks (its defaults are those of m tasks: UPGrad's and
+    DualProj's ``p_i = 1/m``; a ``pref_vector`` given for the K tasks is restricted to S
+    and, for the methods whose default is ``1/K``, multiplied by K/m), and the weights
+    ``w_S`` it returns are rescaled so that the update estimates the K-task one:
 
     * methods whose weights are shares that sum to about one (the update has the size of
       one task gradient whatever K: MGDA, UPGrad, DualProj, CAGrad, IMTL-G; PCGrad with
@@ -253,6 +253,9 @@ class GradientBalancer(Balancer):
         if isinstance(tasks_seed, bool) or not isinstance(tasks_seed, int):
             raise ValueError(f"tasks_seed must be an int, got {tasks_seed!r}")
         self.tasks_seed = tasks_seed
+        # never advanced: its seed, rank 0's under DDP (the balancer's generators are
+        # broadcast at the first synchronised call), seeds the draws of task_subset
+        self._tasks_generator = torch.Generator().manual_seed(tasks_seed)
 
     def _check_tasks_per_step(self, m: int | None) -> int | None:
         """``tasks_per_step`` checked: ``None`` or an int in ``1..K``, refused below K by a
@@ -430,12 +433,14 @@ class GradientBalancer(Balancer):
         ones on such a step.
 
         With ``tasks_per_step=m < K`` (the methods that take it): m tasks drawn uniformly
-        without replacement by a generator seeded from ``tasks_seed`` and :attr:`steps`.
+        without replacement by a generator seeded from ``tasks_seed`` (rank 0's under DDP)
+        and :attr:`steps`.
         """
         m = self.tasks_per_step
         if m is None or m >= self.num_tasks:
             return None
-        seed = (self.tasks_seed * _SEED_MIX + self.steps) % (1 << 63)
+        base = self._tasks_generator.initial_seed()
+        seed = (base * _SEED_MIX + self.steps) % (1 << 63)
         return sample_tasks(self.num_tasks, m, torch.Generator().manual_seed(seed))
 
     def _draw_subset(self) -> list[int] | None:
