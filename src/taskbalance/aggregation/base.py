@@ -490,14 +490,22 @@ class GradientBalancer(Balancer):
         if gram is None:
             assert jacobian is not None
             gram = compute_gramian(jacobian).double()
+        k = gram.shape[0]
+        # a step on a subset of the tasks (SDMGrad-OS, M-ConFIG): the statistics of the
+        # sampled tasks, NaN for the others (their zero rows are no gradient of theirs)
+        subset = self.current_subset if self.current_subset is not None else list(range(k))
+        index = torch.tensor(subset, device=gram.device)
+        sub_gram = gram.index_select(0, index).index_select(1, index)
         if self.needs == "gramian":
-            self._diag_call = step_diagnostics(gram, weights)
+            call = step_diagnostics(sub_gram, weights.double().to(gram.device)[index])
         else:
             assert jacobian is not None
             d = direction.detach().double()
-            self._diag_call = step_diagnostics(
-                gram, task_dot_update=jacobian.detach().double() @ d, update_norm=d.norm()
-            )
+            rows = jacobian.detach().double().index_select(0, index.to(jacobian.device))
+            call = step_diagnostics(sub_gram, task_dot_update=rows @ d, update_norm=d.norm())
+        if len(subset) < k:
+            call = _spread_to_tasks(call, subset, k)
+        self._diag_call = call
 
     def _commit_diagnostics(self) -> None:
         """The call's result passed its checks: its diagnostics count for the step."""
@@ -841,3 +849,25 @@ class PerTensorBalancer(GradientBalancer):
         """The tensors' numels for a J of ``width`` columns; one block of ``width`` when J
         did not come from the engine (``aggregate`` called directly)."""
         return list(self._sizes) if sum(self._sizes) == width else [width]
+
+
+def _spread_to_tasks(values: dict[str, Tensor], subset: list[int], k: int) -> dict[str, Tensor]:
+    """Diagnostics of the sampled tasks ``subset`` placed among all ``k``: per-task and
+    per-pair entries of the other tasks NaN, the one-value statistics as they are."""
+    from taskbalance.diagnostics import PREFIX
+
+    out = dict(values)
+    for name in (f"{PREFIX}/norm", f"{PREFIX}/align"):
+        full = torch.full((k,), float("nan"), dtype=values[name].dtype)
+        full[subset] = values[name].cpu()
+        out[name] = full
+    pairs = torch.triu_indices(k, k, offset=1)
+    position = {task: i for i, task in enumerate(subset)}
+    sub_pairs = torch.triu_indices(len(subset), len(subset), offset=1)
+    lookup = {(int(a), int(b)): n for n, (a, b) in enumerate(sub_pairs.T.tolist())}
+    cos = torch.full((pairs.shape[1],), float("nan"), dtype=values[f"{PREFIX}/cos"].dtype)
+    for n, (a, b) in enumerate(pairs.T.tolist()):
+        if a in position and b in position:
+            cos[n] = values[f"{PREFIX}/cos"][lookup[(position[a], position[b])]]
+    out[f"{PREFIX}/cos"] = cos
+    return out
