@@ -17,6 +17,7 @@ from typing import Any
 from keras import ops
 
 from taskbalance.keras.base import NONPOSITIVE, KerasBalancer, _read, register
+from taskbalance.weighting.dwa import check_dwa_arguments
 
 
 @register("dwa")
@@ -40,20 +41,7 @@ class DWA(KerasBalancer):
         steps_per_period: int | None = None,
         **kw: Any,
     ) -> None:
-        if period not in ("epoch", "step"):
-            raise ValueError(f"period must be 'epoch' or 'step', got {period!r}")
-        if steps_per_period is not None and (
-            isinstance(steps_per_period, bool)
-            or not isinstance(steps_per_period, int)
-            or steps_per_period < 1
-            or period != "epoch"
-        ):
-            raise ValueError(
-                "steps_per_period must be a positive int, with period='epoch' (got "
-                f"steps_per_period={steps_per_period!r}, period={period!r})"
-            )
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        check_dwa_arguments(temperature, period, steps_per_period)
         self.temperature, self.period = float(temperature), period
         self.steps_per_period = steps_per_period
         super().__init__(tasks, **kw)

@@ -47,6 +47,29 @@ def dwa_weights(previous: Tensor, before: Tensor, temperature: float = 2.0) -> T
     return previous.numel() * torch.softmax(ratio / temperature, dim=0)
 
 
+def check_dwa_arguments(temperature: float, period: str, steps_per_period: int | None) -> None:
+    """DWA's constructor arguments, checked (shared with the Keras DWA).
+
+    Raises:
+        ValueError: a period other than ``"epoch"``/``"step"``, ``steps_per_period`` not a
+            positive int or given with ``period="step"``, a temperature that is not positive.
+    """
+    if period not in ("epoch", "step"):
+        raise ValueError(f"period must be 'epoch' or 'step', got {period!r}")
+    if steps_per_period is not None and (
+        isinstance(steps_per_period, bool)
+        or not isinstance(steps_per_period, int)
+        or steps_per_period < 1
+        or period != "epoch"
+    ):
+        raise ValueError(
+            "steps_per_period must be a positive int, with period='epoch' (got "
+            f"steps_per_period={steps_per_period!r}, period={period!r})"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
 @register("dwa")
 class DWA(Balancer):
     """Dynamic Weight Averaging (Liu et al., CVPR 2019): w = K softmax(L(t-1) / L(t-2) / T).
@@ -63,21 +86,8 @@ class DWA(Balancer):
         **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
-        if period not in ("epoch", "step"):
-            raise ValueError(f"period must be 'epoch' or 'step', got {period!r}")
-        if steps_per_period is not None and (
-            isinstance(steps_per_period, bool)
-            or not isinstance(steps_per_period, int)
-            or steps_per_period < 1
-            or period != "epoch"
-        ):
-            raise ValueError(
-                "steps_per_period must be a positive int, with period='epoch' (got "
-                f"steps_per_period={steps_per_period!r}, period={period!r})"
-            )
+        check_dwa_arguments(temperature, period, steps_per_period)
         self.steps_per_period = steps_per_period
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
         self.period = period
         self._sum: Tensor | None = None  # running sum of losses in the open period
