@@ -33,6 +33,18 @@ def test_import_taskbalance_does_not_import_keras() -> None:
     assert done.stdout.strip() == "False", done.stderr
 
 
+def test_a_method_name_is_registered_once() -> None:
+    from taskbalance.keras.base import register
+
+    class Other(tbk.EqualWeighting):
+        pass
+
+    with pytest.raises(ValueError, match="'dwa' is already registered"):
+        register("dwa")(Other)
+    assert tbk.METHODS["dwa"] is tbk.DWA
+    assert register("equal", "ew")(tbk.EqualWeighting) is tbk.EqualWeighting  # itself: fine
+
+
 def test_fit_logs_losses_and_weights_per_task(tmp_path: Path) -> None:
     x, y = kc.tiny_data()
     model = kc.balanced("uncertainty", {})

@@ -195,6 +195,9 @@ def register(*names: str) -> Callable[[_Method], _Method]:
     a saved ``.keras`` file loads it back."""
 
     def add(cls: _Method) -> _Method:
+        taken = [n for n in names if n in METHODS and METHODS[n] is not cls]
+        if taken:
+            raise ValueError(f"method name {taken[0]!r} is already registered")
         keras.saving.register_keras_serializable(package=_PACKAGE)(cls)
         METHODS.update(dict.fromkeys(names, cls))
         return cls
