@@ -234,6 +234,9 @@ def test_probe_ranks_every_method_from_the_same_start_and_counts_its_cost() -> N
         "cost: 12 training steps = 1.5 epochs (3 methods × 2 seeds × 0.2 epochs; one epoch = "
         "8 steps)" in str(result)
     )
+    assert str(result).endswith(
+        "no better than keeping equal weighting (docs/diagnostics.md, 'Validation')"
+    )
     assert result.delta_m["upgrad"] == pytest.approx(by_hand_of(result)["upgrad"])
     # static weights 1, 1 is equal weighting: the same start and data give the same runs
     assert result.metrics["static[weights=1,1]"] == result.metrics["equal"]
@@ -358,6 +361,7 @@ def test_probe_command_default_budget_is_a_fifth_of_an_epoch() -> None:
         "cost: 12 training steps = 1.33 epochs (2 methods × 3 seeds × 0.2 epochs; one epoch = "
         "9 steps) = 0.267 full trainings" in flat(result.output)
     )
+    assert "note: a short budget shows who is ahead early" in flat(result.output)
 
 
 @pytest.mark.parametrize(

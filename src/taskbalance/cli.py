@@ -272,7 +272,7 @@ def probe_command(
     from rich.markup import escape
 
     from taskbalance.errors import BalancerUsageError
-    from taskbalance.probe import probe_problem
+    from taskbalance.probe import CAVEAT, probe_problem
 
     if size not in ("full", "small"):
         raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
@@ -292,6 +292,7 @@ def probe_command(
     console.print(escape(result.table()), soft_wrap=True)
     console.print(escape(result.verdict), soft_wrap=True)
     console.print(escape(result.cost_line()), soft_wrap=True)
+    console.print(escape(CAVEAT), soft_wrap=True, style="dim")
 
 
 def _print_comparison(report) -> None:

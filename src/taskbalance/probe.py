@@ -76,6 +76,12 @@ DEFAULT_CANDIDATES: tuple[str, ...] = ("uncertainty", "pcgrad", "upgrad")
 MIN_DIFFERENCE = 0.01
 #: the verdict when no candidate is told apart from equal weighting.
 NO_DIFFERENCE = "no method is distinguishable from equal weighting at this budget"
+#: printed under every probe's verdict: what the validation found (docs/diagnostics.md).
+CAVEAT = (
+    "note: a short budget shows who is ahead early; on the 8 reference problems that "
+    "matched the full training's pick in 2-3 of 8, no better than keeping equal weighting "
+    "(docs/diagnostics.md, 'Validation')"
+)
 #: the default budget of every run, in epochs of the training data (12 runs: 2.4 epochs).
 DEFAULT_EPOCHS = 0.2
 #: the probe's budget on the toys, whose epochs are steps: this fraction of their steps.
@@ -90,6 +96,7 @@ _T95 = (
 )  # fmt: skip
 
 __all__ = [
+    "CAVEAT",
     "DEFAULT_CANDIDATES",
     "DEFAULT_EPOCHS",
     "MIN_DIFFERENCE",
@@ -317,7 +324,7 @@ class ProbeResult:
         return line
 
     def __str__(self) -> str:
-        return f"{self.table()}\n{self.verdict}\n{self.cost_line()}"
+        return f"{self.table()}\n{self.verdict}\n{self.cost_line()}\n{CAVEAT}"
 
 
 def _num(value: float, sign: str = "") -> str:
