@@ -351,15 +351,41 @@ def _diagnostic_numbers(histories: Iterable[Any]) -> tuple[float, float]:
     return float(torch.cat(conflict).mean()), float(torch.cat(ratio).median())
 
 
+@dataclass
+class _Runs:
+    """What the runs of a probe gave, by method label: metrics, training time per step and
+    histories per seed, and the training steps of all runs together."""
+
+    metrics: dict[str, list[dict[str, float]]]
+    step_times: dict[str, list[float]]
+    histories: dict[str, list[Any]]
+    steps: int = 0
+
+    @classmethod
+    def of(cls, labels: Iterable[str]) -> _Runs:
+        labels = list(labels)
+        return cls({m: [] for m in labels}, {m: [] for m in labels}, {m: [] for m in labels})
+
+    def add(
+        self,
+        label: str,
+        metrics: Mapping[str, Any],
+        steps: int,
+        step_time: float,
+        histories: Iterable[Any],
+    ) -> None:
+        self.metrics[label].append({k: float(v) for k, v in metrics.items()})
+        self.steps += steps
+        self.step_times[label].append(step_time)
+        self.histories[label].extend(histories)
+
+
 def _assemble(
-    metrics: Mapping[str, list[dict[str, float]]],
+    runs: _Runs,
     metric_defs: Sequence[Any],
-    step_times: Mapping[str, list[float]],
-    histories: Mapping[str, list[Any]],
     *,
     seeds: int,
     epochs: float,
-    steps: int,
     epoch_steps: int,
     rule: str,
     training_steps: int | None = None,
@@ -367,6 +393,8 @@ def _assemble(
 ) -> ProbeResult:
     """Δm% per seed against equal weighting's mean, the verdict, and the ranked rows."""
     from taskbalance.compare.metrics import delta_m
+
+    metrics, step_times, histories = runs.metrics, runs.step_times, runs.histories
 
     names = [m.name for m in metric_defs]
     base = {n: statistics.fmean(run[n] for run in metrics[REFERENCE]) for n in names}
@@ -401,7 +429,7 @@ def _assemble(
         decision.best,
         seeds,
         epochs,
-        steps,
+        runs.steps,
         epoch_steps,
         rule,
         training_steps,
@@ -634,10 +662,7 @@ def probe(
         raise BalancerUsageError("the data gave no batch: nothing would be trained")
     budget = step_budget(epochs, epoch_steps)
 
-    metrics: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in specs}
-    step_times: dict[str, list[float]] = {label: [] for label, _, _ in specs}
-    histories: dict[str, list[Any]] = {label: [] for label, _, _ in specs}
-    steps = 0
+    runs = _Runs.of(label for label, _, _ in specs)
     for seed in range(seeds):
         for label, cls, options in specs:
             with torch.random.fork_rng():
@@ -668,15 +693,12 @@ def probe(
                             progress=False,
                         ).steps
                 wall = time.perf_counter() - start
-            steps += run_steps
-            step_times[label].append(wall / run_steps)
-            histories[label].append(balancer.history)
             if evaluate is None:
                 values = _mean_losses(model, held_out, loss_fn, tasks, split)
             else:
-                values = {k: float(v) for k, v in evaluate(model).items()}
-            metrics[label].append(values)
-    names = list(metrics[REFERENCE][0])
+                values = evaluate(model)
+            runs.add(label, values, run_steps, wall / run_steps, [balancer.history])
+    names = list(runs.metrics[REFERENCE][0])
     unknown = sorted(set(higher_is_better) - set(names))
     if unknown:
         raise BalancerUsageError(
@@ -684,17 +706,7 @@ def probe(
             f"(it reports {names})"
         )
     defs = [Metric(n, n, n in higher_is_better) for n in names]
-    return _assemble(
-        metrics,
-        defs,
-        step_times,
-        histories,
-        seeds=seeds,
-        epochs=epochs,
-        steps=steps,
-        epoch_steps=epoch_steps,
-        rule=rule,
-    )
+    return _assemble(runs, defs, seeds=seeds, epochs=epochs, epoch_steps=epoch_steps, rule=rule)
 
 
 def _count_batches(data: Iterable[Any]) -> int:
@@ -761,27 +773,20 @@ def probe_problem(
     problem.prepare()
     # one epoch in steps: the batches of the training data; a step on a toy
     epoch_steps = problem.epoch_steps() if supervised else 1
-    metrics: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in specs}
-    step_times: dict[str, list[float]] = {label: [] for label, _, _ in specs}
-    histories: dict[str, list[Any]] = {label: [] for label, _, _ in specs}
-    steps = 0
+    runs = _Runs.of(label for label, _, _ in specs)
     for seed in range(seeds):
         for label, cls, options in specs:
             spec = MethodSpec(cls.method_name, {**options, "diagnostics": every}, label)
             factory, _ = make_factory(problem, spec, seed)
             result = problem.run(factory, seed=seed, epochs=epochs, progress=False)
-            steps += result.steps
-            step_times[label].append(result.step_time)
-            histories[label].extend(result.histories.values())
-            metrics[label].append({k: float(v) for k, v in result.metrics.items()})
+            runs.add(
+                label, result.metrics, result.steps, result.step_time, result.histories.values()
+            )
     return _assemble(
-        metrics,
+        runs,
         problem.metrics,
-        step_times,
-        histories,
         seeds=seeds,
         epochs=epochs,
-        steps=steps,
         epoch_steps=epoch_steps,
         rule=rule,
         training_steps=problem.default_epochs * epoch_steps,
