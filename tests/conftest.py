@@ -201,3 +201,34 @@ def yeast() -> Any:
         return load_yeast()
     except RegistryUnreachable as err:
         pytest.skip(f"Yeast (river wheel) not fetched from the registry: {err}")
+
+
+def memory_logger() -> Any:
+    """A Lightning logger that keeps every ``log_metrics`` call in memory (Lightning is
+    imported here, so only tests that have it call this): ``rows`` of ``(step, metrics)``
+    and ``series(key)``, the logged values of ``key`` in order."""
+    import lightning.pytorch as pl
+
+    class MemoryLogger(pl.loggers.Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+        @property
+        def name(self) -> str:
+            return "memory"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.rows.append((step, dict(metrics)))
+
+        def series(self, key: str) -> torch.Tensor:
+            return torch.tensor([m[key] for _, m in self.rows if key in m], dtype=torch.float64)
+
+    return MemoryLogger()

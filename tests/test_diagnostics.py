@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import taskbalance as tb
-from conftest import TinyNet, batch, save_load, task_losses
+from conftest import TinyNet, batch, memory_logger, save_load, task_losses
 from taskbalance import diagnostics as dg
 from taskbalance.errors import BalancerUsageError
 
@@ -416,25 +416,6 @@ def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any, method: str) ->
 
     from taskbalance.integrations.lightning import BalancerMixin
 
-    class Memory(pl.loggers.Logger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rows: list[dict[str, float]] = []
-
-        @property
-        def name(self) -> str:
-            return "memory"
-
-        @property
-        def version(self) -> int:
-            return 0
-
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            self.rows.append(dict(metrics))
-
     class Module(BalancerMixin, pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -451,7 +432,7 @@ def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any, method: str) ->
 
     x, targets = batch(0)
     data = DataLoader(TensorDataset(x, torch.stack(targets, 1)), batch_size=2)
-    logger = Memory()
+    logger = memory_logger()
     module = Module()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -468,12 +449,12 @@ def test_lightning_mixin_logs_the_diagnosed_steps(tmp_path: Any, method: str) ->
         ).fit(module, data)
     history = module.balancer.history
     assert len(history) == 4
-    logged = torch.tensor([row["diag/cos/a-c"] for row in logger.rows if "diag/cos/a-c" in row])
+    logged = logger.series("diag/cos/a-c")
     expected = history.extra("diag/cos")[:, 1]  # NaN on the steps not diagnosed (1 and 3)
     assert logged.shape == (4,) and torch.isnan(expected[[1, 3]]).all()
     assert not torch.isnan(expected[[0, 2]]).any()
     torch.testing.assert_close(logged.double(), expected, rtol=1e-6, atol=0, equal_nan=True)
-    align = torch.tensor([row["diag/align/b"] for row in logger.rows if "diag/align/b" in row])
+    align = logger.series("diag/align/b")
     torch.testing.assert_close(
         align.double(), history.extra("diag/align")[:, 1], rtol=1e-6, atol=0, equal_nan=True
     )
@@ -540,11 +521,14 @@ def test_every_diagnosed_method_aligns_with_the_gradient_it_writes(method: str) 
         opt.step()
 
 
-def test_forked_features_record_the_same_diagnostics_as_features() -> None:
+@pytest.mark.parametrize("method", ["upgrad", "dwa"])
+def test_forked_features_record_the_same_diagnostics_as_features(method: str) -> None:
+    """A gradient method and a loss-weighting method (whose diagnosed steps go through the
+    engine) record the same diagnostics from tb.fork views as from features=z."""
     rows = {}
     for forked in (False, True):
         model = TinyNet()
-        bal = tb.make("upgrad", 3, diagnostics=True)
+        bal = tb.make(method, 3, diagnostics=True)
         x, targets = batch(0)
         z = torch.tanh(model.shared(x))
         zs = tb.fork(z, 3) if forked else [z] * 3
@@ -553,6 +537,7 @@ def test_forked_features_record_the_same_diagnostics_as_features() -> None:
         ]
         bal.backward(losses, features=zs if forked else z)
         rows[forked] = last_row(bal.history)
+        assert model.shared.weight.grad is not None  # the update reached the body
     for name, value in rows[False].items():
         torch.testing.assert_close(rows[True][name], value, rtol=1e-6, atol=1e-9)
 
@@ -718,24 +703,6 @@ def test_loss_method_accumulated_step_records_the_mean_of_its_micro_batches() ->
         torch.testing.assert_close(
             acc.history.extra(name), one.history.extra(name), rtol=0, atol=1e-12
         )
-
-
-def test_loss_method_forked_features_record_the_features_diagnostics() -> None:
-    rows = {}
-    for forked in (False, True):
-        model = TinyNet()
-        bal = tb.make("dwa", 3, diagnostics=True)
-        x, targets = batch(0)
-        z = torch.tanh(model.shared(x))
-        zs = tb.fork(z, 3) if forked else [z] * 3
-        losses = [
-            ((h(zi).squeeze(-1) - y) ** 2).mean() for h, zi, y in zip(model.heads, zs, targets)
-        ]
-        bal.backward(losses, features=zs if forked else z)
-        rows[forked] = last_row(bal.history)
-        assert model.shared.weight.grad is not None  # the ordinary update reached the body
-    for name, value in rows[False].items():
-        torch.testing.assert_close(rows[True][name], value, rtol=1e-6, atol=1e-9)
 
 
 def test_loss_method_called_without_shared_warns_once() -> None:

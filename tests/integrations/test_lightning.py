@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import taskbalance as tb
+from conftest import memory_logger
 from taskbalance.errors import BalancerUsageError
 
 try:
@@ -186,30 +187,6 @@ if pl is not None:
 
     from taskbalance.integrations.lightning import CHECKPOINT_KEY, BalancerMixin
 
-    class MemoryLogger(pl.loggers.Logger):
-        """Keeps every ``log_metrics`` call in memory."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-        @property
-        def name(self) -> str:
-            return "memory"
-
-        @property
-        def version(self) -> int:
-            return 0
-
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            self.rows.append((step, dict(metrics)))
-
-        def series(self, key: str) -> torch.Tensor:
-            return torch.tensor([m[key] for _, m in self.rows if key in m], dtype=torch.float64)
-
     class MultiTask(BalancerMixin, pl.LightningModule):
         """The tiny multi-task module: ``balanced_step`` in ``training_step``."""
 
@@ -273,7 +250,7 @@ def trainer(tmp_path: Path, epochs: int = EPOCHS, **kw: Any) -> Any:
         "max_epochs": epochs,
         "accelerator": "cpu",
         "devices": 1,
-        "logger": MemoryLogger(),
+        "logger": memory_logger(),
         "log_every_n_steps": 1,
         "enable_checkpointing": False,
         "enable_progress_bar": False,
