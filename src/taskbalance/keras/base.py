@@ -124,8 +124,9 @@ class KerasBalancer(keras.layers.Layer):
     # ------------------------------------------------------------------ the method
     def compute(self, losses: Any, kpi: Any) -> tuple[Any, Any, list[tuple[Any, Any]]]:
         """``(total, weights, updates)`` for finite, checked losses ``(K,)``; ``updates``
-        are ``(variable, new value)`` pairs applied only when the step is valid."""
-        raise NotImplementedError
+        are ``(variable, new value)`` pairs applied only when the step is valid. Every
+        method overrides it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute")
 
     def problems(self, losses: Any, kpi: Any) -> list[tuple[int, Any, Any]]:
         """Method-specific invalid inputs: ``(code, bad mask (K,), values (K,))``."""
