@@ -274,16 +274,14 @@ def probe_command(
     from taskbalance.errors import BalancerUsageError
     from taskbalance.probe import CAVEAT, probe_problem
 
-    if size not in ("full", "small"):
-        raise typer.BadParameter("must be 'full' or 'small'", param_hint="--size")
+    _, built = _cli_problem(problem, size)
     try:
         result = probe_problem(
-            problem,
+            built,
             candidates=[c for c in candidates.split(",") if c.strip()],
             seeds=seeds,
             epochs=epochs,
             every=every,
-            size=size,
             rule=rule,
         )
     except BalancerUsageError as err:
