@@ -422,19 +422,16 @@ class TaskGradients:
         return gramian(self.jacobian)
 
 
-def task_jacobian(
-    losses: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    tasks: Sequence[str],
-    *,
-    features: bool,
-    retain_graph: bool = False,
-) -> TaskGradients:
-    """Per-task gradients of the K scalar ``losses`` w.r.t. ``inputs``, plus task-specific grads.
+def task_parameters(
+    losses: Sequence[Tensor], inputs: Sequence[Tensor], tasks: Sequence[str], *, features: bool
+) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+    """Each loss's task-specific parameters, checked, and the ``inputs`` it reaches.
 
-    ``features=True`` keeps the graph for the body backward that follows; otherwise the
-    graph is freed by the last task's pass, unless ``retain_graph=True`` (the diagnostics
-    of a loss-weighting method, whose combined loss is backpropagated afterwards).
+    Returns ``(own, reached)``: ``own[i]`` the leaves loss i reaches that are not among
+    ``inputs`` (its head), ``reached[i]`` the inputs it reaches (exact mode; in the features
+    mode the walk stops at the features). Raises for a parameter reached by two tasks that
+    is not in ``inputs``, and in the features mode for a loss that does not depend on the
+    features and for sharded heads.
     """
     k = len(losses)
     for i, task in enumerate(tasks):
@@ -450,6 +447,7 @@ def task_jacobian(
     input_ids = {id(t) for t in inputs}
     owners: dict[int, int] = {}
     own_params: list[list[Tensor]] = []
+    reached: list[list[Tensor]] = []
     for i in range(k):
         hit: set[object] = set()
         leaves = _reachable_leaves(losses[i], stop, hit)
@@ -466,8 +464,28 @@ def task_jacobian(
                 )
             owners[id(p)] = i
         own_params.append(params)
+        reached.append([p for p in leaves if id(p) in input_ids])
     if features:
         check_heads_not_sharded(own_params, tasks)
+    return own_params, reached
+
+
+def task_jacobian(
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    tasks: Sequence[str],
+    *,
+    features: bool,
+    retain_graph: bool = False,
+) -> TaskGradients:
+    """Per-task gradients of the K scalar ``losses`` w.r.t. ``inputs``, plus task-specific grads.
+
+    ``features=True`` keeps the graph for the body backward that follows; otherwise the
+    graph is freed by the last task's pass, unless ``retain_graph=True`` (the diagnostics
+    of a loss-weighting method, whose combined loss is backpropagated afterwards).
+    """
+    k = len(losses)
+    own_params, _ = task_parameters(losses, inputs, tasks, features=features)
     total = sum(t.numel() for t in inputs)
     # fp16/bf16 gradients are widened to float32 as they are copied into J (no extra copy)
     jac = torch.empty(k, total, dtype=jacobian_dtype(inputs), device=inputs[0].device)
