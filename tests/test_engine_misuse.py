@@ -312,19 +312,28 @@ def sharded(how: str) -> Net:
     return net
 
 
-SHARDINGS = ["fsdp2 body", "fsdp2 nested", "fsdp2 root", "fsdp1", "fsdp1 orig params"]
 MODES = ("features", "forked")
 
 
-@pytest.mark.parametrize("how", SHARDINGS)
+#: the exact mode's refusal for each sharding it does not support (a body sharded by
+#: fully_shard alone works: tests/distributed/test_fsdp_exact.py)
+EXACT_REFUSALS = {
+    "fsdp2 nested": r"reaches a parameter sharded by fully_shard .* a head inside fully_shard",
+    "fsdp2 root": r"reaches a parameter sharded by fully_shard .* a head inside fully_shard",
+    "fsdp1": r"FSDP-sharded parameters are not supported by gradient methods yet \(MGDA, exact",
+    "fsdp1 orig params": r"FSDP-sharded parameters .* held by FullyShardedDataParallel \(FSDP1\)",
+}
+
+
+@pytest.mark.parametrize("how", list(EXACT_REFUSALS))
 def test_sharded_parameters_are_refused_in_the_exact_mode(process_group: None, how: str) -> None:
     net = sharded(how)
     losses, _ = net(X, "exact")
-    expected = r"FSDP-sharded parameters are not supported by gradient methods yet \(MGDA, exact"
     with plain_failure():
-        with pytest.raises(tb.BalancerUsageError, match=expected) as caught:
+        with pytest.raises(tb.BalancerUsageError, match=EXACT_REFUSALS[how]) as caught:
             tb.make("mgda", TASKS).backward(losses, shared=net.body)
-        assert "Use the features mode (features=z, or zs = tb.fork(z, K))" in str(caught.value)
+        fix = "fully_shard(model.body)" if how.startswith("fsdp2") else "Shard the body with"
+        assert fix in str(caught.value)
         assert all(g is None for g in grads_of(net))
 
 
@@ -385,7 +394,7 @@ def test_sharded_parameters_given_as_a_list_are_refused(process_group: None) -> 
     """``shared=`` the parameters themselves (the root's, unsharded after its forward)."""
     net = sharded("fsdp2 root")
     losses, _ = net(X)
-    with plain_failure(), pytest.raises(tb.BalancerUsageError, match="FSDP-sharded parameters"):
+    with plain_failure(), pytest.raises(tb.BalancerUsageError, match="a head inside fully_shard"):
         tb.make("upgrad", TASKS).backward(losses, shared=list(net.body.parameters()))
 
 
@@ -430,8 +439,8 @@ def test_weighted_loss_methods_run_under_fsdp(process_group: None, method: str) 
 # two torchrun launches at once would compete for the 2 cores: run with DDP's (loadgroup)
 @pytest.mark.xdist_group("ddp_torchrun")
 def test_two_ranks_under_fsdp_match_one_process_or_refuse(tmp_path: Path) -> None:
-    """On 2 gloo ranks (torchrun, see ``fsdp_worker.py``): MGDA refuses an FSDP2 model in the
-    exact mode, sharded heads in the features and forked modes, and ``distributed="local"``;
+    """On 2 gloo ranks (torchrun, see ``fsdp_worker.py``): MGDA refuses sharded heads in the
+    exact, features and forked modes, and ``distributed="local"``;
     GradNorm's features variant and DWA, and MGDA, UPGrad and Nash-MTL in the features and
     forked modes on a sharded body (MGDA also with gradient accumulation), take the same
     weights on both ranks and train like one process on the global batch (parameters to
@@ -447,10 +456,10 @@ def test_two_ranks_under_fsdp_match_one_process_or_refuse(tmp_path: Path) -> Non
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         refusals = result["refusals"]
-        assert len(refusals) == 11  # 4 shardings in exact mode, 3 x 2 with heads, local
+        assert len(refusals) == 10  # 3 shardings with heads x 3 modes, local
         for config, message in refusals.items():
             if config.endswith("exact"):
-                assert "FSDP-sharded parameters are not supported" in message, config
+                assert "a head inside fully_shard" in message, config
             elif config == "body local":
                 assert message.startswith("distributed='local' with a body sharded"), message
             else:

@@ -34,11 +34,13 @@ combined update instead of its task's gradient; the balancer warns once
 Parameters sharded by FSDP: the features mode (and :func:`fork`) works on a body sharded
 with ``fully_shard`` (FSDP2), heads outside it (:func:`fsdp_body`): the K per-task passes
 stop at the features, and the body gets one ordinary backward, which FSDP reduce-scatters
-itself. The exact mode refuses sharded parameters (:func:`check_not_sharded`): its per-task
-gradients would be taken on the unsharded copies that FSDP's reduce-scatter never sees.
+itself. The exact mode does not use ``autograd.grad`` on a ``shared=`` sharded by
+``fully_shard`` (its gradients would be taken on the unsharded copies that FSDP's
+reduce-scatter never sees): :mod:`taskbalance.sharded` takes each task's gradient shard from
+an ordinary backward pass that FSDP reduce-scatters, and all-reduces the K×K Gramian.
 ``FullyShardedDataParallel`` (FSDP1), bare DTensors and heads managed by FSDP are refused in
-every mode. The checks cost one dictionary look-up unless FSDP or DTensor was imported and a
-process group is initialised.
+every mode (:func:`check_not_sharded`). The checks cost one dictionary look-up unless FSDP
+or DTensor was imported and a process group is initialised.
 
 Under DDP (see :mod:`taskbalance.distributed`) the engine reduces across ranks itself:
 ``torch.autograd.grad`` never runs DDP's gradient hooks, so in the features mode the body
@@ -208,20 +210,32 @@ def check_not_sharded(tensors: Iterable[Tensor], where: str, owner: object = Non
     """Refuse parameters sharded by FSDP (or DTensors) with the fix; ``where`` names the
     method and the mode, e.g. ``"MGDA, exact mode"``; ``owner`` (a module) names them.
 
-    For what needs each parameter's per-task gradient: the exact mode, GradNorm's ``W``."""
+    For what needs each parameter's per-task gradient: GradNorm's ``W`` (any sharding), and
+    the exact mode on parameters held by FSDP1 or as bare DTensors (a ``shared=`` sharded by
+    ``fully_shard`` takes :mod:`taskbalance.sharded`'s path before this check)."""
     found = sharded_tensors(tensors)
     if not found:
         return
+    fsdp2 = _fsdp2_parameter_ids()
+    if all(id(t) in fsdp2 for t in found):  # GradNorm's W on a body sharded by fully_shard
+        held = "managed by fully_shard (FSDP2)"
+        fix = (
+            "Use the features mode (features=z, or zs = tb.fork(z, K)), which works on a body "
+            "sharded with fully_shard, or a loss-weighting method, or DDP"
+        )
+    else:
+        held = "held by FullyShardedDataParallel (FSDP1) or as DTensors outside fully_shard"
+        fix = (
+            "Shard the body with torch.distributed.fsdp.fully_shard (FSDP2), under which the "
+            "exact mode (shared=) and the features mode (features=z, or zs = tb.fork(z, K)) "
+            "work with the heads outside it, or use DDP (DistributedDataParallel)"
+        )
     raise BalancerUsageError(
         f"FSDP-sharded parameters are not supported by gradient methods yet ({where}): "
         f"{describe_tensors(found, parameter_names(owner))} "
-        f"{'is' if len(found) == 1 else 'are'} managed by FSDP (fully_shard or "
-        "FullyShardedDataParallel) or DTensor. The per-task gradients of these parameters "
-        "would be taken on copies that FSDP's reduce-scatter never sees, and the model would "
-        "train silently wrong. Use the features mode (features=z, or zs = tb.fork(z, K)), "
-        "which works on a body sharded with fully_shard, or a loss-weighting method, or DDP "
-        "(DistributedDataParallel), under which every gradient method is exact "
-        "(docs/scaling.md)"
+        f"{'is' if len(found) == 1 else 'are'} {held}. The per-task gradients of these "
+        "parameters would be taken on copies that FSDP's reduce-scatter never sees, and the "
+        f"model would train silently wrong. {fix} (docs/scaling.md)"
     )
 
 

@@ -96,6 +96,7 @@ from taskbalance.gradients import (
 from taskbalance.gradients import (
     gramian as compute_gramian,
 )
+from taskbalance.sharded import fsdp_exact_backward, fsdp_shared
 
 Mode = Literal["exact", "features"]
 
@@ -535,6 +536,9 @@ class GradientBalancer(Balancer):
         self._check_training_call()
         losses, reference = with_reference(losses)
         with autocast_disabled(reference):
+            layout = fsdp_shared(shared) if features is None and "exact" in self.modes else None
+            if layout is not None:  # shared= sharded by fully_shard: taskbalance.sharded
+                return fsdp_exact_backward(self, losses, layout)
             return self._backward(losses, shared, features)
 
     def _backward(self, losses: Losses, shared: Any, features: Any) -> Tensor | None:

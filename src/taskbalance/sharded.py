@@ -1,0 +1,419 @@
+"""The exact mode (``shared=``) of the gradient methods on a body sharded by ``fully_shard``.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the forward runs on FSDP's unsharded
+copies of the parameters, and ``torch.autograd.grad`` with respect to them would give
+gradients that FSDP's reduce-scatter never sees. So the per-task gradients are taken
+through FSDP's own path instead:
+
+1. **K ordinary backward passes** (``loss_i.backward(retain_graph=...)``), one per task.
+   FSDP's hooks run at each: the body is all-gathered, its gradient reduce-scattered (and
+   averaged over the ranks) into the sharded parameters' ``.grad`` (DTensors), and the
+   copies freed again. After pass i the engine copies the local shard of every shared
+   parameter's gradient into row i of this rank's ``J_s`` (K × P_local, the rank's columns
+   of the global-batch Jacobian) and clears ``.grad`` for the next pass. The gradients the
+   user had accumulated before the call are set aside first and put back at the end.
+2. **One all-reduce** of the local Gramian ``J_s J_sᵀ`` (K×K) and the K losses: the shards
+   partition the parameters, so ``G = Σ_s J_s J_sᵀ`` is the Gramian of the whole J, exact,
+   and every rank computes the same weights from it.
+3. Each rank adds its shard of ``d = wᵀJ_s`` to the sharded ``.grad`` (times ``1/N`` under
+   ``accumulation_steps=N``), where the optimizer finds it as after any FSDP backward.
+
+**Heads** (task-specific parameters, every parameter a loss reaches that is not in
+``shared=``) must be outside ``fully_shard``: plain modules, replicated on every rank. Pass
+i gives head i its task's gradient (the others' losses do not reach it), which the engine
+takes out of ``.grad``, weights (``task_specific="weighted"``) and scales like the exact
+mode does, and the balancer averages over the ranks at the end of the step (as in the
+features mode under FSDP). A head inside ``fully_shard`` is refused: FSDP's
+reduce-scatter would hand its gradient shard to no rule of the engine's.
+
+Refused, each with the fix: a parameter sharded by ``fully_shard`` that a loss reaches and
+``shared=`` does not hold (a head inside FSDP, or a part of the body left out of
+``shared=``), ``shared=`` mixing sharded and unsharded parameters, hybrid or 2-D meshes
+(HSDP, FSDP with tensor parallelism), gradient sync turned off on the body
+(``set_requires_gradient_sync(False)``: use ``accumulation_steps=``), a balancer whose
+process group is not the size of FSDP's, ``distributed="local"`` on two or more ranks, the
+methods that need the Jacobian itself (GradDrop, DB-MTL, ...: each rank holds only its
+columns; use the features mode, which all-gathers the features' J) and those with a step
+of their own (MoDo).
+
+Cost per step, with P the body's parameters and R the ranks: K backward passes through the
+body (the exact mode's K passes, as everywhere), each with FSDP's all-gather and
+reduce-scatter of P (K times those of a plain FSDP step), one all-reduce of K² + K numbers,
+and the heads' ``P_h`` averaged at the end of the step. The memory of J is K·P/R per rank.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from taskbalance.balancer import Losses, _SkipStepError, detached_stack
+from taskbalance.distributed import check_fsdp_setting
+from taskbalance.errors import BalancerUsageError, warn
+from taskbalance.gradients import (
+    TaskGradients,
+    _reachable_leaves,
+    apply_task_specific,
+    compile_hint,
+    describe_tensors,
+    jacobian_dtype,
+    parameter_names,
+    resolve_tensors,
+    sharding_possible,
+)
+from taskbalance.gradients import gramian as compute_gramian
+
+if TYPE_CHECKING:
+    from taskbalance.aggregation.base import GradientBalancer
+
+
+def _fsdp2_params() -> dict[int, tuple[Any, Any]]:
+    """``{id(tensor): (FSDPParam, its parameter group)}`` for every parameter ``fully_shard``
+    manages now, keyed by both its sharded parameter and its unsharded copy (autograd's
+    leaf in the forward)."""
+    registry = sys.modules.get("torch.distributed._composable_state")
+    mapping = getattr(registry, "_module_state_mapping", None)
+    found: dict[int, tuple[Any, Any]] = {}
+    if not mapping:
+        return found
+    for ref in list(mapping.values()):
+        state = ref() if isinstance(ref, weakref.ref) else ref
+        for group in getattr(state, "_fsdp_param_groups", None) or ():
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                for attr in ("sharded_param", "_unsharded_param"):
+                    param = getattr(fsdp_param, attr, None)
+                    if param is not None:
+                        found[id(param)] = (fsdp_param, group)
+    return found
+
+
+@dataclass
+class ShardedShared:
+    """``shared=`` resolved under ``fully_shard``: its tensors, their FSDP parameters (in
+    the order of ``shared=``, each once) and the map of every FSDP-managed tensor."""
+
+    shared: Any
+    tensors: list[Tensor]
+    params: list[Any]
+    managed: dict[int, tuple[Any, Any]] = field(repr=False)
+
+
+def fsdp_shared(shared: Any) -> ShardedShared | None:
+    """``shared=`` as parameters sharded by ``fully_shard``, or ``None`` when none of its
+    tensors is (the ordinary exact mode, which refuses FSDP1 and bare DTensors itself).
+    Costs nothing unless FSDP or DTensor was imported and a process group is initialised.
+
+    Raises:
+        BalancerUsageError: ``shared=`` mixes parameters sharded by ``fully_shard`` with
+            others.
+    """
+    if shared is None or not sharding_possible():
+        return None
+    managed = _fsdp2_params()
+    if not managed:
+        return None
+    tensors = resolve_tensors(shared)
+    if not any(id(t) in managed for t in tensors):
+        return None
+    outside = [t for t in tensors if id(t) not in managed]
+    if outside:
+        raise BalancerUsageError(
+            f"shared= mixes parameters sharded by fully_shard with {len(outside)} that are "
+            f"not ({describe_tensors(outside, parameter_names(shared))}): the exact mode "
+            "under FSDP takes every shared gradient from FSDP's reduce-scatter, and these "
+            "would get none. Apply fully_shard to the module that holds them too (e.g. "
+            "fully_shard(model.body) after its blocks), or leave them out of shared="
+        )
+    params: list[Any] = []
+    seen: set[int] = set()
+    for t in tensors:
+        fsdp_param = managed[id(t)][0]
+        if id(fsdp_param) not in seen:
+            seen.add(id(fsdp_param))
+            params.append(fsdp_param)
+    return ShardedShared(shared, tensors, params, managed)
+
+
+def _check_method(bal: GradientBalancer) -> None:
+    """Refuse the methods whose step cannot be made of the rank's columns of J."""
+    from taskbalance.aggregation.base import GradientBalancer
+
+    name = type(bal).__name__
+    if bal.needs != "gramian":
+        raise BalancerUsageError(
+            f"{name} needs the task Jacobian J itself, and under fully_shard each rank holds "
+            "only its shard of J's columns (the exact mode on a sharded body takes the "
+            "Gramian only, from one all-reduce of K×K numbers). Use the features mode "
+            "(features=z or zs = tb.fork(z, K)), where the features' J is all-gathered, or "
+            "a method that needs only the Gramian (MGDA, UPGrad, Nash-MTL, ...); see "
+            "docs/scaling.md"
+        )
+    if getattr(bal, "jacobian_free", False):
+        raise BalancerUsageError(
+            f"{name}(jacobian_free=True) on a body sharded by fully_shard: the layer-by-layer "
+            "Gramian does not go through FSDP's reduce-scatter. Leave jacobian_free=False "
+            "(under fully_shard each rank stores only its K×P/R shard of J), or use the "
+            "features mode (features=z or tb.fork)"
+        )
+    if type(bal)._backward is not GradientBalancer._backward:
+        raise BalancerUsageError(
+            f"{name} has a step of its own, which does not go through the exact mode's path "
+            "for a body sharded by fully_shard. Use the features mode (features=z or "
+            "zs = tb.fork(z, K)) or DDP; see docs/scaling.md"
+        )
+
+
+def _check_groups(layout: ShardedShared, world: int | None) -> None:
+    """Refuse FSDP settings under which the rank's gradient shards are not a partition of
+    the global-batch gradient: hybrid or 2-D meshes, gradient sync off, another group size."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
+
+    names = parameter_names(layout.shared)
+    for fsdp_param in layout.params:
+        param = fsdp_param.sharded_param
+        mesh_info = fsdp_param.mesh_info
+        what = describe_tensors([param], names)
+        if isinstance(mesh_info, DDPMeshInfo) or param.device_mesh.ndim != 1:
+            raise BalancerUsageError(
+                f"{what} is sharded on a mesh of {param.device_mesh.ndim} dimensions (HSDP, "
+                "or FSDP with tensor parallelism): the exact mode under fully_shard supports "
+                "a 1-D mesh, where the ranks' shards partition each parameter. Use a 1-D mesh "
+                "(fully_shard's default), or the features mode (features=z or tb.fork)"
+            )
+        size = mesh_info.shard_mesh_size
+        if world is not None and size != world:
+            raise BalancerUsageError(
+                f"{what} is sharded over {size} ranks but the balancer synchronises {world}: "
+                "the weights come from the Gramian summed over FSDP's ranks. Give the "
+                "balancer FSDP's process group (distributed=group), or leave distributed= at "
+                "'auto' when FSDP uses the default group"
+            )
+    for group in {id(g): g for _, g in (layout.managed[id(t)] for t in layout.tensors)}.values():
+        if not getattr(group, "reduce_grads", True):
+            raise BalancerUsageError(
+                "gradient sync is off on the sharded body (set_requires_gradient_sync(False)): "
+                "the exact mode under fully_shard takes each task's gradient shard from "
+                "FSDP's reduce-scatter, which would not run. For gradient accumulation give "
+                "the balancer accumulation_steps=N (each call then adds 1/N of its "
+                "micro-batch's direction) and keep gradient sync on"
+            )
+
+
+@dataclass
+class _Plan:
+    """Who each loss reaches: ``own[i]`` task i's heads (plain leaves), ``single`` the shared
+    FSDP parameters one task alone reaches (``(index in params, task)``)."""
+
+    own: list[list[Tensor]]
+    single: list[tuple[int, int]]
+
+
+def _plan(layout: ShardedShared, losses: Sequence[Tensor], tasks: Sequence[str]) -> _Plan:
+    """Walk each loss's graph (nothing is computed): every leaf it reaches is a shared
+    FSDP parameter or a plain head of this task alone; anything else is refused."""
+    shared_params = {id(p): j for j, p in enumerate(layout.params)}
+    reached: dict[int, set[int]] = {}
+    owners: dict[int, int] = {}
+    own: list[list[Tensor]] = []
+    for i, loss in enumerate(losses):
+        if not loss.requires_grad:
+            raise BalancerUsageError(f"loss of task {tasks[i]!r} does not require grad")
+        mine: list[Tensor] = []
+        hits_shared = False
+        for leaf in _reachable_leaves(loss, set()):
+            entry = layout.managed.get(id(leaf))
+            if entry is None:
+                if owners.get(id(leaf), i) != i:
+                    raise BalancerUsageError(
+                        f"a parameter of shape {tuple(leaf.shape)} is used by tasks "
+                        f"{tasks[owners[id(leaf)]]!r} and {tasks[i]!r} but is not in shared "
+                        "(and not sharded by fully_shard); shard it with the body and pass it "
+                        "as shared" + compile_hint([loss])
+                    )
+                owners[id(leaf)] = i
+                mine.append(leaf)
+                continue
+            j = shared_params.get(id(entry[0]))
+            if j is None:
+                raise BalancerUsageError(
+                    f"the loss of task {tasks[i]!r} reaches a parameter sharded by fully_shard "
+                    f"that shared= does not hold (shape {tuple(entry[0].sharded_param.shape)}"
+                    "): a head inside fully_shard, or a part of the body left out of shared=. "
+                    "Its gradient shard would be written by FSDP's reduce-scatter and combined "
+                    "by no rule. Apply fully_shard to the body only (fully_shard(model.body), "
+                    f"each of its blocks first if you like), keep the {len(losses)} heads out "
+                    "of it (replicated; the balancer averages them over the ranks), and pass "
+                    "shared=model.body; see docs/scaling.md"
+                )
+            hits_shared = True
+            reached.setdefault(j, set()).add(i)
+        if not hits_shared:
+            raise BalancerUsageError(
+                f"loss of task {tasks[i]!r} does not depend on the shared parameters"
+                + compile_hint([loss])
+            )
+        own.append(mine)
+    single = (
+        [(j, next(iter(ts))) for j, ts in sorted(reached.items()) if len(ts) == 1]
+        if len(losses) >= 2
+        else []
+    )
+    return _Plan(own, single)
+
+
+def _set_aside(tensors: Sequence[Tensor]) -> list[Tensor | None]:
+    """Take the ``.grad`` of ``tensors`` out (returned, in order), leaving ``None``."""
+    saved = []
+    for t in tensors:
+        saved.append(t.grad)
+        t.grad = None
+    return saved
+
+
+def _put_back(tensors: Sequence[Tensor], saved: Sequence[Tensor | None]) -> None:
+    for t, grad in zip(tensors, saved):
+        t.grad = grad
+
+
+def _capture(
+    layout: ShardedShared, plan: _Plan, losses: Sequence[Tensor], dtype: torch.dtype
+) -> tuple[Tensor, list[list[tuple[Tensor, Tensor]]]]:
+    """The K (or subset) backward passes: ``(J_s, each task's head gradients)``. Expects
+    every ``.grad`` involved to be ``None``; leaves them ``None``."""
+    sharded = [p.sharded_param for p in layout.params]
+    locals_ = [p.to_local() for p in sharded]
+    width = sum(t.numel() for t in locals_)
+    device = locals_[0].device if locals_ else torch.device("cpu")
+    jac = torch.zeros(len(losses), width, dtype=dtype, device=device)
+    own: list[list[tuple[Tensor, Tensor]]] = []
+    last = len(losses) - 1
+    for i, loss in enumerate(losses):
+        torch.autograd.backward(loss, retain_graph=i < last)
+        offset = 0
+        for param, local in zip(sharded, locals_):
+            n = local.numel()
+            grad = param.grad
+            if grad is not None:
+                piece = grad.to_local() if hasattr(grad, "to_local") else grad
+                jac[i, offset : offset + n].copy_(piece.reshape(-1))
+                param.grad = None
+            offset += n
+        pairs = []
+        for head in plan.own[i]:
+            if head.grad is not None:
+                pairs.append((head, head.grad))
+                head.grad = None
+        own.append(pairs)
+    return jac, own
+
+
+def _write_direction(layout: ShardedShared, direction: Tensor) -> None:
+    """Add each sharded parameter's piece of this rank's direction to its ``.grad``."""
+    from torch.distributed.tensor import DTensor
+
+    offset = 0
+    for fsdp_param in layout.params:
+        param = fsdp_param.sharded_param
+        local = param.to_local()
+        n = local.numel()
+        piece = direction[offset : offset + n].view(local.shape).to(local.dtype)
+        offset += n
+        if param.grad is not None:
+            existing = param.grad
+            (existing.to_local() if isinstance(existing, DTensor) else existing).add_(piece)
+            continue
+        param.grad = DTensor.from_local(
+            piece,
+            param.device_mesh,
+            param.placements,
+            run_check=False,
+            shape=param.shape,
+            stride=param.stride(),
+        )
+
+
+def fsdp_exact_backward(
+    bal: GradientBalancer, losses: Losses, layout: ShardedShared
+) -> Tensor | None:
+    """:meth:`GradientBalancer.backward` in the exact mode on ``shared=`` sharded by
+    ``fully_shard`` (see the module docstring); returns the weights, ``None`` for a skipped
+    step. Every check runs before the first backward pass, so a refused call writes
+    nothing; a call that raises later puts the gradients set aside back."""
+    _check_method(bal)
+    check_fsdp_setting(bal.distributed)
+    sync = bal.current_sync()
+    _check_groups(layout, None if sync is None else sync.world_size)
+    boundary = bal._begin_call(rerun=False)
+    bal.last_step_skipped = False
+    items = bal.split_separate(losses)
+    local = detached_stack(items)
+    if bal._diag_every:
+        bal._begin_diagnostics()
+    bal.mode = "exact"
+    k = bal.num_tasks
+    heads: list[Tensor] = []
+    saved: list[Tensor | None] = []
+    sharded: list[Tensor] = []
+    try:
+        stacked = bal._check_finite(local) if sync is None else None
+        subset = bal._draw_subset()
+        rows = list(range(k)) if subset is None else subset
+        plan = _plan(layout, [items[i] for i in rows], [bal.tasks[i] for i in rows])
+        if plan.single and not bal._warned_heads:
+            bal._warned_heads = True
+            single = [(j, rows[i]) for j, i in plan.single]
+            inputs = [p.sharded_param for p in layout.params]
+            probe = TaskGradients(local.new_zeros(k, 0), inputs, [], single)
+            warn(bal._heads_message(probe, layout.shared))
+        sharded = [p.sharded_param for p in layout.params]
+        heads = [h for own in plan.own for h in own]
+        saved = _set_aside(sharded + heads)
+        dtype = jacobian_dtype(sharded)
+        jac_rows, own_rows = _capture(layout, plan, [items[i] for i in rows], dtype)
+        if subset is None:
+            jac, own = jac_rows, own_rows
+        else:  # the sampled tasks' rows; zero rows and no heads for the others
+            jac = jac_rows.new_zeros(k, jac_rows.shape[1])
+            jac[torch.tensor(rows, device=jac.device)] = jac_rows
+            own = [[] for _ in range(k)]
+            for row, task in enumerate(rows):
+                own[task] = own_rows[row]
+        gram = compute_gramian(jac).double()
+        if sync is not None:
+            loss_sum, gram = sync.all_reduce([local.double(), gram], [1.0 / sync.world_size, 1.0])
+            stacked = bal._check_finite(loss_sum.to(local.dtype))
+        assert stacked is not None
+        with bal._state_restored_on_error():
+            bal._restore_micro()
+            weights = bal.scaled_weights(gram, stacked).to(jac.dtype)
+            direction = weights @ jac
+            bal._check_result(direction, weights)
+            if bal._diag_due:  # from the global Gramian, the same on every rank
+                bal._diagnose(None, direction, weights)
+    except _SkipStepError as err:
+        _put_back(sharded + heads, saved)
+        bal._skip(err)
+        bal._end_call(None, None, boundary, sync)
+        return None
+    except BaseException:
+        _put_back(sharded + heads, saved)
+        raise
+    _put_back(sharded + heads, saved)
+    if bal._diag_due:
+        bal._commit_diagnostics()
+    scale = bal.micro_scale()
+    if scale is not None:
+        direction = direction * scale
+    _write_direction(layout, direction)
+    grads = TaskGradients(jac, sharded, own)
+    apply_task_specific(grads, weights if bal.task_specific == "weighted" else None, scale)
+    if sync is not None:
+        bal.touch(heads)  # replicated: averaged over the ranks when the step closes
+    bal._end_call(stacked, weights, boundary, sync)
+    return bal.last_weights
