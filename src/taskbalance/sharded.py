@@ -194,6 +194,20 @@ def _check_groups(layout: ShardedShared, world: int | None) -> None:
                 "balancer FSDP's process group (distributed=group), or leave distributed= at "
                 "'auto' when FSDP uses the default group"
             )
+    for fsdp_param in layout.params:
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        pending = getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None or (
+            unsharded is not None and unsharded.grad is not None
+        )
+        if pending:
+            raise BalancerUsageError(
+                f"{describe_tensors([fsdp_param.sharded_param], names)} holds an unsharded "
+                "gradient that FSDP has not reduce-scattered yet (a backward run with "
+                "set_requires_gradient_sync(False)): FSDP would add it to the first task's "
+                "gradient shard. Run that backward with gradient sync on (set_requires_"
+                "gradient_sync(True) before it), or accumulate with the balancer's "
+                "accumulation_steps=N"
+            )
     for group in {id(g): g for _, g in (layout.managed[id(t)] for t in layout.tensors)}.values():
         if not getattr(group, "reduce_grads", True):
             raise BalancerUsageError(

@@ -263,3 +263,15 @@ def test_a_non_finite_loss_skips_and_keeps_the_gradients(process_group: None) ->
         assert bal.last_step_skipped
         for p, old in zip(net.body.parameters(), before):
             torch.testing.assert_close(p.grad.full_tensor(), old, rtol=0, atol=0)
+
+
+def test_a_gradient_left_unreduced_by_fsdp_is_refused(process_group: None) -> None:
+    """A backward with gradient sync off leaves an unsharded gradient that FSDP would fold
+    into the first task's shard: refused, although sync is back on for the call."""
+    net = sharded()
+    net.body.set_requires_gradient_sync(False)
+    with plain_failure():
+        sum(net(X).values()).backward()
+        net.body.set_requires_gradient_sync(True)
+        with pytest.raises(tb.BalancerUsageError, match="has not reduce-scattered yet"):
+            tb.make("upgrad", TASKS).backward(net(X), shared=net.body)
