@@ -984,6 +984,7 @@ _COMMON_SETTINGS = frozenset(constructor_parameters(Balancer)) | {
     "task_specific",
     "tasks_per_step",
     "tasks_seed",
+    "jacobian_free",
 }
 #: not compared on load: how a run is executed (``record``, ``distributed``), and starting
 #: values that the checkpoint's state supersedes (a random ``seed``, a learnable's ``init``).

@@ -92,10 +92,12 @@ from taskbalance.gradients import (
     resolve_tensors,
     sharding_possible,
     task_jacobian,
+    task_parameters,
 )
 from taskbalance.gradients import (
     gramian as compute_gramian,
 )
+from taskbalance.layerwise import layerwise_gradients
 from taskbalance.sharded import fsdp_exact_backward, fsdp_shared
 
 Mode = Literal["exact", "features"]
@@ -171,6 +173,12 @@ class GradientBalancer(Balancer):
             uniformly without replacement (default ``None``: all K; ``m = K`` is the same,
             bit for bit). See *Task sampling* below.
         tasks_seed: seed of the draws of ``tasks_per_step`` (default 0).
+        jacobian_free: in the exact mode (``shared=``), never store J: accumulate the
+            Gramian layer by layer from the layers' output gradients and send ``wᵀJ``
+            through each layer (:mod:`taskbalance.layerwise`; default ``False``: J is
+            stored). The same weights and update to float rounding; memory of the order of
+            K times the layers' outputs instead of K times the parameters. For the methods
+            that need only the Gramian; single process and gradient accumulation.
         **kw: see :class:`~taskbalance.balancer.Balancer` (``nonfinite``, ``record``).
 
     Task sampling (``tasks_per_step=m < K``), for the methods that compute their weights
@@ -241,9 +249,22 @@ class GradientBalancer(Balancer):
         task_specific: Literal["unweighted", "weighted"] = "unweighted",
         tasks_per_step: int | None = None,
         tasks_seed: int = 0,
+        jacobian_free: bool = False,
         **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
+        if not isinstance(jacobian_free, bool):
+            raise ValueError(f"jacobian_free must be True or False, got {jacobian_free!r}")
+        if jacobian_free:
+            reason = self.jacobian_free_refusal()
+            if reason is not None:
+                raise BalancerUsageError(
+                    f"{type(self).__name__} cannot run with jacobian_free=True: {reason}. "
+                    "Leave jacobian_free=False (the exact mode with J stored), or use the "
+                    "features mode (features=z or tb.fork), which stores only the gradients "
+                    "of the features"
+                )
+        self.jacobian_free = jacobian_free
         if task_specific not in ("unweighted", "weighted"):
             raise ValueError(
                 f"task_specific must be 'unweighted' or 'weighted', got {task_specific!r}"
@@ -302,6 +323,19 @@ class GradientBalancer(Balancer):
         if (
             cls.aggregate is not GradientBalancer.aggregate
             or cls._backward is not GradientBalancer._backward
+        ):
+            return "its step does not go through the engine's Gramian path"
+        return None
+
+    @classmethod
+    def jacobian_free_refusal(cls) -> str | None:
+        """Why the method cannot take ``jacobian_free=True`` (``None``: it can)."""
+        if cls.needs != "gramian":
+            return "it needs the task Jacobian itself, not only the Gramian"
+        if (
+            cls.aggregate is not GradientBalancer.aggregate
+            or cls._backward is not GradientBalancer._backward
+            or cls._task_gradients is not GradientBalancer._task_gradients
         ):
             return "its step does not go through the engine's Gramian path"
         return None
@@ -544,6 +578,8 @@ class GradientBalancer(Balancer):
     def _backward(self, losses: Losses, shared: Any, features: Any) -> Tensor | None:
         """:meth:`backward` with autocast already disabled."""
         sync = self.current_sync()
+        if self.jacobian_free and features is None:
+            return self._backward_layerwise(losses, shared, sync)
         if sync is not None or self.accumulation_steps > 1:
             return self._backward_general(losses, shared, features, sync)
         begun = self.begin_step(losses)
@@ -692,6 +728,86 @@ class GradientBalancer(Balancer):
             "changes both the heads' updates and the weights: pass only the trunk as "
             "shared= (e.g. model.body or model.shared_parameters()). Warned once"
         )
+
+    def _backward_layerwise(self, losses: Losses, shared: Any, sync: Sync | None) -> Tensor | None:
+        """:meth:`backward` in the exact mode with ``jacobian_free=True`` (no J stored)."""
+        if sync is not None:
+            raise BalancerUsageError(
+                f"{type(self).__name__}(jacobian_free=True) does not run under DDP or another "
+                "process group yet: the Gramian of the global batch needs each layer's task "
+                "gradients averaged over the ranks. Use jacobian_free=False (J stored, "
+                "averaged over the ranks), the features mode (features=z or tb.fork), or "
+                "distributed='local' for ranks meant to train apart"
+            )
+        if shared is None:
+            raise BalancerUsageError(
+                f"{type(self).__name__} needs shared= (the shared parameters) or "
+                "features= (the shared representation)"
+            )
+        boundary = self._begin_call(rerun=False)
+        self.last_step_skipped = False
+        items = self.split_separate(losses)
+        try:
+            stacked = self._check_finite(detached_stack(items))
+        except _SkipStepError as err:
+            self._skip(err)
+            self._end_call(None, None, boundary, sync)
+            return None
+        if self._diag_every:
+            self._begin_diagnostics()
+        inputs = resolve_tensors(shared)
+        check_not_sharded(inputs, f"{type(self).__name__}, exact mode", shared)
+        self.mode = "exact"
+        k = self.num_tasks
+        subset = self._draw_subset()
+        index = list(range(k)) if subset is None else subset
+        names = [self.tasks[i] for i in index]
+        own_params, reached = task_parameters(
+            [items[i] for i in index], inputs, names, features=False
+        )
+        self._warn_single(reached, index, inputs, shared)
+        grads = layerwise_gradients([items[i] for i in index], inputs, own_params)
+        gram = grads.gram
+        if subset is not None:
+            where = torch.tensor(index, device=gram.device)
+            gram = gram.new_zeros(k, k)
+            gram[where.unsqueeze(1), where] = grads.gram
+        with self._state_restored_on_error():
+            self._restore_micro()
+            weights = self.scaled_weights(gram, stacked).to(stacked.dtype)
+            self._check_result(weights, weights)
+        if self._diag_due:
+            self._diagnose(None, weights, weights)
+            self._commit_diagnostics()
+        scale = self.micro_scale()
+        sampled = weights[torch.tensor(index, device=weights.device)]
+        for param, piece in grads.direction(sampled):
+            accumulate_grad(param, piece if scale is None else piece * scale, owned=True)
+        own: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(k)]
+        for row, task in enumerate(index):
+            own[task] = grads.own[row]
+        heads = TaskGradients(grads.direct_jacobian, inputs, own)
+        apply_task_specific(heads, weights if self.task_specific == "weighted" else None, scale)
+        self._end_call(stacked, weights, boundary, sync)
+        return self.last_weights
+
+    def _warn_single(
+        self, reached: list[list[Tensor]], index: list[int], inputs: list[Tensor], shared: Any
+    ) -> None:
+        """The jacobian-free mode's check for a head passed in ``shared=``: a shared tensor
+        that exactly one task's loss reaches (warned once, as in the exact mode)."""
+        if self._warned_heads or len(index) < 2:
+            return
+        by: dict[int, list[int]] = {}
+        for row, tensors in enumerate(reached):
+            for t in tensors:
+                by.setdefault(id(t), []).append(index[row])
+        position = {id(t): j for j, t in enumerate(inputs)}
+        single = [(position[i], tasks[0]) for i, tasks in by.items() if len(tasks) == 1]
+        if single:
+            self._warned_heads = True
+            fake = TaskGradients(torch.empty(0), inputs, [], sorted(single))
+            warn(self._heads_message(fake, shared))
 
     # ------------------------------------------------------------------ DDP and accumulation
     def _backward_general(

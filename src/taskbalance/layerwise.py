@@ -1,0 +1,335 @@
+"""The exact mode without J: the Gramian accumulated layer by layer (``jacobian_free=True``).
+
+The exact mode (:func:`taskbalance.gradients.task_jacobian`) stores J, K×P floats: 4 GB for
+a 100M-parameter trunk at K = 10. The Gramian methods need only ``G = J Jᵀ`` (K×K) and the
+update ``d = wᵀJ``, and both are sums over the parameters, so they can be built one layer
+at a time from quantities of the size of the activations:
+
+1. **Boundaries.** The autograd graph of the losses is walked once. For each parameter, its
+   *boundary* is the first node above it that is not a plain rearrangement of the
+   parameter (a transpose, view, cast, ...): for ``nn.Linear`` the ``addmm`` that takes the
+   layer's input, for a convolution the convolution. Parameters whose paths meet at a
+   boundary (a layer's weight and bias) form a *group*; every path from a loss to a group's
+   parameters crosses one of its boundaries.
+2. **Output gradients.** One backward pass batched over the K tasks (``is_grads_batched``,
+   grad outputs the rows of the identity) gives, at every boundary output, δ_i = ∂L_i/∂y for
+   each task i: K times the size of the layers' outputs, not of their parameters.
+3. **Per layer.** For each group, one batched backward from its boundaries to its
+   parameters alone (a layer's own weight-gradient product) gives the group's K per-task
+   gradients ``J_g`` (K × P_g), which add ``J_g J_gᵀ`` to G and are freed. The peak is one
+   layer's K gradients.
+4. **Update.** With the weights w, each group's share of ``d = wᵀJ`` is the same small
+   backward from its boundaries with grad outputs ``Σ_i w_i δ_i``: no K-fold work, no J.
+
+G is the same sum of products as ``J Jᵀ`` (to float rounding), and d is exactly ``wᵀJ``.
+The walk needs no hook and no change to the model: it reads the graph autograd built.
+
+When a group cannot be handled this way, its parameters are differentiated directly in
+step 2 (their K gradients are stored, a J over those parameters only), which is exact as
+well: a group whose boundaries lie on each other's paths (a weight used in two layers one
+after the other: the output gradient of the later use already flows into the earlier one),
+and a parameter used in the loss with nothing but rearrangements in between. Parameters
+after the boundaries' K-fold output gradients (task-specific heads) are handled in the same
+pass: a head's group is differentiated with its own task's δ only.
+
+Cost, measured in ``benchmarks/jacobian_free.py``: step 2 is the activation half of K
+backward passes, step 3 the weight half, step 4 one more weight half; memory is the K
+output gradients of every boundary plus one group's K gradients, against K×P for J.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from taskbalance.gradients import gramian, jacobian_dtype
+
+#: autograd nodes that only rearrange or convert one tensor: followed from a parameter up to
+#: the first node that combines it with something else (the boundary). Any other node with a
+#: parameter below it is a boundary: the choice only changes the memory, never the result.
+REARRANGING = frozenset(
+    {
+        "TBackward0",
+        "TransposeBackward0",
+        "PermuteBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "AliasBackward0",
+        "ExpandBackward0",
+        "UnsqueezeBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "ToCopyBackward0",
+        "CloneBackward0",
+    }
+)
+
+
+@dataclass
+class Group:
+    """Parameters whose every path to the losses crosses the outputs ``edges``."""
+
+    params: list[Tensor]
+    edges: list[GradientEdge] = field(default_factory=list)
+    #: the K-batched output gradients at ``edges`` (``None`` where no task reaches one)
+    deltas: list[Tensor | None] = field(default_factory=list)
+    #: the task owning every parameter of the group (a head), ``None`` for shared ones
+    task: int | None = None
+
+
+@dataclass
+class LayerwiseGradients:
+    """What :func:`layerwise_gradients` leaves for the update: G, the groups to send the
+    update through, the directly differentiated parameters and the heads' gradients."""
+
+    gram: Tensor  # (m, m) float64, m the tasks back-propagated
+    inputs: list[Tensor]  # the shared parameters, in the caller's order
+    groups: list[Group]  # shared groups (their update goes through their boundaries)
+    direct: list[Tensor]  # shared parameters differentiated directly
+    direct_jacobian: Tensor  # (m, sum of their sizes)
+    own: list[list[tuple[Tensor, Tensor]]]  # per task (param, grad): the heads
+    unreached: list[Tensor]  # shared parameters no task reaches (zero update)
+
+    def direction(self, weights: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, its slice of wᵀJ)`` for every shared parameter; ``weights`` are
+        those of the m tasks back-propagated. Frees the boundaries' graphs."""
+        out: list[tuple[Tensor, Tensor]] = []
+        for group in self.groups:
+            edges, outs = [], []
+            for edge, delta in zip(group.edges, group.deltas):
+                if delta is not None:
+                    w = weights.to(delta.dtype)
+                    edges.append(edge)
+                    outs.append(torch.tensordot(w, delta, dims=1))
+            group.deltas = []  # the K output gradients are no longer needed
+            grads = torch.autograd.grad(edges, group.params, outs, allow_unused=True)
+            for p, g in zip(group.params, grads):
+                out.append((p, g if g is not None else torch.zeros_like(p)))
+        if self.direct:
+            flat = weights.to(self.direct_jacobian.dtype) @ self.direct_jacobian
+            offset = 0
+            for p in self.direct:
+                n = p.numel()
+                out.append((p, flat[offset : offset + n].view_as(p).to(p.dtype)))
+                offset += n
+        out.extend((p, torch.zeros_like(p)) for p in self.unreached)
+        return out
+
+
+def _parents(roots: Sequence[object]) -> dict[object, list[object]]:
+    """``{node: the nodes with an edge to it}`` over the graph below ``roots``."""
+    parents: dict[object, list[object]] = {}
+    seen: set[object] = set()
+    stack = [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:  # type: ignore[attr-defined]
+            if child is None:
+                continue
+            above = parents.setdefault(child, [])
+            if not above or above[-1] is not node:
+                above.append(node)
+            stack.append(child)
+    return parents
+
+
+def _live_children(node: object) -> list[object]:
+    return [c for c, _ in node.next_functions if c is not None]  # type: ignore[attr-defined]
+
+
+def _boundaries(start: object, parents: dict[object, list[object]]) -> set[object] | None:
+    """The boundary nodes above ``start`` (a parameter's accumulation node), or ``None``
+    when a path reaches a loss through rearrangements alone."""
+    found: set[object] = set()
+    seen = {start}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        above = parents.get(node)
+        if not above:
+            if node is not start:
+                return None  # a loss made of the parameter: no output to stop at
+            continue
+        for parent in above:
+            if parent in seen:
+                continue
+            seen.add(parent)
+            if type(parent).__name__ in REARRANGING and len(_live_children(parent)) == 1:
+                stack.append(parent)
+            else:
+                found.add(parent)
+    return found
+
+
+def _reaches(source: object, targets: set[object]) -> bool:
+    """Whether a path leads down from ``source`` to one of ``targets`` (not itself)."""
+    seen: set[object] = set()
+    stack = _live_children(source)
+    while stack:
+        node = stack.pop()
+        if node in targets:
+            return True
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(_live_children(node))
+    return False
+
+
+def _groups(
+    params: Sequence[Tensor], parents: dict[object, list[object]]
+) -> tuple[list[list[Tensor]], list[set[object]], list[Tensor], list[Tensor]]:
+    """Group ``params`` by shared boundaries (union-find); returns the groups, their
+    boundary nodes, the parameters to differentiate directly and those the graph does
+    not use."""
+    bounds: list[set[object] | None] = []
+    unused: list[Tensor] = []
+    for p in params:
+        node = _accumulator(p, parents)
+        if node is None:
+            unused.append(p)
+            bounds.append(set())
+        else:
+            bounds.append(_boundaries(node, parents))
+    root = list(range(len(params)))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    owner: dict[object, int] = {}
+    for i, found in enumerate(bounds):
+        for node in found or ():
+            j = owner.setdefault(node, i)
+            if j != i:
+                root[find(i)] = find(j)
+    members: dict[int, list[int]] = {}
+    for i, found in enumerate(bounds):
+        if found:
+            members.setdefault(find(i), []).append(i)
+    groups, edges, direct = [], [], [params[i] for i, f in enumerate(bounds) if f is None]
+    for idx in members.values():
+        nodes: set[object] = set().union(*(bounds[i] or set() for i in idx))
+        if len(nodes) > 1 and any(_reaches(n, nodes - {n}) for n in nodes):
+            direct.extend(params[i] for i in idx)  # one use feeds another: see the docstring
+            continue
+        groups.append([params[i] for i in idx])
+        edges.append(nodes)
+    return groups, edges, direct, unused
+
+
+def _accumulator(p: Tensor, parents: dict[object, list[object]]) -> object | None:
+    """The node of parameter ``p`` (a leaf's accumulation node) if the graph uses it."""
+    node = get_gradient_edge(p).node
+    return node if node in parents else None
+
+
+def _outputs(node: object) -> list[GradientEdge]:
+    n = len(getattr(node, "_input_metadata", ()) or ()) or 1
+    return [GradientEdge(node, k) for k in range(n)]  # type: ignore[arg-type]
+
+
+def layerwise_gradients(
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    own_params: Sequence[Sequence[Tensor]],
+) -> LayerwiseGradients:
+    """G, the groups and the heads' gradients of the m ``losses`` (see the module docstring).
+
+    ``inputs`` are the shared parameters; ``own_params[i]`` the task-specific parameters of
+    loss i (found and checked by the caller). The graph is kept for :meth:`direction`.
+    """
+    m = len(losses)
+    roots = [loss.grad_fn for loss in losses]
+    parents = _parents(roots)
+    shared_groups, shared_nodes, direct, unreached = _groups(inputs, parents)
+    groups = [Group(params) for params in shared_groups]
+    node_sets = list(shared_nodes)
+    own: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(m)]
+    head_direct: list[tuple[int, Tensor]] = []
+    for task, params in enumerate(own_params):
+        head_groups, head_nodes, head_rest, _ = _groups(params, parents)
+        for params_g, nodes in zip(head_groups, head_nodes):
+            groups.append(Group(params_g, task=task))
+            node_sets.append(nodes)
+        head_direct.extend((task, p) for p in head_rest)
+    # step 2: the K output gradients at every boundary, and the direct parameters' rows
+    edges = [[e for node in nodes for e in _outputs(node)] for nodes in node_sets]
+    flat_edges = [e for group_edges in edges for e in group_edges]
+    targets: list[Tensor | GradientEdge] = [*flat_edges, *direct, *(p for _, p in head_direct)]
+    eye = torch.eye(m, dtype=losses[0].dtype, device=losses[0].device)
+    stacked = torch.stack(list(losses))
+    found = torch.autograd.grad(
+        stacked, targets, eye, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
+    out = iter(found)
+    for group, group_edges in zip(groups, edges):
+        group.edges = list(group_edges)
+        group.deltas = [next(out) for _ in group_edges]
+    direct_rows = [next(out) for _ in direct]
+    for task, p in head_direct:
+        g = next(out)
+        if g is not None:
+            own[task].append((p, g[task]))
+    dtype = jacobian_dtype(inputs) if inputs else torch.float32
+    device = losses[0].device
+    gram = torch.zeros(m, m, dtype=torch.float64, device=device)
+    # the directly differentiated shared parameters: a J over them alone
+    pieces = [
+        (g.reshape(m, -1) if g is not None else torch.zeros(m, p.numel(), device=device)).to(dtype)
+        for p, g in zip(direct, direct_rows)
+    ]
+    direct_jac = torch.cat(pieces, dim=1) if pieces else torch.zeros(m, 0, dtype=dtype)
+    if pieces:
+        gram += (direct_jac @ direct_jac.T).double()
+    # step 3: each group's K gradients, one group at a time
+    shared = []
+    for group in groups:
+        live = [(e, d) for e, d in zip(group.edges, group.deltas) if d is not None]
+        if group.task is not None:
+            i = group.task
+            if live:
+                grads = torch.autograd.grad(
+                    [e for e, _ in live],
+                    group.params,
+                    [d[i] for _, d in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                own[i].extend((p, g) for p, g in zip(group.params, grads) if g is not None)
+            continue
+        shared.append(group)
+        if not live:
+            continue
+        grads = torch.autograd.grad(
+            [e for e, _ in live],
+            group.params,
+            [d for _, d in live],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        for g in grads:  # Σ over the group's tensors: no concatenated copy
+            if g is not None:
+                rows = g.reshape(m, -1).to(dtype)
+                gram += gramian(rows).double()
+    return LayerwiseGradients(
+        gram=gram,
+        inputs=list(inputs),
+        groups=shared,
+        direct=direct,
+        direct_jacobian=direct_jac,
+        own=own,
+        unreached=unreached,
+    )
