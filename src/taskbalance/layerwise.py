@@ -39,7 +39,7 @@ output gradients of every boundary plus one group's K gradients, against K×P fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -244,11 +244,16 @@ def layerwise_gradients(
     losses: Sequence[Tensor],
     inputs: Sequence[Tensor],
     own_params: Sequence[Sequence[Tensor]],
+    *,
+    reduce: Callable[[Tensor], object] | None = None,
 ) -> LayerwiseGradients:
     """G, the groups and the heads' gradients of the m ``losses`` (see the module docstring).
 
     ``inputs`` are the shared parameters; ``own_params[i]`` the task-specific parameters of
     loss i (found and checked by the caller). The graph is kept for :meth:`direction`.
+    ``reduce`` (DDP: the mean over the ranks, in place) is applied to every block of the
+    shared parameters' per-task gradients before its product enters G, in the same order on
+    every rank (the order of the parameters, groups and graph being the same there).
     """
     m = len(losses)
     roots = [loss.grad_fn for loss in losses]
@@ -292,7 +297,9 @@ def layerwise_gradients(
     ]
     direct_jac = torch.cat(pieces, dim=1) if pieces else torch.zeros(m, 0, dtype=dtype)
     if pieces:
-        gram += (direct_jac @ direct_jac.T).double()
+        if reduce is not None:
+            reduce(direct_jac)
+        gram += gramian(direct_jac).double()
     # step 3: each group's K gradients, one group at a time
     shared = []
     for group in groups:
@@ -310,20 +317,28 @@ def layerwise_gradients(
                 own[i].extend((p, g) for p, g in zip(group.params, grads) if g is not None)
             continue
         shared.append(group)
-        if not live:
+        if live:
+            grads = torch.autograd.grad(
+                [e for e, _ in live],
+                group.params,
+                [d for _, d in live],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        elif reduce is None:
             continue
-        grads = torch.autograd.grad(
-            [e for e, _ in live],
-            group.params,
-            [d for _, d in live],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-        for g in grads:  # Σ over the group's tensors: no concatenated copy
-            if g is not None:
-                rows = g.reshape(m, -1).to(dtype)
-                gram += gramian(rows).double()
+        else:
+            grads = (None,) * len(group.params)  # zeros, still reduced with the other ranks
+        for p, g in zip(group.params, grads):  # Σ over the group's tensors: no copy of all
+            if g is None:
+                if reduce is None:
+                    continue
+                g = torch.zeros((m, *p.shape), dtype=dtype, device=device)  # ranks may differ
+            rows = g.reshape(m, -1).to(dtype)
+            if reduce is not None:
+                reduce(rows)
+            gram += gramian(rows).double()
     return LayerwiseGradients(
         gram=gram,
         inputs=list(inputs),

@@ -93,6 +93,11 @@ def configs() -> list[Config]:
         ("mgda", "exact", 1, {"diagnostics": True}),
         ("upgrad", "features", 2, {"diagnostics": True}),
         ("graddrop", "features", 1, {"diagnostics": 2, "seed": "rank"}),
+        # the exact mode without J: each layer's K gradients averaged before the Gramian
+        ("upgrad", "exact", 1, {"jacobian_free": True}),
+        ("nash_mtl", "exact", 2, {"jacobian_free": True}),
+        ("mgda", "exact", 1, {"jacobian_free": True, "diagnostics": True}),
+        ("upgrad", "exact", 1, {"jacobian_free": True, "tasks_per_step": 2, "tasks_seed": "rank"}),
         # MoDo's double sampling: three independent batches per (micro-)step
         ("modo", "exact", 1, {"batches": 3, "gamma": 0.5}),
         ("modo", "exact", 2, {"batches": 3, "gamma": 0.5}),

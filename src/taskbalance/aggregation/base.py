@@ -730,15 +730,12 @@ class GradientBalancer(Balancer):
         )
 
     def _backward_layerwise(self, losses: Losses, shared: Any, sync: Sync | None) -> Tensor | None:
-        """:meth:`backward` in the exact mode with ``jacobian_free=True`` (no J stored)."""
-        if sync is not None:
-            raise BalancerUsageError(
-                f"{type(self).__name__}(jacobian_free=True) does not run under DDP or another "
-                "process group yet: the Gramian of the global batch needs each layer's task "
-                "gradients averaged over the ranks. Use jacobian_free=False (J stored, "
-                "averaged over the ranks), the features mode (features=z or tb.fork), or "
-                "distributed='local' for ranks meant to train apart"
-            )
+        """:meth:`backward` in the exact mode with ``jacobian_free=True`` (no J stored).
+
+        Under DDP each layer's K gradients are averaged over the ranks before their product
+        enters G (the same K×P numbers as the mode that stores J sends, one layer at a
+        time), the heads' gradients with them; each rank writes its own ``wᵀJ^r``, averaged
+        when the step closes (:meth:`touch`)."""
         if shared is None:
             raise BalancerUsageError(
                 f"{type(self).__name__} needs shared= (the shared parameters) or "
@@ -747,8 +744,9 @@ class GradientBalancer(Balancer):
         boundary = self._begin_call(rerun=False)
         self.last_step_skipped = False
         items = self.split_separate(losses)
-        try:
-            stacked = self._check_finite(detached_stack(items))
+        local = detached_stack(items)
+        try:  # under DDP the global losses: every rank skips together
+            stacked = self._check_finite(local if sync is None else sync.mean([local])[0])
         except _SkipStepError as err:
             self._skip(err)
             self._end_call(None, None, boundary, sync)
@@ -766,7 +764,16 @@ class GradientBalancer(Balancer):
             [items[i] for i in index], inputs, names, features=False
         )
         self._warn_single(reached, index, inputs, shared)
-        grads = layerwise_gradients([items[i] for i in index], inputs, own_params)
+        grads = layerwise_gradients(
+            [items[i] for i in index],
+            inputs,
+            own_params,
+            reduce=None if sync is None else sync.mean_,
+        )
+        if sync is not None:  # the heads' gradients of the global batch
+            flat = [g for pairs in grads.own for _, g in pairs]
+            rest = iter(sync.mean(flat) if flat else [])
+            grads.own = [[(p, next(rest)) for p, _ in pairs] for pairs in grads.own]
         gram = grads.gram
         if subset is not None:
             where = torch.tensor(index, device=gram.device)
@@ -783,6 +790,8 @@ class GradientBalancer(Balancer):
         sampled = weights[torch.tensor(index, device=weights.device)]
         for param, piece in grads.direction(sampled):
             accumulate_grad(param, piece if scale is None else piece * scale, owned=True)
+            if sync is not None:
+                self.touch([param])  # this rank's wᵀJ^r: averaged when the step closes
         own: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(k)]
         for row, task in enumerate(index):
             own[task] = grads.own[row]
