@@ -49,8 +49,12 @@ FSDP (``fully_shard``): in the representation mode the body is sharded and the h
 replicated (:func:`taskbalance.gradients.fsdp_body`). The weights are synchronised exactly
 as under DDP (K×K Gramian and K losses in one all-reduce, generators broadcast), the body
 gets one ordinary ``backward`` of ``wᵀJ^r`` whose gradients FSDP itself reduce-scatters
-(averaged over its ranks), and the heads' gradients are averaged by the balancer. The exact
-mode is refused there (it needs each task's gradient of every shard).
+(averaged over its ranks), and the heads' gradients are averaged by the balancer. In the
+exact mode (:mod:`taskbalance.sharded`) each task's loss gets an ordinary backward that FSDP
+reduce-scatters, so each rank holds its shard of every task's global-batch gradient; the
+ranks' Gramians of their shards are summed (K×K and the K losses in one all-reduce, exact
+since the shards partition the parameters), and each rank writes its shard of ``wᵀJ``. The
+Jacobian methods are refused there (each rank holds only its columns of J).
 
 Collectives are issued from the calling thread in the same order on every rank, so every
 rank must make the same balancer calls (as with DDP's own collectives), with tensors of
