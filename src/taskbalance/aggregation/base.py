@@ -18,9 +18,12 @@ mode a shared tensor that one task alone reaches (a head passed in ``shared=``) 
 about once; in features mode ``shared=``, which the engine does not use, is compared with
 what the features depend on at the first call and warned about once if it holds more (the
 heads) and a loss that reaches a body parameter other than through the features (a head
-reading an inner activation) is refused; parameters sharded by FSDP are refused in the
-exact mode (on every call where FSDP could be in use); in the features mode a body sharded by
-``fully_shard`` is backpropagated by one ordinary backward that FSDP reduces itself (looked
+reading an inner activation) is refused; in the exact mode a ``shared=`` sharded by
+``fully_shard`` is looked for on every call where FSDP could be in use and, if found, the
+step is :mod:`taskbalance.sharded`'s (one ordinary backward per task that FSDP
+reduce-scatters, the K×K Gramian of the shards all-reduced; Gramian methods with the heads
+outside FSDP), while FSDP1 and bare DTensors are refused; in the features mode a body sharded
+by ``fully_shard`` is backpropagated by one ordinary backward that FSDP reduces itself (looked
 for at the first call where FSDP could be in use; FSDP1, DTensors and sharded heads refused).
 The features-mode checks share one walk of the body's graph.
 
