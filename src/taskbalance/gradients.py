@@ -737,22 +737,37 @@ class ForkedFeatures(list):
     """
 
     source: Tensor
+    #: whether the engine may keep the task gradients as factors when every head starts
+    #: with a linear layer (:mod:`taskbalance.structured`); ``fork(..., factored=False)``
+    factored: bool = True
 
 
-def fork(features: Tensor, tasks: int) -> ForkedFeatures:
+def fork(features: Tensor, tasks: int, *, factored: bool = True) -> ForkedFeatures:
     """Split the shared representation into one view per task (the fast features mode).
 
     ``zs = taskbalance.fork(z, K)``; feed head i with ``zs[i]``; then
     ``balancer.backward(losses, features=zs)``. Each view is a distinct autograd node, so
     ``dL_i/dz`` for every task comes out of a single backward pass through the heads
     instead of K passes. The result is the same as with ``features=z``.
+
+    When every head starts with a linear layer on its view (a 2-D representation), the
+    engine keeps each ``dL_i/dz`` as the product of the gradient at that layer's output and
+    its weight, and forms the Gramian and ``wᵀJ`` from these factors without J
+    (:mod:`taskbalance.structured`); ``factored=False`` always stacks J instead. The
+    results are the same to float rounding.
     """
     if not isinstance(features, Tensor) or not features.requires_grad:
         raise BalancerUsageError("fork() needs the shared representation, a tensor requiring grad")
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
         raise ValueError(f"tasks must be a positive int, got {tasks!r}")
+    if not isinstance(factored, bool):
+        raise ValueError(
+            f"factored must be True or False, got {factored!r}: True (the default) lets the "
+            "engine skip J for heads that start with a linear layer, False always forms J"
+        )
     forked = ForkedFeatures(features.view_as(features) for _ in range(tasks))
     forked.source = features
+    forked.factored = factored
     return forked
 
 
@@ -762,8 +777,12 @@ def forked_task_jacobian(
     """Per-task gradients w.r.t. the views of :func:`fork`, in one backward pass.
 
     The K view gradients (each shaped like the representation) are stacked into J with one
-    copy; the heads' parameter gradients come out of the same pass.
+    copy; the heads' parameter gradients come out of the same pass. When every head starts
+    with a linear layer on its view, the pass stops at those layers' outputs and the
+    gradients are kept as factors (:func:`taskbalance.structured.factored_gradients`).
     """
+    from taskbalance.structured import factored_gradients, factors_of, walk_task
+
     k = len(losses)
     if len(forked) != k:
         raise BalancerUsageError(f"fork() made {len(forked)} views for {k} tasks")
@@ -774,11 +793,12 @@ def forked_task_jacobian(
         stop.add(source.grad_fn)
     owners: dict[int, int] = {}
     own_params: list[list[Tensor]] = []
+    consumers: list[list[tuple[object, int]]] = []  # per task: the edges into its view
     for i, loss in enumerate(losses):
         if not loss.requires_grad:
             raise BalancerUsageError(f"loss of task {tasks[i]!r} does not require grad")
-        hit: set[object] = set()
-        params = _reachable_leaves(loss, stop, hit)
+        params, hit, into = walk_task(loss, stop)
+        consumers.append([(node, position) for node, position, view in into if view in view_of])
         if source.grad_fn in hit or any(p is source for p in params):
             # z used besides the view: that part of dL_i/dz would be lost without a word
             raise BalancerUsageError(
@@ -803,6 +823,9 @@ def forked_task_jacobian(
             owners[id(p)] = i
         own_params.append(params)
     check_heads_not_sharded(own_params, tasks)
+    factors = factors_of(source, consumers) if getattr(forked, "factored", True) else None
+    if factors is not None:
+        return factored_gradients(losses, source, factors, own_params)
     flat_params = [p for params in own_params for p in params]
     grads = torch.autograd.grad(
         torch.stack(list(losses)).sum(),

@@ -102,6 +102,7 @@ from taskbalance.gradients import (
 )
 from taskbalance.layerwise import layerwise_gradients
 from taskbalance.sharded import fsdp_exact_backward, fsdp_shared
+from taskbalance.structured import aggregate_task_gradients
 
 Mode = Literal["exact", "features"]
 
@@ -593,7 +594,7 @@ class GradientBalancer(Balancer):
         if self._diag_every:
             self._begin_diagnostics()
         with self._state_restored_on_error():
-            direction, weights = self.aggregate(grads.jacobian, stacked)
+            direction, weights = aggregate_task_gradients(self, grads, stacked)
             self._check_result(direction, weights)
         if self._diag_due:
             self._diagnose(grads.jacobian, direction, weights)
@@ -838,7 +839,7 @@ class GradientBalancer(Balancer):
                 grads, use_features = self._task_gradients(items, shared, features)
                 with self._state_restored_on_error():
                     self._restore_micro()
-                    direction, weights = self.aggregate(grads.jacobian, stacked)
+                    direction, weights = aggregate_task_gradients(self, grads, stacked)
                     self._check_result(direction, weights)
                 if self._diag_due:
                     self._diagnose(grads.jacobian, direction, weights)
