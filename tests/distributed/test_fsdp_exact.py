@@ -275,3 +275,11 @@ def test_a_gradient_left_unreduced_by_fsdp_is_refused(process_group: None) -> No
         net.body.set_requires_gradient_sync(True)
         with pytest.raises(tb.BalancerUsageError, match="has not reduce-scattered yet"):
             tb.make("upgrad", TASKS).backward(net(X), shared=net.body)
+
+
+def test_jacobian_free_is_refused(process_group: None) -> None:
+    net = sharded()
+    with plain_failure():
+        with pytest.raises(tb.BalancerUsageError, match=r"Leave jacobian_free=False"):
+            tb.make("upgrad", TASKS, jacobian_free=True).backward(net(X), shared=net.body)
+        assert no_gradient(net)
