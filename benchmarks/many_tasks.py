@@ -6,7 +6,10 @@ timed right after its baseline, and the median of the per-round ratios is report
 * **fork mode** (``tb.fork(z, K)``, one backward for all K feature gradients) against
   equal weighting: the engine alone (mean of the task gradients) and a few methods
   (``--methods``, default UPGrad, MGDA, PCGrad, Nash-MTL). The issue's goal is fork ≤ 1.5×
-  equal weighting at K = 40.
+  equal weighting at K = 40. The heads are linear, so the engine takes G and ``wᵀJ`` from
+  their factors (:mod:`taskbalance.structured`); the rows "J stacked" run the engine alone
+  and UPGrad with ``tb.fork(z, K, factored=False)`` (J stacked from the K view gradients,
+  the engine before the factors) in the same run.
 * **exact mode** (``shared=``: K backward passes, J over the shared parameters) against
   the K-backward loop of ``speed.py`` (LibMTL's approach), the engine alone and UPGrad;
   with ``--tasks-per-step m``, UPGrad with ``tasks_per_step=m`` too.
@@ -17,6 +20,10 @@ Usage::
 
     python benchmarks/many_tasks.py [--tasks 10,40,100] [--rounds 5] [--steps 3]
         [--methods upgrad,mgda,pcgrad,nash_mtl] [--threads 0] [--no-exact]
+        [--threads 1 --cpu-time]
+
+``--cpu-time`` times each step by the calling thread's CPU time (as ``speed.py``'s), for
+use with ``--threads 1`` on a machine that other jobs are loading.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import statistics
 import time
 
+import speed
 import torch
 from speed import (
     Setup,
@@ -49,8 +57,14 @@ def fork_configs(s: Setup, methods: list[str]) -> dict:
             s.opt.step(),
         ),
     }
+    configs["fork, engine only (mean), J stacked"] = lambda: (
+        s.opt.zero_grad(),
+        engine.backward(*_losses_and_shared(s, features=True, forked=True, factored=False)),
+        s.opt.step(),
+    )
     for name in methods:
         configs[f"fork, {name}"] = step_balancer(s, name, "forked")
+    configs["fork, upgrad, J stacked"] = step_balancer(s, "upgrad", "forked J")
     return configs
 
 
@@ -109,11 +123,17 @@ def main() -> None:
     parser.add_argument("--tasks-per-step", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-exact", action="store_true", help="fork mode only")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="time steps by CPU time (use with --threads 1)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        speed.CLOCK = time.thread_time
     methods = [m for m in args.methods.split(",") if m]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, MLP of speed.py")
+    clock = "thread CPU time" if args.cpu_time else "wall"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock: {clock}")
     for k in [int(v) for v in args.tasks.split(",") if v]:
         s = Setup(k)
         print_table(

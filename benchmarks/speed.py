@@ -73,10 +73,13 @@ class Setup:
         params = list(self.body.parameters()) + list(self.heads.parameters())
         self.opt = torch.optim.SGD(params, lr=1e-4)
 
-    def forward(self, forked: bool = False) -> tuple[list[Tensor], Tensor | list[Tensor]]:
-        """Losses and features; ``forked`` feeds head i its own view ``tb.fork(z, K)[i]``."""
+    def forward(
+        self, forked: bool = False, factored: bool = True
+    ) -> tuple[list[Tensor], Tensor | list[Tensor]]:
+        """Losses and features; ``forked`` feeds head i its own view ``tb.fork(z, K)[i]``
+        (``factored=False``: the engine stacks J instead of using the linear heads' factors)."""
         z = self.body(self.x)
-        inputs = tb.fork(z, self.k) if forked else [z] * self.k
+        inputs = tb.fork(z, self.k, factored=factored) if forked else [z] * self.k
         losses = [
             nn.functional.mse_loss(h(zi).squeeze(-1), self.y[:, i])
             for i, (h, zi) in enumerate(zip(self.heads, inputs))
@@ -99,13 +102,15 @@ def step_plain_sum(s: Setup) -> Callable[[], None]:
 
 
 def step_balancer(s: Setup, name: str, mode: str) -> Callable[[], None]:
+    """One training step of method ``name``; ``mode``: ``"loss"``, ``"exact"``,
+    ``"features"``, ``"forked"`` or ``"forked J"`` (forked with J stacked, no factors)."""
     bal = make_balancer(name, s.k)
     ctx = STEP_CONTEXT.get(name, lambda _: {})(s.k)
 
     def step() -> None:
         s.opt.zero_grad()
-        losses, z = s.forward(forked=mode == "forked")
-        if mode in ("features", "forked"):
+        losses, z = s.forward(forked=mode.startswith("forked"), factored=mode != "forked J")
+        if mode in ("features", "forked", "forked J"):
             bal.backward(losses, shared=s.body, features=z, **ctx)
         elif mode == "exact":
             bal.backward(losses, shared=s.body, **ctx)
@@ -271,6 +276,11 @@ def section_features(k: int, rounds: int, steps: int) -> None:
         engine.backward(*_losses_and_shared(s, features=True, forked=True)),
         s.opt.step(),
     )
+    configs["engine only (mean), forked, J stacked"] = lambda: (
+        s.opt.zero_grad(),
+        engine.backward(*_losses_and_shared(s, features=True, forked=True, factored=False)),
+        s.opt.step(),
+    )
     for name in gradient_methods():
         if "features" in getattr(tb.get(name), "modes", ("features",)):
             configs[name] = step_balancer(s, name, "features")
@@ -280,8 +290,10 @@ def section_features(k: int, rounds: int, steps: int) -> None:
     print_table(f"representation (features) mode, K={k}", times, "equal")
 
 
-def _losses_and_shared(s: Setup, features: bool, forked: bool = False) -> tuple:
-    losses, z = s.forward(forked=forked)
+def _losses_and_shared(
+    s: Setup, features: bool, forked: bool = False, factored: bool = True
+) -> tuple:
+    losses, z = s.forward(forked=forked, factored=factored)
     return (losses, s.body, z) if features else (losses, s.body)
 
 
