@@ -331,6 +331,12 @@ def test_methods_that_need_more_than_the_gramian_refuse(method: str) -> None:
         tb.make(method, K, jacobian_free=True)
 
 
+def test_an_older_torch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    with pytest.raises(BalancerUsageError, match=r"needs torch >= 2\.5.*torch 2\.4\.1"):
+        tb.make("upgrad", K, jacobian_free=True)
+
+
 def test_non_bool_is_refused() -> None:
     with pytest.raises(ValueError, match="jacobian_free must be True or False"):
         tb.make("upgrad", K, jacobian_free="yes")

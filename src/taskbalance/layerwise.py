@@ -122,6 +122,24 @@ class LayerwiseGradients:
         return out
 
 
+#: the first torch whose ``autograd.grad`` takes gradient edges as outputs (step 3)
+MIN_TORCH = (2, 5)
+
+
+def unsupported_reason() -> str | None:
+    """Why this torch cannot run the mode (``None``: it can)."""
+    try:
+        found = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None  # a development build: assume it is recent
+    if found < MIN_TORCH:
+        return (
+            f"it needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (torch.autograd.grad from a "
+            f"layer's output edges), and this is torch {torch.__version__}"
+        )
+    return None
+
+
 def _parents(roots: Sequence[object]) -> dict[object, list[object]]:
     """``{node: the nodes with an edge to it}`` over the graph below ``roots``."""
     parents: dict[object, list[object]] = {}

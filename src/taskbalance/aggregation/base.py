@@ -100,7 +100,7 @@ from taskbalance.gradients import (
 from taskbalance.gradients import (
     gramian as compute_gramian,
 )
-from taskbalance.layerwise import layerwise_gradients
+from taskbalance.layerwise import layerwise_gradients, unsupported_reason
 from taskbalance.sharded import fsdp_exact_backward, fsdp_shared
 from taskbalance.structured import aggregate_task_gradients
 
@@ -260,7 +260,7 @@ class GradientBalancer(Balancer):
         if not isinstance(jacobian_free, bool):
             raise ValueError(f"jacobian_free must be True or False, got {jacobian_free!r}")
         if jacobian_free:
-            reason = self.jacobian_free_refusal()
+            reason = self.jacobian_free_refusal() or unsupported_reason()
             if reason is not None:
                 raise BalancerUsageError(
                     f"{type(self).__name__} cannot run with jacobian_free=True: {reason}. "
