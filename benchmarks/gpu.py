@@ -13,7 +13,8 @@ configuration (:func:`speed.timed`: the ratio is the median of these paired rati
   direction (LibMTL's approach, :func:`speed.step_loop_baseline`).
 * ``exact``: the engine's exact mode (``shared=`` the trunk), mean of the task gradients
   (:class:`speed.UniformGradient`: the engine with no solver) and UPGrad.
-* ``J-free exact``: not implemented in taskbalance; printed as such, never timed.
+* ``J-free exact``: the exact mode with ``jacobian_free=True`` (the Gramian accumulated
+  layer by layer, J never stored: :mod:`taskbalance.layerwise`), engine alone and UPGrad.
 * ``features`` (``features=z``) and ``fork`` (``tb.fork(z, K)``): the representation modes,
   engine alone and UPGrad.
 
@@ -54,7 +55,6 @@ import taskbalance as tb
 
 #: the solvers timed on the device (one of each family; every method: ``speed.py --section solver``)
 SOLVERS = ("mgda", "upgrad", "cagrad", "nash_mtl", "imtl", "pcgrad", "aligned_mtl", "graddrop")
-J_FREE = "J-free exact"
 
 
 class Block(nn.Module):
@@ -117,9 +117,11 @@ class ConvSetup:
         params = list(self.body.parameters()) + list(self.heads.parameters())
         self.opt = torch.optim.SGD(params, lr=1e-4)
 
-    def forward(self, forked: bool = False) -> tuple[list[Tensor], Tensor | list[Tensor]]:
+    def forward(
+        self, forked: bool = False, factored: bool = True
+    ) -> tuple[list[Tensor], Tensor | list[Tensor]]:
         z = self.run_body(self.x)
-        inputs = tb.fork(z, self.k) if forked else [z] * self.k
+        inputs = tb.fork(z, self.k, factored=factored) if forked else [z] * self.k
         losses = [
             nn.functional.mse_loss(h(zi).squeeze(-1), self.y[:, i])
             for i, (h, zi) in enumerate(zip(self.heads, inputs))
@@ -136,12 +138,12 @@ class EngineOnly(speed.UniformGradient):
 
 def step_engine(s: ConvSetup, mode: str) -> Callable[[], None]:
     """The engine with no solver (mean of the task gradients) in ``mode``."""
-    engine = EngineOnly(s.k)
+    engine = EngineOnly(s.k, jacobian_free=mode == "J-free exact")
 
     def step() -> None:
         s.opt.zero_grad()
         losses, z = s.forward(forked=mode == "fork")
-        if mode == "exact":
+        if mode in ("exact", "J-free exact"):
             engine.backward(losses, shared=s.body)
         else:
             engine.backward(losses, features=z)
@@ -155,11 +157,27 @@ def configurations(s: ConvSetup) -> dict[str, Callable[[], None]]:
         "EW": speed.step_balancer(s, "equal", "loss"),  # type: ignore[arg-type]
         "loop (LibMTL)": speed.step_loop_baseline(s),  # type: ignore[arg-type]
     }
-    for mode in ("exact", "features", "fork"):
+    for mode in ("exact", "J-free exact", "features", "fork"):
         configs[f"{mode}, engine only (mean)"] = step_engine(s, mode)
+        if mode == "J-free exact":
+            configs[f"{mode}, upgrad"] = step_jacobian_free(s, "upgrad")
+            continue
         speed_mode = "forked" if mode == "fork" else mode
         configs[f"{mode}, upgrad"] = speed.step_balancer(s, "upgrad", speed_mode)  # type: ignore[arg-type]
     return configs
+
+
+def step_jacobian_free(s: ConvSetup, name: str) -> Callable[[], None]:
+    """``name`` in the exact mode with ``jacobian_free=True``."""
+    bal = tb.make(name, s.k, jacobian_free=True)
+
+    def step() -> None:
+        s.opt.zero_grad()
+        losses, _ = s.forward()
+        bal.backward(losses, shared=s.body)
+        s.opt.step()
+
+    return step
 
 
 def synchronised(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
@@ -196,7 +214,6 @@ def print_memory(peaks: dict[str, float | None]) -> None:
         else:
             ratio = f"{peak / base:.2f}" if base else "n/a"
             print(f"| {name} | {peak:.0f} | {ratio} |")
-    print(f"| {J_FREE} | n/a (not implemented) | n/a |")
 
 
 def solver_times(ks: Sequence[int], device: torch.device, rounds: int) -> None:
@@ -302,7 +319,6 @@ def run(args: argparse.Namespace, device: torch.device, ks: list[int]) -> None:
             compile_report(configs)
         times = speed.timed(configs, args.rounds, args.steps, "EW")
         speed.print_table(f"K={k}, {trunk}, batch {args.batch}", times, "EW")
-        print(f"| {J_FREE} | n/a (not implemented) | n/a (not implemented) | n/a |")
         print_memory({name: peak_memory(fn, device) for name, fn in configs.items()})
         del s, configs
         if device.type == "cuda":
