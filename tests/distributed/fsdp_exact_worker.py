@@ -16,7 +16,8 @@ alone), the heads are plain modules. Each rank saves to ``OUT_DIR/rank{r}.pt``:
 * ``diagnostics``: MGDA's ``last_diagnostics`` on two ranks and in the reference;
 * ``refusals``: the message of the error raised (``"not refused"`` if none) for GradDrop
   (a Jacobian method), heads inside ``fully_shard`` (the whole model sharded), gradient
-  sync turned off on the body, and ``distributed="local"``.
+  sync turned off on the body, ``distributed="local"``, a body sharded over a 2-D mesh
+  (HSDP), and a balancer synchronising a group of one rank while FSDP shards over two.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def make(sharding: str | None) -> Net:
         fully_shard(net.body)
     if sharding == "root":
         fully_shard(net)
+    return net
+
+
+def hybrid() -> Net:
+    """The body sharded over a 2-D mesh (HSDP: 1 replica of 2 shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    net = Net()
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+    fully_shard(net.body, mesh=mesh)
     return net
 
 
@@ -128,7 +139,7 @@ def compare(
 
 
 def refusal(x: Tensor, y: Tensor, method: str, sharding: str, **options: Any) -> str:
-    net = make(sharding)
+    net = make(sharding) if sharding != "hsdp" else hybrid()
     if options.pop("no_sync", False):
         net.body.set_requires_gradient_sync(False)
     try:
@@ -167,7 +178,10 @@ def main(out: Path) -> None:
         "root": refusal(x[mine], y[:, mine], "mgda", "root"),
         "no sync": refusal(x[mine], y[:, mine], "mgda", "layers", no_sync=True),
         "local": refusal(x[mine], y[:, mine], "mgda", "layers", distributed="local"),
+        "hsdp": refusal(x[mine], y[:, mine], "mgda", "hsdp"),
     }
+    alone = [dist.new_group([0]), dist.new_group([1])]  # every rank makes both
+    refusals["group"] = refusal(x[mine], y[:, mine], "mgda", "layers", distributed=alone[rank])
     result = {"gaps": gaps, "weights": weights, "diagnostics": diagnostics, "refusals": refusals}
     torch.save(result, out / f"rank{rank}.pt")
     dist.destroy_process_group()

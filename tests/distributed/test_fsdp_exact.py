@@ -92,6 +92,9 @@ def test_two_ranks_refuse_what_is_not_supported(ranks: list[dict[str, Any]]) -> 
         assert "fully_shard(model.body)" in refusals["root"]
         assert refusals["no sync"].startswith("gradient sync is off on the sharded body")
         assert refusals["local"].startswith("distributed='local' with a body sharded")
+        assert "is sharded on a mesh of 2 dimensions (HSDP" in refusals["hsdp"]
+        assert "sharded over 2 ranks but the balancer synchronises 1" in refusals["group"]
+        assert "distributed=group" in refusals["group"]
 
 
 # ---------------------------------------------------------------------- one rank
