@@ -228,6 +228,7 @@ def task_gramian(
         resolve_tensors,
         task_jacobian,
     )
+    from taskbalance.sharded import fsdp_shared, fsdp_task_gramian
 
     names = list(tasks)
     single = None
@@ -243,6 +244,9 @@ def task_gramian(
                 )
             jac = task_jacobian(list(losses), inputs, names, features=True).jacobian
         elif shared is not None:
+            layout = fsdp_shared(shared)
+            if layout is not None:  # sharded by fully_shard: FSDP's backward gives the shards
+                return fsdp_task_gramian(layout, list(losses), names, sync)
             inputs = resolve_tensors(shared)
             grads = task_jacobian(list(losses), inputs, names, features=False, retain_graph=True)
             jac = grads.jacobian

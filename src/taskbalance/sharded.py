@@ -36,6 +36,11 @@ methods that need the Jacobian itself (GradDrop, DB-MTL, ...: each rank holds on
 columns; use the features mode, which all-gathers the features' J) and those with a step
 of their own (MoDo).
 
+The diagnostics of a loss-weighting method (``diagnostics=``, ``shared=`` sharded) take the
+task Gramian the same way (:func:`fsdp_task_gramian`: the K passes with the graph kept, every
+``.grad`` put back as it was, the heads' gradients dropped, so heads inside ``fully_shard``
+are fine there), before the method's own backward of the combined loss.
+
 Cost per step, with P the body's parameters and R the ranks: K backward passes through the
 body (the exact mode's K passes, as everywhere), each with FSDP's all-gather and
 reduce-scatter of P (K times those of a plain FSDP step), one all-reduce of K² + K numbers,
@@ -54,7 +59,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.balancer import Losses, _SkipStepError, detached_stack
-from taskbalance.distributed import check_fsdp_setting
+from taskbalance.distributed import Sync, check_fsdp_setting
 from taskbalance.errors import BalancerUsageError, warn
 from taskbalance.gradients import (
     TaskGradients,
@@ -222,19 +227,26 @@ def _check_groups(layout: ShardedShared, world: int | None) -> None:
 @dataclass
 class _Plan:
     """Who each loss reaches: ``own[i]`` task i's heads (plain leaves), ``single`` the shared
-    FSDP parameters one task alone reaches (``(index in params, task)``)."""
+    FSDP parameters one task alone reaches (``(index in params, task)``), ``other`` the
+    sharded parameters outside ``shared=`` (``strict=False`` only)."""
 
     own: list[list[Tensor]]
     single: list[tuple[int, int]]
+    other: list[Tensor] = field(default_factory=list)
 
 
-def _plan(layout: ShardedShared, losses: Sequence[Tensor], tasks: Sequence[str]) -> _Plan:
+def _plan(
+    layout: ShardedShared, losses: Sequence[Tensor], tasks: Sequence[str], strict: bool = True
+) -> _Plan:
     """Walk each loss's graph (nothing is computed): every leaf it reaches is a shared
-    FSDP parameter or a plain head of this task alone; anything else is refused."""
+    FSDP parameter or a plain head of this task alone; anything else is refused, except,
+    with ``strict=False`` (a Gramian for the diagnostics, no gradient written), sharded
+    parameters outside ``shared=``, listed in :attr:`_Plan.other`."""
     shared_params = {id(p): j for j, p in enumerate(layout.params)}
     reached: dict[int, set[int]] = {}
     owners: dict[int, int] = {}
     own: list[list[Tensor]] = []
+    other: dict[int, Tensor] = {}
     for i, loss in enumerate(losses):
         if not loss.requires_grad:
             raise BalancerUsageError(f"loss of task {tasks[i]!r} does not require grad")
@@ -254,6 +266,9 @@ def _plan(layout: ShardedShared, losses: Sequence[Tensor], tasks: Sequence[str])
                 mine.append(leaf)
                 continue
             j = shared_params.get(id(entry[0]))
+            if j is None and not strict:
+                other.setdefault(id(entry[0]), entry[0].sharded_param)
+                continue
             if j is None:
                 raise BalancerUsageError(
                     f"the loss of task {tasks[i]!r} reaches a parameter sharded by fully_shard "
@@ -278,7 +293,7 @@ def _plan(layout: ShardedShared, losses: Sequence[Tensor], tasks: Sequence[str])
         if len(losses) >= 2
         else []
     )
-    return _Plan(own, single)
+    return _Plan(own, single, list(other.values()))
 
 
 def _set_aside(tensors: Sequence[Tensor]) -> list[Tensor | None]:
@@ -296,10 +311,15 @@ def _put_back(tensors: Sequence[Tensor], saved: Sequence[Tensor | None]) -> None
 
 
 def _capture(
-    layout: ShardedShared, plan: _Plan, losses: Sequence[Tensor], dtype: torch.dtype
+    layout: ShardedShared,
+    plan: _Plan,
+    losses: Sequence[Tensor],
+    dtype: torch.dtype,
+    retain_graph: bool = False,
 ) -> tuple[Tensor, list[list[tuple[Tensor, Tensor]]]]:
     """The K (or subset) backward passes: ``(J_s, each task's head gradients)``. Expects
-    every ``.grad`` involved to be ``None``; leaves them ``None``."""
+    every ``.grad`` involved to be ``None``; leaves them ``None`` (but those of
+    :attr:`_Plan.other`). ``retain_graph``: keep the graph after the last pass too."""
     sharded = [p.sharded_param for p in layout.params]
     locals_ = [p.to_local() for p in sharded]
     width = sum(t.numel() for t in locals_)
@@ -308,7 +328,7 @@ def _capture(
     own: list[list[tuple[Tensor, Tensor]]] = []
     last = len(losses) - 1
     for i, loss in enumerate(losses):
-        torch.autograd.backward(loss, retain_graph=i < last)
+        torch.autograd.backward(loss, retain_graph=retain_graph or i < last)
         offset = 0
         for param, local in zip(sharded, locals_):
             n = local.numel()
@@ -431,3 +451,31 @@ def fsdp_exact_backward(
         bal.touch(heads)  # replicated: averaged over the ranks when the step closes
     bal._end_call(stacked, weights, boundary, sync)
     return bal.last_weights
+
+
+def fsdp_task_gramian(
+    layout: ShardedShared, losses: Sequence[Tensor], tasks: Sequence[str], sync: Sync | None
+) -> tuple[Tensor, str | None]:
+    """The float64 Gramian of the task gradients over ``shared=`` sharded by ``fully_shard``,
+    for the diagnostics of a loss-weighting method: ``Σ_s J_s J_sᵀ`` from the K backward
+    passes of :func:`fsdp_exact_backward` (the same on every rank), the graph kept and every
+    ``.grad`` as it was. Also the description of the shared tensors one task alone reaches
+    (``None``: none). Heads may be inside ``fully_shard`` here: their gradients are dropped.
+    """
+    _check_groups(layout, 1 if sync is None else sync.world_size)
+    plan = _plan(layout, losses, tasks, strict=False)
+    sharded = [p.sharded_param for p in layout.params]
+    touched = sharded + [h for own in plan.own for h in own] + plan.other
+    saved = _set_aside(touched)
+    try:
+        jac, _ = _capture(layout, plan, losses, jacobian_dtype(sharded), retain_graph=True)
+    finally:
+        _put_back(touched, saved)
+    gram = compute_gramian(jac).double()
+    if sync is not None:
+        gram = sync.all_reduce([gram])[0]
+    single = None
+    if plan.single:
+        found = [sharded[j] for j, _ in plan.single]
+        single = describe_tensors(found, parameter_names(layout.shared), limit=4)
+    return gram, single

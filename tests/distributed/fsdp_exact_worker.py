@@ -11,9 +11,10 @@ alone), the heads are plain modules. Each rank saves to ``OUT_DIR/rank{r}.pt``:
   method, ``shared=`` given), MGDA, UPGrad and Nash-MTL in the exact mode; UPGrad on the
   body sharded alone, with ``task_specific="weighted"``, with ``tasks_per_step=2``, and on
   top of gradients already in ``.grad`` (an ordinary backward before the balancer's);
-  MGDA with ``accumulation_steps=2`` and MGDA with ``diagnostics=1``;
+  MGDA with ``accumulation_steps=2``, MGDA with ``diagnostics=1`` and DWA with
+  ``diagnostics=1`` (the task Gramian of a loss method, heads inside ``fully_shard``);
 * ``weights``: the weights of the 4 steps of each configuration (compared across ranks);
-* ``diagnostics``: MGDA's ``last_diagnostics`` on two ranks and in the reference;
+* ``diagnostics``: MGDA's and DWA's ``last_diagnostics`` on two ranks and in the reference;
 * ``refusals``: the message of the error raised (``"not refused"`` if none) for GradDrop
   (a Jacobian method), heads inside ``fully_shard`` (the whole model sharded), gradient
   sync turned off on the body, ``distributed="local"``, a body sharded over a 2-D mesh
@@ -167,12 +168,13 @@ def main(out: Path) -> None:
         "upgrad before": ("upgrad", {"before": True}),
         "mgda accumulated": ("mgda", {"accumulation_steps": 2}),
         "mgda diagnostics": ("mgda", {"diagnostics": 1}),
+        "dwa diagnostics": ("dwa", {"sharding": "root", "diagnostics": 1}),
     }
     diagnostics = {}
     for key, (method, options) in configs.items():
         gaps[key], weights[key], bal, reference = compare(method, x, y, rank, **options)
         if "diagnostics" in options:
-            diagnostics = {"ranks": bal.last_diagnostics, "single": reference.last_diagnostics}
+            diagnostics[key] = {"ranks": bal.last_diagnostics, "single": reference.last_diagnostics}
     refusals = {
         "graddrop": refusal(x[mine], y[:, mine], "graddrop", "layers"),
         "root": refusal(x[mine], y[:, mine], "mgda", "root"),

@@ -32,6 +32,7 @@ VARIANTS = {
     "upgrad before",
     "mgda accumulated",
     "mgda diagnostics",
+    "dwa diagnostics",
 }
 
 
@@ -75,12 +76,16 @@ def test_two_ranks_take_the_same_weights(ranks: list[dict[str, Any]]) -> None:
 
 @pytest.mark.xdist_group("ddp_torchrun")
 def test_diagnostics_are_those_of_one_process(ranks: list[dict[str, Any]]) -> None:
+    """MGDA's (the global Gramian of the step) and DWA's (a loss method: the task Gramian
+    computed for the diagnostics, heads inside fully_shard)."""
     for result in ranks:
-        got, expected = result["diagnostics"]["ranks"], result["diagnostics"]["single"]
-        assert got is not None and set(got) == set(expected)
-        assert "diag/cos/0-1" in got
-        for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+        assert set(result["diagnostics"]) == {"mgda diagnostics", "dwa diagnostics"}
+        for pair in result["diagnostics"].values():
+            got, expected = pair["ranks"], pair["single"]
+            assert got is not None and set(got) == set(expected)
+            assert "diag/cos/0-1" in got
+            for name, value in expected.items():
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.xdist_group("ddp_torchrun")
@@ -286,3 +291,29 @@ def test_jacobian_free_is_refused(process_group: None) -> None:
         with pytest.raises(tb.BalancerUsageError, match=r"Leave jacobian_free=False"):
             tb.make("upgrad", TASKS, jacobian_free=True).backward(net(X), shared=net.body)
         assert no_gradient(net)
+
+
+def test_a_loss_method_is_diagnosed_on_a_sharded_body(process_group: None) -> None:
+    """DWA with ``diagnostics=1`` and ``shared=`` sharded (heads inside ``fully_shard``
+    too): the diagnostics and the gradients (added to an earlier backward's) are those of
+    the unsharded model."""
+    from torch.distributed.fsdp import fully_shard
+
+    net, plain = Net(), Net()
+    fully_shard(net.body[0])
+    fully_shard(net.body[2])
+    fully_shard(net)
+    bal = tb.make("dwa", TASKS, diagnostics=1)
+    local = tb.make("dwa", TASKS, diagnostics=1, distributed="local")
+    with plain_failure():
+        for model in (net, plain):
+            sum(model(X).values()).backward()
+        bal.backward(net(X), shared=net.body)
+        local.backward(plain(X), shared=plain.body)
+        assert bal.last_diagnostics is not None and local.last_diagnostics is not None
+        assert set(bal.last_diagnostics) == set(local.last_diagnostics)
+        for name, value in local.last_diagnostics.items():
+            torch.testing.assert_close(bal.last_diagnostics[name], value, rtol=1e-5, atol=1e-6)
+        for p, q in zip(net.parameters(), plain.parameters()):
+            got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            torch.testing.assert_close(got, q.grad, rtol=1e-5, atol=1e-6)
