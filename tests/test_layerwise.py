@@ -360,3 +360,40 @@ def test_features_mode_is_unchanged() -> None:
         bal.backward(losses, features=z)
         results.append([copy.deepcopy(p.grad) for p in net.parameters()])
     assert_close(results[0], results[1], 0.0)
+
+
+class Wide(nn.Module):
+    """Wide Linear layers (with and without bias) on a small batch of sequences: a layer's
+    share of G comes from its input and output gradients, not its weight gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(48, 64)
+        self.b = nn.Linear(64, 64, bias=False)
+        self.c = nn.Linear(64, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x.view(2, 3, 48)))  # (2, 3, 48): a 3-D input, rows B·L = 6
+        return self.c(torch.relu(self.b(h))).mean(1)
+
+
+def test_wide_linear_layers_match_without_their_weight_gradients() -> None:
+    torch.manual_seed(0)
+    body = Wide()
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(K))
+    x = torch.randn(2, 144)
+    z = body(x)
+    losses = [h(z).pow(2).mean() + i for i, h in enumerate(heads)]
+    params = list(body.parameters())
+    rows = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    jac = torch.stack(rows).double()
+    with LargestOutput() as probe:
+        grads = layerwise_gradients(losses, params, [list(h.parameters()) for h in heads])
+    assert torch.allclose(grads.gram, jac @ jac.T, rtol=1e-5, atol=1e-9)
+    assert probe.largest < K * 64 * 64  # no layer's K weight gradients were formed
+    w = torch.tensor([1.0, 0.5, -2.0])
+    got = torch.cat([g.reshape(-1) for _, g in grads.direction(w)])
+    assert torch.allclose(got.double(), w.double() @ jac, atol=1e-6)

@@ -140,6 +140,50 @@ def unsupported_reason() -> str | None:
     return None
 
 
+def linear_gramian(group: Group, delta: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """A Linear layer's share of G from its input x (B×in) and output gradients δ
+    (m×B×out), without its m weight gradients ``δ_iᵀ x``: ``g_i·g_j = ⟨δ_i, (x xᵀ) δ_j⟩``
+    for the weight and ``(Σ_b δ_i)·(Σ_b δ_j)`` for the bias. Used when the group is exactly
+    an ``addmm`` (or ``mm``) of its input with its weight's transpose (plus its bias) and
+    this costs less than the weight gradients, i.e. roughly when B < the layer's width;
+    ``None`` otherwise (the caller then takes the weight gradients)."""
+    if len(group.edges) != 1 or group.edges[0].output_nr != 0:
+        return None
+    node = group.edges[0].node
+    kind = type(node).__name__
+    children = node.next_functions
+    if kind == "AddmmBackward0" and len(children) == 3:
+        if node._saved_alpha != 1 or node._saved_beta != 1:  # type: ignore[attr-defined]
+            return None
+        bias_node, transpose, x = children[0][0], children[2][0], node._saved_mat1  # type: ignore[attr-defined]
+    elif kind == "MmBackward0" and len(children) == 2:
+        bias_node, transpose, x = None, children[1][0], node._saved_self  # type: ignore[attr-defined]
+    else:
+        return None
+    if type(transpose).__name__ != "TBackward0":
+        return None
+    weight_node = transpose.next_functions[0][0]
+    owners = {id(getattr(n, "variable", None)): n for n in (weight_node, bias_node) if n}
+    params = {id(p): p for p in group.params}
+    if set(owners) != set(params) or len(params) != (1 if bias_node is None else 2):
+        return None
+    weight = params[id(getattr(weight_node, "variable", None))]
+    if weight.dim() != 2 or x.dim() != 2 or delta.dim() != 3:
+        return None
+    m, b, out = delta.shape
+    width = x.shape[1]
+    if b * b * width + m * b * out * (b + m) >= m * width * out * (b + m):
+        return None  # the weight gradients are cheaper to form
+    x = x.detach().to(dtype)
+    d = delta.to(dtype)
+    spread = torch.matmul(x @ x.T, d)  # (m, B, out): (x xᵀ) δ_j
+    gram = (d.reshape(m, -1) @ spread.reshape(m, -1).T).double()
+    if bias_node is not None:
+        sums = d.sum(1)
+        gram += (sums @ sums.T).double()
+    return gram
+
+
 def _parents(roots: Sequence[object]) -> dict[object, list[object]]:
     """``{node: the nodes with an edge to it}`` over the graph below ``roots``."""
     parents: dict[object, list[object]] = {}
@@ -335,6 +379,11 @@ def layerwise_gradients(
                 own[i].extend((p, g) for p, g in zip(group.params, grads) if g is not None)
             continue
         shared.append(group)
+        if reduce is None and len(live) == 1:
+            factored = linear_gramian(group, live[0][1], dtype)
+            if factored is not None:  # a Linear layer: G from its input and output gradients
+                gram += factored
+                continue
         if live:
             grads = torch.autograd.grad(
                 [e for e, _ in live],
