@@ -30,11 +30,12 @@ Refused, each with the fix: a parameter sharded by ``fully_shard`` that a loss r
 ``shared=`` does not hold (a head inside FSDP, or a part of the body left out of
 ``shared=``), ``shared=`` mixing sharded and unsharded parameters, hybrid or 2-D meshes
 (HSDP, FSDP with tensor parallelism), gradient sync turned off on the body
-(``set_requires_gradient_sync(False)``: use ``accumulation_steps=``), a balancer whose
-process group is not the size of FSDP's, ``distributed="local"`` on two or more ranks, the
-methods that need the Jacobian itself (GradDrop, DB-MTL, ...: each rank holds only its
-columns; use the features mode, which all-gathers the features' J) and those with a step
-of their own (MoDo).
+(``set_requires_gradient_sync(False)``: use ``accumulation_steps=``) or an unsharded
+gradient it left unreduced, a balancer whose process group is not the size of FSDP's,
+``distributed="local"`` on two or more ranks, the methods that need the Jacobian itself
+(GradDrop, DB-MTL, ...: each rank holds only its columns; use the features mode, which
+all-gathers the features' J), those with a step of their own (MoDo), and
+``jacobian_free=True``.
 
 The diagnostics of a loss-weighting method (``diagnostics=``, ``shared=`` sharded) take the
 task Gramian the same way (:func:`fsdp_task_gramian`: the K passes with the graph kept, every
