@@ -17,7 +17,9 @@ at a time from quantities of the size of the activations:
 3. **Per layer.** For each group, one batched backward from its boundaries to its
    parameters alone (a layer's own weight-gradient product) gives the group's K per-task
    gradients ``J_g`` (K × P_g), which add ``J_g J_gᵀ`` to G and are freed. The peak is one
-   layer's K gradients.
+   layer's K gradients. A Linear layer whose batch has fewer rows than the layer is wide
+   skips its weight gradients: ``g_i·g_j = ⟨δ_i, (x xᵀ) δ_j⟩`` from its input x
+   (:func:`linear_gramian`; single process).
 4. **Update.** With the weights w, each group's share of ``d = wᵀJ`` is the same small
    backward from its boundaries with grad outputs ``Σ_i w_i δ_i``: no K-fold work, no J.
 
@@ -32,9 +34,10 @@ and a parameter used in the loss with nothing but rearrangements in between. Par
 after the boundaries' K-fold output gradients (task-specific heads) are handled in the same
 pass: a head's group is differentiated with its own task's δ only.
 
-Cost, measured in ``benchmarks/jacobian_free.py``: step 2 is the activation half of K
-backward passes, step 3 the weight half, step 4 one more weight half; memory is the K
-output gradients of every boundary plus one group's K gradients, against K×P for J.
+Cost (measured in ``benchmarks/jacobian_free.py``, docs/jacobian_free.md): step 2 is the
+activation half of K backward passes, step 3 the weight half (or the cheaper product above),
+step 4 one more weight half; memory is the K output gradients of every boundary plus one
+group's K gradients, against K×P for J.
 """
 
 from __future__ import annotations
