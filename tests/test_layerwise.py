@@ -397,3 +397,36 @@ def test_wide_linear_layers_match_without_their_weight_gradients() -> None:
     w = torch.tensor([1.0, 0.5, -2.0])
     got = torch.cat([g.reshape(-1) for _, g in grads.direction(w)])
     assert torch.allclose(got.double(), w.double() @ jac, atol=1e-6)
+
+
+def test_a_non_finite_loss_skips_the_step_when_asked() -> None:
+    net = Net("mlp-layernorm")
+    bal = tb.make("upgrad", K, jacobian_free=True, nonfinite="skip_step")
+    losses = net(data("mlp-layernorm"))
+    losses[1] = losses[1] * float("nan")
+    assert bal.backward(losses, shared=net.body) is None
+    assert bal.last_step_skipped and bal.skipped_steps == 1
+    assert all(p.grad is None for p in net.parameters())
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose backward returns an infinite gradient."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad * float("inf")
+
+
+def test_a_non_finite_gradient_names_the_task_and_writes_nothing() -> None:
+    net = Net("mlp-layernorm")
+    bal = tb.make("mgda", K, jacobian_free=True)
+    z = net.body(data("mlp-layernorm"))
+    views = [z, z, InfiniteGradient.apply(z)]
+    losses = [(h(v) - i).pow(2).mean() for i, (h, v) in enumerate(zip(net.heads, views))]
+    with pytest.raises(tb.NonFiniteGradientError, match="gradient of task '2'"):
+        bal.backward(losses, shared=net.body)
+    assert all(p.grad is None for p in net.parameters())

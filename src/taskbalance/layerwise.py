@@ -143,6 +143,19 @@ def unsupported_reason() -> str | None:
     return None
 
 
+def first_non_finite(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> int | None:
+    """The first loss whose own gradient w.r.t. ``inputs`` is not finite (``None``: none).
+
+    For the error message only: in the batched backward a task's infinite gradient reaches
+    the other tasks' rows too (``0 · inf`` is NaN), so G cannot tell whose it was. One
+    backward per task, with the graph kept."""
+    for i, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, list(inputs), retain_graph=True, allow_unused=True)
+        if any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
+            return i
+    return None
+
+
 def linear_gramian(group: Group, delta: Tensor, dtype: torch.dtype) -> Tensor | None:
     """A Linear layer's share of G from its input x (B×in) and output gradients δ
     (m×B×out), without its m weight gradients ``δ_iᵀ x``: ``g_i·g_j = ⟨δ_i, (x xᵀ) δ_j⟩``

@@ -100,7 +100,7 @@ from taskbalance.gradients import (
 from taskbalance.gradients import (
     gramian as compute_gramian,
 )
-from taskbalance.layerwise import layerwise_gradients, unsupported_reason
+from taskbalance.layerwise import first_non_finite, layerwise_gradients, unsupported_reason
 from taskbalance.sharded import fsdp_exact_backward, fsdp_shared
 from taskbalance.structured import aggregate_task_gradients
 
@@ -785,7 +785,19 @@ class GradientBalancer(Balancer):
             gram[where.unsqueeze(1), where] = grads.gram
         with self._state_restored_on_error():
             self._restore_micro()
-            weights = self.scaled_weights(gram, stacked).to(stacked.dtype)
+            try:
+                weights = self.scaled_weights(gram, stacked).to(stacked.dtype)
+            except NonFiniteGradientError as err:
+                # the batched backward spreads one task's inf to the others (0·inf = nan):
+                # name the task from its own gradient (the graph is still there)
+                bad = first_non_finite([items[i] for i in index], inputs)
+                if bad is None:
+                    raise
+                task = self.tasks[index[bad]]
+                raise NonFiniteGradientError(
+                    f"the gradient of task {task!r} is not finite; no weights can be computed",
+                    task=task,
+                ) from err
             self._check_result(weights, weights)
         if self._diag_due:
             self._diagnose(None, weights, weights)
