@@ -23,7 +23,9 @@ Usage::
         [--steps 3] [--threads 0]
 
 ``--sizes`` are P in millions; pairs whose J would exceed ``--max-j-gib`` (default 6) are
-left out (the loop keeps two copies of J).
+left out (the loop keeps two copies of J). ``--trunk conv`` takes the ResNet-style trunk of
+``benchmarks/gpu.py`` (one block per stage, 3×32×32 images) instead, ``--sizes`` then being
+its first stage's channels (8: 0.2 M parameters, 64: 4.9 M).
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 import taskbalance as tb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu.py's trunk
 
 BATCH, IN_DIM, DEPTH = 64, 256, 4
 CONFIGS = ("equal", "loop", "stored", "free")
@@ -50,24 +55,35 @@ def width_for(params: float) -> int:
 
 
 class Net(nn.Module):
-    def __init__(self, k: int, width: int) -> None:
+    """The MLP trunk of width ``width``, or (``conv``) the ResNet-style trunk of
+    ``benchmarks/gpu.py`` with ``width`` channels in its first stage (2w, 4w, 8w after)."""
+
+    def __init__(self, k: int, width: int, conv: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
-        layers: list[nn.Module] = [nn.Linear(IN_DIM, width), nn.ReLU()]
-        for _ in range(DEPTH - 1):
-            layers += [nn.Linear(width, width), nn.ReLU()]
-        self.body = nn.Sequential(*layers)
-        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(k))
+        if conv:
+            from gpu import resnet_trunk
+
+            self.body = resnet_trunk((width, 2 * width, 4 * width, 8 * width), blocks=1)
+            out = 8 * width
+        else:
+            layers: list[nn.Module] = [nn.Linear(IN_DIM, width), nn.ReLU()]
+            for _ in range(DEPTH - 1):
+                layers += [nn.Linear(width, width), nn.ReLU()]
+            self.body = nn.Sequential(*layers)
+            out = width
+        self.heads = nn.ModuleList(nn.Linear(out, 1) for _ in range(k))
 
     def forward(self, x: Tensor, y: Tensor) -> list[Tensor]:
         z = self.body(x)
         return [nn.functional.mse_loss(h(z).squeeze(-1), y[:, i]) for i, h in enumerate(self.heads)]
 
 
-def child(config: str, k: int, width: int, steps: int) -> None:
+def child(config: str, k: int, width: int, steps: int, conv: bool) -> None:
     """One configuration in this process: prints ``seconds_per_step peak_MiB``."""
-    net = Net(k, width)
-    x, y = torch.randn(BATCH, IN_DIM), torch.randn(BATCH, k)
+    net = Net(k, width, conv)
+    shape = (BATCH, 3, 32, 32) if conv else (BATCH, IN_DIM)
+    x, y = torch.randn(*shape), torch.randn(BATCH, k)
     opt = torch.optim.SGD(net.parameters(), lr=1e-6)
     shared = list(net.body.parameters())
     bal = tb.make("upgrad", k, jacobian_free=config == "free", record=False)
@@ -113,9 +129,12 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def run(config: str, k: int, width: int, steps: int, threads: int) -> tuple[float, float]:
+def run(
+    config: str, k: int, width: int, steps: int, threads: int, conv: bool
+) -> tuple[float, float]:
     command = [sys.executable, __file__, "--child", config, "--tasks", str(k)]
     command += ["--width", str(width), "--steps", str(steps), "--threads", str(threads)]
+    command += ["--trunk", "conv" if conv else "mlp"]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     seconds, mib = out.stdout.split()[-2:]
     return float(seconds), float(mib)
@@ -129,27 +148,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--max-j-gib", type=float, default=6.0)
+    parser.add_argument(
+        "--trunk",
+        default="mlp",
+        choices=["mlp", "conv"],
+        help="conv: the ResNet-style trunk of gpu.py, --sizes its first-stage channels",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        child(args.child, int(args.tasks), args.width, args.steps)
+        child(args.child, int(args.tasks), args.width, args.steps, args.trunk == "conv")
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}")
     print("\n| K | P (M) | J (GiB) | config | ms / step | time / loop | extra peak MiB (/ loop) |")
     print("|---:|---:|---:|---|---:|---:|---:|")
     for k in (int(v) for v in args.tasks.split(",")):
         for size in (float(v) for v in args.sizes.split(",")):
-            width = width_for(size * 1e6)
-            p = IN_DIM * width + (DEPTH - 1) * width * width + DEPTH * width
+            conv = args.trunk == "conv"
+            width = int(size) if conv else width_for(size * 1e6)
+            p = sum(t.numel() for t in Net(1, width, conv).body.parameters())
             jac_gib = k * p * 4 / 2**30
             if jac_gib > args.max_j_gib:
                 print(f"| {k} | {p / 1e6:.1f} | {jac_gib:.1f} | (left out: J over --max-j-gib) |")
                 continue
             rounds = [
-                {c: run(c, k, width, args.steps, args.threads) for c in CONFIGS}
+                {c: run(c, k, width, args.steps, args.threads, conv) for c in CONFIGS}
                 for _ in range(args.rounds)
             ]
             for c in CONFIGS:

@@ -198,12 +198,20 @@ def test_inductor_trains_as_eagerly(method: str, mode: str) -> None:
 
 
 @needs_cxx
+@pytest.mark.parametrize("jacobian_free", [False, True], ids=["j-stored", "j-free"])
 def test_donated_buffers_in_exact_mode_are_refused_with_the_fix(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, jacobian_free: bool
 ) -> None:
     """Inductor donates the buffers of a backward it compiles ahead of time (here: the one
     a plain backward left in AOTAutograd's cache) and that backward then refuses
-    ``retain_graph=True``."""
+    ``retain_graph=True``: in the exact mode with J stored and without it."""
+    if jacobian_free:
+        plain = make_balancer
+        monkeypatch.setitem(
+            globals(),
+            "make_balancer",
+            lambda m: tb.make(m, K, jacobian_free=True) if m == "mgda" else plain(m),
+        )
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache, then a hit
     if torch.compiler.config.force_disable_caches:
         pytest.skip("torch's caches are disabled (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1)")

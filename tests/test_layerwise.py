@@ -338,7 +338,7 @@ def test_an_older_torch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_non_bool_is_refused() -> None:
-    with pytest.raises(ValueError, match="jacobian_free must be True or False"):
+    with pytest.raises(ValueError, match="jacobian_free must be True, False or 'auto'"):
         tb.make("upgrad", K, jacobian_free="yes")
 
 
@@ -430,3 +430,56 @@ def test_a_non_finite_gradient_names_the_task_and_writes_nothing() -> None:
     with pytest.raises(tb.NonFiniteGradientError, match="gradient of task '2'"):
         bal.backward(losses, shared=net.body)
     assert all(p.grad is None for p in net.parameters())
+
+
+def wide_mlp_step(
+    jacobian_free: bool | str, method: str = "upgrad"
+) -> tuple[tb.Balancer, list[Tensor], int]:
+    """One step on an MLP whose layers have more parameters than outputs (batch 4)."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(32, 1) for _ in range(K))
+    z = body(torch.randn(4, 32))
+    bal = tb.make(method, K, jacobian_free=jacobian_free)
+    with LargestOutput() as probe:
+        bal.backward([h(z).pow(2).mean() for h in heads], shared=body)
+    return bal, [p.grad for p in body.parameters()], probe.largest
+
+
+def test_auto_runs_without_j_where_the_outputs_are_fewer_than_the_parameters(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("INFO", logger="taskbalance"):
+        bal, grads, largest = wide_mlp_step("auto")
+    assert bal.auto_jacobian_free is True
+    assert "without J" in caplog.text and "per task" in caplog.text
+    assert largest < K * 2 * (32 * 32 + 32)  # no J over the trunk was made
+    _, stored, stored_largest = wide_mlp_step(False)
+    assert stored_largest >= K * 2 * (32 * 32 + 32)
+    assert_close(grads, stored, 1e-6)
+
+
+def test_auto_stores_j_for_convolutions() -> None:
+    net = Net("conv-batchnorm")
+    bal = tb.make("upgrad", K, jacobian_free="auto")
+    bal.backward(net(data("conv-batchnorm")), shared=net.body)
+    assert bal.auto_jacobian_free is False  # 16 images of 7x7: outputs outnumber weights
+
+
+def test_auto_stores_j_for_a_method_that_needs_it() -> None:
+    bal, _, _ = wide_mlp_step("auto", method="graddrop")
+    assert bal.auto_jacobian_free is False
+
+
+def test_a_compiled_trunk_matches_the_mode_that_stores_j() -> None:
+    """torch.compile (aot_eager): the compiled trunk is one node, one boundary for all its
+    parameters; the result is still exact."""
+    grads = []
+    for free in (False, True):
+        net = Net("mlp-layernorm")
+        body = torch.compile(net.body, backend="aot_eager")
+        z = body(data("mlp-layernorm"))
+        losses = [(h(z) - i).pow(2).mean() for i, h in enumerate(net.heads)]
+        tb.make("upgrad", K, jacobian_free=free).backward(losses, shared=net.body)
+        grads.append([p.grad for p in net.parameters()])
+    assert_close(grads[0], grads[1], 1e-6)

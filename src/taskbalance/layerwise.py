@@ -42,14 +42,17 @@ group's K gradients, against K×P for J.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from taskbalance.gradients import gramian, jacobian_dtype
+from taskbalance.errors import BalancerUsageError
+from taskbalance.gradients import DONATED_BUFFERS, gramian, jacobian_dtype
 
 #: autograd nodes that only rearrange or convert one tensor: followed from a parameter up to
 #: the first node that combines it with something else (the boundary). Any other node with a
@@ -111,7 +114,7 @@ class LayerwiseGradients:
                     edges.append(edge)
                     outs.append(torch.tensordot(w, delta, dims=1))
             group.deltas = []  # the K output gradients are no longer needed
-            grads = torch.autograd.grad(edges, group.params, outs, allow_unused=True)
+            grads = _grad(edges, group.params, outs, allow_unused=True)
             for p, g in zip(group.params, grads):
                 out.append((p, g if g is not None else torch.zeros_like(p)))
         if self.direct:
@@ -143,6 +146,25 @@ def unsupported_reason() -> str | None:
     return None
 
 
+def held_per_task(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple[int, int]:
+    """``(numbers this mode holds per task, numbers J holds per task)`` for ``losses``:
+    the outputs of the shared parameters' boundaries (their output gradients are kept for
+    every task until the update) plus the parameters differentiated directly, against P.
+
+    What ``jacobian_free="auto"`` decides by: the mode without J when the first is the
+    smaller (layers with fewer outputs than parameters: Linear layers on a batch with fewer
+    rows than their width), J stored otherwise (convolutions, whose outputs outnumber their
+    parameters). Shapes only: no backward pass.
+    """
+    parents = _parents([loss.grad_fn for loss in losses])
+    _, nodes, direct, _ = _groups(inputs, parents)
+    held = sum(p.numel() for p in direct)
+    for node in set().union(*nodes) if nodes else ():
+        for meta in getattr(node, "_input_metadata", ()) or ():
+            held += math.prod(meta.shape)
+    return held, sum(p.numel() for p in inputs)
+
+
 def first_non_finite(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> int | None:
     """The first loss whose own gradient w.r.t. ``inputs`` is not finite (``None``: none).
 
@@ -150,7 +172,7 @@ def first_non_finite(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> int 
     the other tasks' rows too (``0 · inf`` is NaN), so G cannot tell whose it was. One
     backward per task, with the graph kept."""
     for i, loss in enumerate(losses):
-        grads = torch.autograd.grad(loss, list(inputs), retain_graph=True, allow_unused=True)
+        grads = _grad(loss, list(inputs), retain_graph=True, allow_unused=True)
         if any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
             return i
     return None
@@ -198,6 +220,16 @@ def linear_gramian(group: Group, delta: Tensor, dtype: torch.dtype) -> Tensor | 
         sums = d.sum(1)
         gram += (sums @ sums.T).double()
     return gram
+
+
+def _grad(*args: Any, **kwargs: Any) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad``, with the fix for a trunk compiled with donated buffers."""
+    try:
+        return torch.autograd.grad(*args, **kwargs)
+    except RuntimeError as err:
+        if "donated buffers" in str(err):  # inductor's default: see the message
+            raise BalancerUsageError(DONATED_BUFFERS) from err
+        raise
 
 
 def _parents(roots: Sequence[object]) -> dict[object, list[object]]:
@@ -353,7 +385,7 @@ def layerwise_gradients(
     targets: list[Tensor | GradientEdge] = [*flat_edges, *direct, *(p for _, p in head_direct)]
     eye = torch.eye(m, dtype=losses[0].dtype, device=losses[0].device)
     stacked = torch.stack(list(losses))
-    found = torch.autograd.grad(
+    found = _grad(
         stacked, targets, eye, retain_graph=True, allow_unused=True, is_grads_batched=True
     )
     out = iter(found)
@@ -385,7 +417,7 @@ def layerwise_gradients(
         if group.task is not None:
             i = group.task
             if live:
-                grads = torch.autograd.grad(
+                grads = _grad(
                     [e for e, _ in live],
                     group.params,
                     [d[i] for _, d in live],
@@ -401,7 +433,7 @@ def layerwise_gradients(
                 gram += factored
                 continue
         if live:
-            grads = torch.autograd.grad(
+            grads = _grad(
                 [e for e, _ in live],
                 group.params,
                 [d for _, d in live],

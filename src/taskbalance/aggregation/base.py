@@ -52,6 +52,7 @@ semantics are in :class:`GradientBalancer` and docs/scaling.md).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal
@@ -93,6 +94,7 @@ from taskbalance.gradients import (
     fsdp_body,
     parameter_names,
     resolve_tensors,
+    sharded_tensors,
     sharding_possible,
     task_jacobian,
     task_parameters,
@@ -100,11 +102,17 @@ from taskbalance.gradients import (
 from taskbalance.gradients import (
     gramian as compute_gramian,
 )
-from taskbalance.layerwise import first_non_finite, layerwise_gradients, unsupported_reason
+from taskbalance.layerwise import (
+    first_non_finite,
+    held_per_task,
+    layerwise_gradients,
+    unsupported_reason,
+)
 from taskbalance.sharded import fsdp_exact_backward, fsdp_shared
 from taskbalance.structured import aggregate_task_gradients
 
 Mode = Literal["exact", "features"]
+logger = logging.getLogger("taskbalance")
 
 
 def task_index(tasks: tuple[str, ...], task: int | str, name: str = "main") -> int:
@@ -179,10 +187,14 @@ class GradientBalancer(Balancer):
         tasks_seed: seed of the draws of ``tasks_per_step`` (default 0).
         jacobian_free: in the exact mode (``shared=``), never store J: accumulate the
             Gramian layer by layer from the layers' output gradients and send ``wᵀJ``
-            through each layer (:mod:`taskbalance.layerwise`; default ``False``: J is
-            stored). The same weights and update to float rounding; memory of the order of
-            K times the layers' outputs instead of K times the parameters. For the methods
-            that need only the Gramian; single process and gradient accumulation.
+            through each layer (:mod:`taskbalance.layerwise`). The same weights and update
+            to float rounding; it holds K times the layers' outputs instead of K times
+            their parameters. ``True``: always (refused for the methods that need J
+            itself); ``False``: J stored; ``"auto"``: decided at the first exact-mode call
+            from the shapes, the mode without J when the layers' outputs are fewer than
+            their parameters (Linear layers on a batch with fewer rows than their width,
+            where it is also faster; measured in docs/jacobian_free.md), and never under
+            DDP or FSDP or for a method that needs J; the choice is kept and logged.
         **kw: see :class:`~taskbalance.balancer.Balancer` (``nonfinite``, ``record``).
 
     Task sampling (``tasks_per_step=m < K``), for the methods that compute their weights
@@ -253,13 +265,13 @@ class GradientBalancer(Balancer):
         task_specific: Literal["unweighted", "weighted"] = "unweighted",
         tasks_per_step: int | None = None,
         tasks_seed: int = 0,
-        jacobian_free: bool = False,
+        jacobian_free: bool | Literal["auto"] = False,
         **kw: Any,
     ) -> None:
         super().__init__(tasks, **kw)
-        if not isinstance(jacobian_free, bool):
-            raise ValueError(f"jacobian_free must be True or False, got {jacobian_free!r}")
-        if jacobian_free:
+        if not isinstance(jacobian_free, bool) and jacobian_free != "auto":
+            raise ValueError(f"jacobian_free must be True, False or 'auto', got {jacobian_free!r}")
+        if jacobian_free is True:
             reason = self.jacobian_free_refusal() or unsupported_reason()
             if reason is not None:
                 raise BalancerUsageError(
@@ -582,7 +594,7 @@ class GradientBalancer(Balancer):
     def _backward(self, losses: Losses, shared: Any, features: Any) -> Tensor | None:
         """:meth:`backward` with autocast already disabled."""
         sync = self.current_sync()
-        if self.jacobian_free and features is None:
+        if features is None and self.jacobian_free and self._layerwise_now(losses, shared, sync):
             return self._backward_layerwise(losses, shared, sync)
         if sync is not None or self.accumulation_steps > 1:
             return self._backward_general(losses, shared, features, sync)
@@ -815,6 +827,38 @@ class GradientBalancer(Balancer):
         apply_task_specific(heads, weights if self.task_specific == "weighted" else None, scale)
         self._end_call(stacked, weights, boundary, sync)
         return self.last_weights
+
+    #: ``jacobian_free="auto"``: the choice made at the first exact-mode call (``None``: not
+    #: made yet); ``True`` is the mode without J
+    auto_jacobian_free: bool | None = None
+
+    def _layerwise_now(self, losses: Losses, shared: Any, sync: Sync | None) -> bool:
+        """Whether this exact-mode call runs without J (``jacobian_free`` is set)."""
+        if self.jacobian_free is True:
+            return True
+        if sync is not None or shared is None:
+            return False  # DDP: the mode without J sends what J does, in many collectives
+        if self.auto_jacobian_free is None:
+            choice, why = False, ""
+            reason = self.jacobian_free_refusal() or unsupported_reason()
+            inputs = resolve_tensors(shared)
+            if reason is not None:
+                why = reason
+            elif sharded_tensors(inputs):
+                why = "shared= is sharded by FSDP"
+            else:
+                items = [t for t in self.split_separate(losses) if t.requires_grad]
+                held, total = held_per_task(items, inputs)
+                choice = held < total
+                why = f"the layers' outputs hold {held} numbers per task, J {total}"
+            self.auto_jacobian_free = choice
+            logger.info(
+                "%s(jacobian_free='auto'): the exact mode %s (%s)",
+                type(self).__name__,
+                "without J" if choice else "with J stored",
+                why,
+            )
+        return self.auto_jacobian_free
 
     def _warn_single(
         self, reached: list[list[Tensor]], index: list[int], inputs: list[Tensor], shared: Any
