@@ -462,8 +462,10 @@ def test_auto_runs_without_j_where_the_outputs_are_fewer_than_the_parameters(
 def test_auto_stores_j_for_convolutions() -> None:
     net = Net("conv-batchnorm")
     bal = tb.make("upgrad", K, jacobian_free="auto")
-    bal.backward(net(data("conv-batchnorm")), shared=net.body)
+    # shared= a generator: read by the choice and by the step (a list of it is kept)
+    bal.backward(net(data("conv-batchnorm")), shared=net.body.parameters())
     assert bal.auto_jacobian_free is False  # 16 images of 7x7: outputs outnumber weights
+    assert all(p.grad is not None for p in net.body.parameters())
 
 
 def test_auto_stores_j_for_a_method_that_needs_it() -> None:

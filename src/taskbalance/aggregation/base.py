@@ -594,8 +594,11 @@ class GradientBalancer(Balancer):
     def _backward(self, losses: Losses, shared: Any, features: Any) -> Tensor | None:
         """:meth:`backward` with autocast already disabled."""
         sync = self.current_sync()
-        if features is None and self.jacobian_free and self._layerwise_now(losses, shared, sync):
-            return self._backward_layerwise(losses, shared, sync)
+        if features is None and self.jacobian_free:
+            if isinstance(shared, Iterator):  # model.parameters(): read once, used twice
+                shared = list(shared)
+            if self._layerwise_now(losses, shared, sync):
+                return self._backward_layerwise(losses, shared, sync)
         if sync is not None or self.accumulation_steps > 1:
             return self._backward_general(losses, shared, features, sync)
         begun = self.begin_step(losses)
