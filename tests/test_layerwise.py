@@ -485,3 +485,22 @@ def test_a_compiled_trunk_matches_the_mode_that_stores_j() -> None:
         tb.make("upgrad", K, jacobian_free=free).backward(losses, shared=net.body)
         grads.append([p.grad for p in net.parameters()])
     assert_close(grads[0], grads[1], 1e-6)
+
+
+def test_parameter_hooks_are_refused_and_auto_stores_j() -> None:
+    """A hook on a parameter's gradient (here a pruning mask) runs on each row of J when J
+    is stored; without J it would run on batched gradients, or not at all for a Linear
+    layer's product."""
+    for mode in (True, "auto"):
+        net = Net("mlp-layernorm")
+        mask = torch.ones_like(net.body[0].weight).tril()
+        net.body[0].weight.register_hook(lambda g, mask=mask: g * mask)
+        bal = tb.make("upgrad", K, jacobian_free=mode)
+        losses = net(data("mlp-layernorm"))
+        if mode is True:
+            with pytest.raises(BalancerUsageError, match=r"0\.weight has a gradient hook"):
+                bal.backward(losses, shared=net.body)
+        else:
+            bal.backward(losses, shared=net.body)
+            assert bal.auto_jacobian_free is False
+            assert not net.body[0].weight.grad.triu(1).any()  # the mask held

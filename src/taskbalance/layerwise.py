@@ -165,6 +165,13 @@ def held_per_task(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple[i
     return held, sum(p.numel() for p in inputs)
 
 
+def hooked_parameters(params: Sequence[Tensor]) -> list[Tensor]:
+    """Those of ``params`` with a gradient hook (``Tensor.register_hook``): refused, since
+    the mode without J runs them on batched gradients, or not at all (a Linear layer's
+    product), and so would not give what the mode that stores J gives."""
+    return [p for p in params if getattr(p, "_backward_hooks", None)]
+
+
 def first_non_finite(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> int | None:
     """The first loss whose own gradient w.r.t. ``inputs`` is not finite (``None``: none).
 

@@ -105,6 +105,7 @@ from taskbalance.gradients import (
 from taskbalance.layerwise import (
     first_non_finite,
     held_per_task,
+    hooked_parameters,
     layerwise_gradients,
     unsupported_reason,
 )
@@ -783,6 +784,17 @@ class GradientBalancer(Balancer):
             [items[i] for i in index], inputs, names, features=False
         )
         self._warn_single(reached, index, inputs, shared)
+        hooked = hooked_parameters([*inputs, *(p for own in own_params for p in own)])
+        if hooked:
+            raise BalancerUsageError(
+                f"{type(self).__name__}(jacobian_free=True): "
+                f"{describe_tensors(hooked, parameter_names(shared))} "
+                f"{'has a gradient hook' if len(hooked) == 1 else 'have gradient hooks'} "
+                "(Tensor.register_hook). Without J the hook would see the K tasks' gradients "
+                "batched, or not run at all where a layer's share of the Gramian comes from "
+                "its input and output gradients, and the result would differ from the mode "
+                "that stores J. Use jacobian_free=False (or 'auto', which then stores J)"
+            )
         grads = layerwise_gradients(
             [items[i] for i in index],
             inputs,
@@ -849,6 +861,8 @@ class GradientBalancer(Balancer):
                 why = reason
             elif sharded_tensors(inputs):
                 why = "shared= is sharded by FSDP"
+            elif hooked_parameters(inputs):
+                why = "shared parameters have gradient hooks"
             else:
                 items = [t for t in self.split_separate(losses) if t.requires_grad]
                 held, total = held_per_task(items, inputs)
