@@ -275,8 +275,14 @@ class FactoredTaskGradients(TaskGradients):
         return torch.stack(rows)
 
     def gramian(self) -> Tensor:
-        """``G = J Jᵀ`` (K×K) from the factors: block sums of ``(ΔᵀΔ) ⊙ (MᵀM)``."""
-        products = (self.deltas.T @ self.deltas) * (self.mats.T @ self.mats)
+        """``G = J Jᵀ`` (K×K, float64) from the factors: block sums of ``(ΔᵀΔ) ⊙ (MᵀM)``.
+
+        Summed in float64: the factors are only B×S and D×S, so this costs next to nothing,
+        and the float32 rounding of the two sums (over B and over D, multiplied) would
+        otherwise be larger than that of the stacked J's Gramian.
+        """
+        deltas, mats = self.deltas.double(), self.mats.double()
+        products = (deltas.T @ deltas) * (mats.T @ mats)
         if self._index is None:
             return products
         k = len(self.sizes)
