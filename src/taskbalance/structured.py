@@ -34,7 +34,7 @@ under autocast (the view is cast first), a compiled head, ``tb.fork(z, K,
 factored=False)`` — takes the general path (J stacked from the K view gradients), for all
 tasks of the step. So does a step whose heads are wide enough that the factored Gramian
 would cost more than the plain one (``S²(B + D) > K² B D``, e.g. 40 heads with a
-512 → 64 first layer).
+512 → 64 first layer on a batch of 256).
 
 **Where δ_i is read.** A pre-hook on the product's node sees the gradient after any hook
 the user put on the product's output (``y.register_hook``): exactly what the node uses.
