@@ -981,7 +981,7 @@ class GradientBalancer(Balancer):
                 self._diagnose(grads.jacobian, direction, weights)
             return stacked, direction, weights
         if self.needs == "gramian":
-            gram = compute_gramian(jac).double()
+            gram = grads.gramian().double()  # the fork mode's factored one where it has it
             loss_sum, gram_sum = sync.all_reduce([local.double(), gram], [1.0 / world, 1.0])
             stacked = self._check_finite(loss_sum.to(local.dtype))
             gram = gram_sum / (world * world)
