@@ -160,7 +160,7 @@ def test_repr_shows_every_hyperparameter_of_the_method(method: str) -> None:
     text = repr(bal)
     assert text.startswith(type(bal).__name__ + "(tasks=['0', '1', '2']")
     common = set(constructor_parameters(tb.Balancer)) | {"task_specific", "tasks_per_step"}
-    common |= {"tasks_seed"}
+    common |= {"tasks_seed", "jacobian_free"}
     for name in constructor_parameters(type(bal)):
         if name not in common:
             assert f"{name}=" in text, f"{method}: {name} missing from {text}"
