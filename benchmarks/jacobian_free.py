@@ -42,7 +42,9 @@ from torch import Tensor, nn
 
 import taskbalance as tb
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu.py's trunk
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu.py's trunk, speed.py
+
+from speed import _status_kib  # noqa: E402
 
 BATCH, IN_DIM, DEPTH = 64, 256, 4
 CONFIGS = ("equal", "loop", "stored", "free")
@@ -119,14 +121,6 @@ def child(config: str, k: int, width: int, steps: int, conv: bool) -> None:
         step()
         times.append(time.perf_counter() - t0)
     print(statistics.median(times), (_status_kib("VmHWM") - base) / 1024)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def run(

@@ -285,12 +285,18 @@ def check_heads_not_sharded(params: Sequence[Sequence[Tensor]], tasks: Sequence[
 
 
 def _reachable_leaves(
-    root: Tensor, stop: set[object], hit: set[object] | None = None
+    root: Tensor,
+    stop: set[object],
+    hit: set[object] | None = None,
+    into: list[tuple[object, int, object]] | None = None,
 ) -> list[Tensor]:
     """Leaf tensors requiring grad that ``root`` depends on, not looking past ``stop`` nodes.
 
-    The ``stop`` nodes reached are added to ``hit`` when it is given. A pass-through node
-    (:data:`PASS_THROUGH`) is followed only along the edge of the output it was reached by.
+    The ``stop`` nodes reached are added to ``hit`` when it is given; every edge that enters
+    a stop node is added to ``into`` as ``(consumer node, input position, stop node)`` when
+    it is given (each node is expanded once, so each edge is listed once). A pass-through
+    node (:data:`PASS_THROUGH`) is followed only along the edge of the output it was reached
+    by.
     """
     if root.grad_fn is None:
         return [root] if root.requires_grad else []
@@ -315,10 +321,16 @@ def _reachable_leaves(
         seen.add(mark)
         if kind == _LEAF:
             leaves.append(node.variable)
-        elif kind == _THROUGH:
-            stack.extend(node.next_functions[which : which + 1])
-        else:
-            stack.extend(node.next_functions)
+            continue
+        edges = node.next_functions
+        first = 0
+        if kind == _THROUGH:  # only the edge of the output it was reached by
+            edges, first = edges[which : which + 1], which
+        if into is not None:
+            for position, edge in enumerate(edges, first):
+                if edge[0] in stop:
+                    into.append((node, position, edge[0]))
+        stack.extend(edges)
     return leaves
 
 

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from taskbalance.balancer import Losses, _SkipStepError, detached_stack
+from taskbalance.balancer import Losses, _SkipStepError
 from taskbalance.distributed import Sync, check_fsdp_setting
 from taskbalance.errors import BalancerUsageError, warn
 from taskbalance.gradients import (
@@ -384,12 +384,7 @@ def fsdp_exact_backward(
     check_fsdp_setting(bal.distributed)
     sync = bal.current_sync()
     _check_groups(layout, None if sync is None else sync.world_size)
-    boundary = bal._begin_call(rerun=False)
-    bal.last_step_skipped = False
-    items = bal.split_separate(losses)
-    local = detached_stack(items)
-    if bal._diag_every:
-        bal._begin_diagnostics()
+    boundary, items, local = bal.open_call(losses)
     bal.mode = "exact"
     k = bal.num_tasks
     heads: list[Tensor] = []

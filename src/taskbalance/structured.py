@@ -52,14 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from taskbalance.gradients import (
-    _LEAF,
-    _NODE_KINDS,
-    _THROUGH,
-    TaskGradients,
-    _node_kind,
-    jacobian_dtype,
-)
+from taskbalance.gradients import TaskGradients, _reachable_leaves, jacobian_dtype
 
 if TYPE_CHECKING:
     from taskbalance.aggregation.base import GradientBalancer
@@ -85,39 +78,9 @@ def walk_task(
     edge of the graph that enters a stop node, as ``(consumer node, input position, stop
     node)``. One walk: each node is expanded once, so each edge is listed once.
     """
-    if root.grad_fn is None:
-        return ([root] if root.requires_grad else []), set(), []
-    leaves: list[Tensor] = []
     hit: set[object] = set()
     into: list[tuple[object, int, object]] = []
-    seen: set[object] = set()
-    kinds = _NODE_KINDS
-    stack: list[tuple[object, int]] = [(root.grad_fn, root.output_nr)]
-    while stack:
-        node, which = stack.pop()
-        if node is None:
-            continue
-        kind = kinds.get(type(node))
-        if kind is None:
-            kind = _node_kind(node)
-        mark = (node, which) if kind == _THROUGH else node
-        if mark in seen:
-            continue
-        if node in stop:
-            hit.add(node)
-            continue
-        seen.add(mark)
-        if kind == _LEAF:
-            leaves.append(node.variable)  # type: ignore[attr-defined]
-            continue
-        edges = node.next_functions  # type: ignore[attr-defined]
-        first = 0
-        if kind == _THROUGH:  # only the edge of the output it was reached by
-            edges, first = edges[which : which + 1], which
-        for position, edge in enumerate(edges, first):
-            if edge[0] in stop:
-                into.append((node, position, edge[0]))
-            stack.append(edge)
+    leaves = _reachable_leaves(root, stop, hit, into)
     return leaves, hit, into
 
 

@@ -761,18 +761,13 @@ class GradientBalancer(Balancer):
                 f"{type(self).__name__} needs shared= (the shared parameters) or "
                 "features= (the shared representation)"
             )
-        boundary = self._begin_call(rerun=False)
-        self.last_step_skipped = False
-        items = self.split_separate(losses)
-        local = detached_stack(items)
+        boundary, items, local = self.open_call(losses)
         try:  # under DDP the global losses: every rank skips together
             stacked = self._check_finite(local if sync is None else sync.mean([local])[0])
         except _SkipStepError as err:
             self._skip(err)
             self._end_call(None, None, boundary, sync)
             return None
-        if self._diag_every:
-            self._begin_diagnostics()
         inputs = resolve_tensors(shared)
         check_not_sharded(inputs, f"{type(self).__name__}, exact mode", shared)
         self.mode = "exact"
@@ -896,16 +891,23 @@ class GradientBalancer(Balancer):
             warn(self._heads_message(fake, shared))
 
     # ------------------------------------------------------------------ DDP and accumulation
-    def _backward_general(
-        self, losses: Losses, shared: Any, features: Any, sync: Sync | None
-    ) -> Tensor | None:
-        """:meth:`backward` under DDP and/or gradient accumulation."""
+    def open_call(self, losses: Losses) -> tuple[bool, list[Tensor], Tensor]:
+        """Start a call of the general paths (DDP, accumulation, the mode without J, FSDP's
+        exact mode): ``(whether it closes the step, the K losses, their detached stack)``;
+        the call's diagnostics are begun."""
         boundary = self._begin_call(rerun=False)
         self.last_step_skipped = False
         items = self.split_separate(losses)
         local = detached_stack(items)
         if self._diag_every:
             self._begin_diagnostics()
+        return boundary, items, local
+
+    def _backward_general(
+        self, losses: Losses, shared: Any, features: Any, sync: Sync | None
+    ) -> Tensor | None:
+        """:meth:`backward` under DDP and/or gradient accumulation."""
+        boundary, items, local = self.open_call(losses)
         try:
             if sync is None:
                 stacked = self._check_finite(local)
