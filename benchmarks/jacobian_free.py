@@ -44,7 +44,7 @@ import taskbalance as tb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu.py's trunk, speed.py
 
-from speed import _status_kib  # noqa: E402
+from speed import _status_kib
 
 BATCH, IN_DIM, DEPTH = 64, 256, 4
 CONFIGS = ("equal", "loop", "stored", "free")
