@@ -50,6 +50,7 @@ and the heads' ``P_h`` averaged at the end of the step. The memory of J is K·P/
 
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 from collections.abc import Sequence
@@ -147,19 +148,10 @@ def fsdp_shared(shared: Any) -> ShardedShared | None:
 
 
 def _check_method(bal: GradientBalancer) -> None:
-    """Refuse the methods whose step cannot be made of the rank's columns of J."""
+    """Refuse the methods whose step does not go through this module's path."""
     from taskbalance.aggregation.base import GradientBalancer
 
     name = type(bal).__name__
-    if bal.needs != "gramian":
-        raise BalancerUsageError(
-            f"{name} needs the task Jacobian J itself, and under fully_shard each rank holds "
-            "only its shard of J's columns (the exact mode on a sharded body takes the "
-            "Gramian only, from one all-reduce of K×K numbers). Use the features mode "
-            "(features=z or zs = tb.fork(z, K)), where the features' J is all-gathered, or "
-            "a method that needs only the Gramian (MGDA, UPGrad, Nash-MTL, ...); see "
-            "docs/scaling.md"
-        )
     if getattr(bal, "jacobian_free", False):
         raise BalancerUsageError(
             f"{name}(jacobian_free=True) on a body sharded by fully_shard: the layer-by-layer "
@@ -373,6 +365,122 @@ def _write_direction(layout: ShardedShared, direction: Tensor) -> None:
         )
 
 
+def _chunk_spans(size: int, world: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of each rank's rows of a dimension of ``size`` rows: the split of
+    ``torch.chunk`` (chunks of ``ceil(size / world)``, the last ranks' shorter or empty),
+    which ``fully_shard`` uses."""
+    chunk = -(-size // world)
+    spans = []
+    for rank in range(world):
+        start = min(size, rank * chunk)
+        spans.append((start, min(size, start + chunk) - start))
+    return spans
+
+
+@dataclass
+class _Blocks:
+    """Where each rank's columns of J sit among those of the unsharded model: per shared
+    parameter (in the order of ``shared=``, the canonical order of a single process's J) its
+    unsharded shape, the dimension FSDP shards it along and each rank's ``(start, length)``
+    along that dimension (``spans[j][rank]``)."""
+
+    shapes: list[torch.Size]
+    dims: list[int]
+    spans: list[list[tuple[int, int]]]
+
+    def sizes(self) -> list[int]:
+        """The numels of the unsharded parameters (the column blocks of the full J)."""
+        return [shape.numel() for shape in self.shapes]
+
+    def width(self, rank: int) -> int:
+        """The number of columns of J that ``rank`` holds."""
+        return sum(
+            spans[rank][1] * (shape.numel() // shape[dim] if shape[dim] else 0)
+            for shape, dim, spans in zip(self.shapes, self.dims, self.spans)
+        )
+
+
+def _blocks(layout: ShardedShared, sync: Sync | None) -> _Blocks:
+    """The layout of the ranks' shards of ``shared=`` in the unsharded model's columns, from
+    FSDP's parameter metadata (no collective). The shards are all-gathered in the rank order
+    of the balancer's group, which :func:`_check_groups` has checked to be FSDP's size; that
+    this rank's shard is the one this layout gives it is checked here (an internal error
+    otherwise, never seen: the assembly would put J's columns in the wrong order)."""
+    from torch.distributed.tensor import Shard
+
+    world = 1 if sync is None else sync.world_size
+    rank = 0 if sync is None else sync.rank
+    shapes, dims, all_spans = [], [], []
+    for fsdp_param in layout.params:
+        param = fsdp_param.sharded_param
+        (placement,) = param.placements
+        dim = placement.dim if isinstance(placement, Shard) else -1
+        spans = _chunk_spans(param.shape[dim], world) if dim >= 0 else []
+        expected = list(param.shape)
+        if spans:
+            expected[dim] = spans[rank][1]
+        mesh_rank = fsdp_param.mesh_info.shard_mesh_rank
+        if not spans or mesh_rank != rank or tuple(param.to_local().shape) != tuple(expected):
+            raise RuntimeError(  # pragma: no cover - FSDP2 on a 1-D mesh shards as torch.chunk
+                f"taskbalance: FSDP's shard {tuple(param.to_local().shape)} (placement "
+                f"{placement!r}, mesh rank {mesh_rank}) of a parameter of shape "
+                f"{tuple(param.shape)} is not the one expected on rank {rank} of {world} "
+                f"({tuple(expected)}); please report this with your torch version"
+            )
+        shapes.append(param.shape)
+        dims.append(dim)
+        all_spans.append(spans)
+    return _Blocks(shapes, dims, all_spans)
+
+
+def _gather_jacobian(jac: Tensor, blocks: _Blocks, sync: Sync | None) -> Tensor:
+    """The full K×P Jacobian, in the unsharded model's column order, on every rank: one
+    all-gather of the ranks' ``K × P_local`` shards (padded to the widest), then each rank's
+    rows of each parameter copied into place (uneven shards and empty ones included)."""
+    k = jac.shape[0]
+    world = 1 if sync is None else sync.world_size
+    widths = [blocks.width(r) for r in range(world)]
+    if sync is None or world == 1:
+        parts = [jac]
+    else:
+        import torch.distributed as dist
+
+        device = sync._comm_device(jac.device)
+        padded = torch.zeros(k, max(widths), dtype=jac.dtype, device=device)
+        padded[:, : jac.shape[1]] = jac.to(device)
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded, group=sync.group)
+        parts = [part.to(jac.device) for part in gathered]
+    full = jac.new_empty(k, sum(blocks.sizes()))
+    offsets = [0] * world
+    base = 0
+    for shape, dim, spans in zip(blocks.shapes, blocks.dims, blocks.spans):
+        n = shape.numel()
+        target = full[:, base : base + n].view(k, *shape)
+        for rank, (start, length) in enumerate(spans):
+            local = list(shape)
+            local[dim] = length
+            width = math.prod(local)
+            piece = parts[rank][:, offsets[rank] : offsets[rank] + width]
+            target.narrow(1 + dim, start, length).copy_(piece.view(k, *local))
+            offsets[rank] += width
+        base += n
+    return full
+
+
+def _local_direction(direction: Tensor, blocks: _Blocks, rank: int) -> Tensor:
+    """This rank's columns of the full direction ``(P,)``, in the order of its shards (a new
+    tensor: a Jacobian method's direction may be its state)."""
+    pieces = []
+    base = 0
+    for shape, dim, spans in zip(blocks.shapes, blocks.dims, blocks.spans):
+        n = shape.numel()
+        start, length = spans[rank]
+        pieces.append(direction[base : base + n].view(shape).narrow(dim, start, length))
+        base += n
+    return torch.cat([piece.reshape(-1) for piece in pieces]) if pieces else direction[:0].clone()
+
+
 def fsdp_exact_backward(
     bal: GradientBalancer, losses: Losses, layout: ShardedShared
 ) -> Tensor | None:
@@ -380,10 +488,14 @@ def fsdp_exact_backward(
     ``fully_shard`` (see the module docstring); returns the weights, ``None`` for a skipped
     step. Every check runs before the first backward pass, so a refused call writes
     nothing; a call that raises later puts the gradients set aside back."""
+    from taskbalance.aggregation.base import PerTensorBalancer
+
     _check_method(bal)
     check_fsdp_setting(bal.distributed)
     sync = bal.current_sync()
     _check_groups(layout, None if sync is None else sync.world_size)
+    # a method that needs J itself: the ranks' columns all-gathered in the canonical order
+    blocks = _blocks(layout, sync) if bal.needs == "jacobian" else None
     boundary, items, local = bal.open_call(losses)
     bal.mode = "exact"
     k = bal.num_tasks
@@ -414,18 +526,32 @@ def fsdp_exact_backward(
             own = [[] for _ in range(k)]
             for row, task in enumerate(rows):
                 own[task] = own_rows[row]
-        gram = compute_gramian(jac).double()
-        if sync is not None:
-            loss_sum, gram = sync.all_reduce([local.double(), gram], [1.0 / sync.world_size, 1.0])
+        if blocks is None:
+            gram = compute_gramian(jac).double()
+            if sync is not None:
+                scales = [1.0 / sync.world_size, 1.0]
+                loss_sum, gram = sync.all_reduce([local.double(), gram], scales)
+                stacked = bal._check_finite(loss_sum.to(local.dtype))
+        elif sync is not None:  # the losses first: a skipped step gathers nothing
+            loss_sum = sync.all_reduce([local.double()], 1.0 / sync.world_size)[0]
             stacked = bal._check_finite(loss_sum.to(local.dtype))
         assert stacked is not None
         with bal._state_restored_on_error():
             bal._restore_micro()
-            weights = bal.scaled_weights(gram, stacked).to(jac.dtype)
-            direction = weights @ jac
+            if blocks is None:
+                weights = bal.scaled_weights(gram, stacked).to(jac.dtype)
+                direction = weights @ jac
+                full = None  # diagnostics from the global Gramian, the same on every rank
+            else:  # the full J, the same on every rank, as one process's
+                full = _gather_jacobian(jac, blocks, sync)
+                if isinstance(bal, PerTensorBalancer):  # the unsharded tensors' numels
+                    bal._sizes = blocks.sizes()
+                direction, weights = bal.aggregate(full, stacked)
             bal._check_result(direction, weights)
-            if bal._diag_due:  # from the global Gramian, the same on every rank
-                bal._diagnose(None, direction, weights)
+            if bal._diag_due:
+                bal._diagnose(full, direction, weights)
+        if blocks is not None:
+            direction = _local_direction(direction, blocks, 0 if sync is None else sync.rank)
     except _SkipStepError as err:
         _put_back(sharded + heads, saved)
         bal._skip(err)

@@ -12,11 +12,18 @@ alone), the heads are plain modules. Each rank saves to ``OUT_DIR/rank{r}.pt``:
   body sharded alone, with ``task_specific="weighted"``, with ``tasks_per_step=2``, and on
   top of gradients already in ``.grad`` (an ordinary backward before the balancer's);
   MGDA with ``accumulation_steps=2``, MGDA with ``diagnostics=1`` and DWA with
-  ``diagnostics=1`` (the task Gramian of a loss method, heads inside ``fully_shard``);
+  ``diagnostics=1`` (the task Gramian of a loss method, heads inside ``fully_shard``); the
+  Jacobian methods (J all-gathered in the unsharded model's column order; the second
+  Linear's 7 rows split 4 + 3, uneven): GradDrop (its uniforms drawn per column), DB-MTL,
+  MoCo, LR annealing's ``"code"`` variant (per-tensor statistics) and M-ConFIG, GradDrop
+  on the body sharded alone, DB-MTL with ``accumulation_steps=2`` and GradDrop with
+  ``diagnostics=1``;
 * ``weights``: the weights of the 4 steps of each configuration (compared across ranks);
-* ``diagnostics``: MGDA's and DWA's ``last_diagnostics`` on two ranks and in the reference;
-* ``refusals``: the message of the error raised (``"not refused"`` if none) for GradDrop
-  (a Jacobian method), heads inside ``fully_shard`` (the whole model sharded), gradient
+* ``diagnostics``: MGDA's, DWA's and GradDrop's ``last_diagnostics`` on two ranks and in
+  the reference;
+* ``refusals``: the message of the error raised (``"not refused"`` if none) for MoDo (a
+  step of its own), ``jacobian_free=True``, heads inside ``fully_shard`` (the whole model
+  sharded), gradient
   sync turned off on the body, ``distributed="local"``, a body sharded over a 2-D mesh
   (HSDP), and a balancer synchronising a group of one rank while FSDP shards over two.
 """
@@ -169,6 +176,14 @@ def main(out: Path) -> None:
         "mgda accumulated": ("mgda", {"accumulation_steps": 2}),
         "mgda diagnostics": ("mgda", {"diagnostics": 1}),
         "dwa diagnostics": ("dwa", {"sharding": "root", "diagnostics": 1}),
+        "graddrop": ("graddrop", {}),
+        "db_mtl": ("db_mtl", {}),
+        "moco": ("moco", {}),
+        "lr_annealing": ("lr_annealing", {"variant": "code"}),
+        "m_config": ("m_config", {}),
+        "graddrop body": ("graddrop", {"sharding": "body"}),
+        "db_mtl accumulated": ("db_mtl", {"accumulation_steps": 2}),
+        "graddrop diagnostics": ("graddrop", {"diagnostics": 1}),
     }
     diagnostics = {}
     for key, (method, options) in configs.items():
@@ -176,7 +191,8 @@ def main(out: Path) -> None:
         if "diagnostics" in options:
             diagnostics[key] = {"ranks": bal.last_diagnostics, "single": reference.last_diagnostics}
     refusals = {
-        "graddrop": refusal(x[mine], y[:, mine], "graddrop", "layers"),
+        "modo": refusal(x[mine], y[:, mine], "modo", "layers"),
+        "jacobian free": refusal(x[mine], y[:, mine], "upgrad", "layers", jacobian_free=True),
         "root": refusal(x[mine], y[:, mine], "mgda", "root"),
         "no sync": refusal(x[mine], y[:, mine], "mgda", "layers", no_sync=True),
         "local": refusal(x[mine], y[:, mine], "mgda", "layers", distributed="local"),

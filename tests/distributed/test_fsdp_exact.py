@@ -25,6 +25,7 @@ if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
 
 WORKER = Path(__file__).parent / "fsdp_exact_worker.py"
 GRADIENT = {"mgda", "upgrad", "nash_mtl"}
+JACOBIAN = {"graddrop", "db_mtl", "moco", "lr_annealing", "m_config"}
 VARIANTS = {
     "upgrad body",
     "upgrad weighted",
@@ -33,7 +34,11 @@ VARIANTS = {
     "mgda accumulated",
     "mgda diagnostics",
     "dwa diagnostics",
+    "graddrop body",
+    "db_mtl accumulated",
+    "graddrop diagnostics",
 }
+DIAGNOSED = {"mgda diagnostics", "dwa diagnostics", "graddrop diagnostics"}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +58,11 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 def test_two_ranks_train_like_one_process_on_the_global_batch(
     ranks: list[dict[str, Any]],
 ) -> None:
-    """DWA, MGDA, UPGrad and Nash-MTL (and the variants) after 4 SGD steps: the parameters
-    of one process on the 8-sample batch to 1e-5, while one rank's 4 samples alone are
-    more than 1e-3 away (the comparison can fail)."""
+    """DWA, MGDA, UPGrad and Nash-MTL, the Jacobian methods (J all-gathered) and the
+    variants after 4 SGD steps: the parameters of one process on the 8-sample batch to 1e-5,
+    while one rank's 4 samples alone are more than 1e-3 away (the comparison can fail)."""
     for result in ranks:
-        assert set(result["gaps"]) == {"dwa"} | GRADIENT | VARIANTS
+        assert set(result["gaps"]) == {"dwa"} | GRADIENT | JACOBIAN | VARIANTS
         for config, (gap, control) in result["gaps"].items():
             assert gap <= 1e-5, (config, gap)
             assert control > 1e-3, (config, control)
@@ -66,7 +71,7 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(
 @pytest.mark.xdist_group("ddp_torchrun")
 def test_two_ranks_take_the_same_weights(ranks: list[dict[str, Any]]) -> None:
     first, second = (r["weights"] for r in ranks)
-    assert set(first) == set(second) == {"dwa"} | GRADIENT | VARIANTS
+    assert set(first) == set(second) == {"dwa"} | GRADIENT | JACOBIAN | VARIANTS
     for config, trace in first.items():
         assert trace.shape == (4, 3), config
         torch.testing.assert_close(trace, second[config], rtol=0, atol=0)
@@ -76,10 +81,11 @@ def test_two_ranks_take_the_same_weights(ranks: list[dict[str, Any]]) -> None:
 
 @pytest.mark.xdist_group("ddp_torchrun")
 def test_diagnostics_are_those_of_one_process(ranks: list[dict[str, Any]]) -> None:
-    """MGDA's (the global Gramian of the step) and DWA's (a loss method: the task Gramian
-    computed for the diagnostics, heads inside fully_shard)."""
+    """MGDA's (the global Gramian of the step), DWA's (a loss method: the task Gramian
+    computed for the diagnostics, heads inside fully_shard) and GradDrop's (from the
+    gathered J and its own direction)."""
     for result in ranks:
-        assert set(result["diagnostics"]) == {"mgda diagnostics", "dwa diagnostics"}
+        assert set(result["diagnostics"]) == DIAGNOSED
         for pair in result["diagnostics"].values():
             got, expected = pair["ranks"], pair["single"]
             assert got is not None and set(got) == set(expected)
@@ -92,7 +98,8 @@ def test_diagnostics_are_those_of_one_process(ranks: list[dict[str, Any]]) -> No
 def test_two_ranks_refuse_what_is_not_supported(ranks: list[dict[str, Any]]) -> None:
     for result in ranks:
         refusals = result["refusals"]
-        assert refusals["graddrop"].startswith("GradDrop needs the task Jacobian J itself")
+        assert refusals["modo"].startswith("MoDo has a step of its own")
+        assert "Leave jacobian_free=False" in refusals["jacobian free"]
         assert "a head inside fully_shard" in refusals["root"]
         assert "fully_shard(model.body)" in refusals["root"]
         assert refusals["no sync"].startswith("gradient sync is off on the sharded body")
@@ -178,12 +185,37 @@ def test_one_rank_gives_the_gradients_of_the_unsharded_model(
             torch.testing.assert_close(got, q.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_a_jacobian_method_is_refused(process_group: None) -> None:
-    net = sharded()
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("graddrop", {}),
+        ("db_mtl", {}),
+        ("metabalance", {}),
+        ("lr_annealing", {"variant": "code"}),
+        ("excess_mtl", {}),
+    ],
+)
+def test_one_rank_runs_a_jacobian_method_like_the_unsharded_model(
+    process_group: None, method: str, options: dict[str, Any]
+) -> None:
+    """A method that needs J itself (per-tensor statistics for MetaBalance and LR
+    annealing's code variant) over two steps: the weights and the gradients (added to an
+    earlier backward's) of the same model unsharded."""
+    net, plain = sharded(), Net()
+    bal = tb.make(method, TASKS, **options)
+    local = tb.make(method, TASKS, distributed="local", **options)
     with plain_failure():
-        with pytest.raises(tb.BalancerUsageError, match="DBMTL needs the task Jacobian J"):
-            tb.make("db_mtl", TASKS).backward(net(X), shared=net.body)
-        assert no_gradient(net)
+        for _ in range(2):
+            for model in (net, plain):
+                for p in model.parameters():
+                    p.grad = None
+                sum(model(X).values()).backward()  # gradients the balancer must add to
+            weights = bal.backward(net(X), shared=net.body)
+            expected = local.backward(plain(X), shared=plain.body)
+            torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+            for p, q in zip(net.parameters(), plain.parameters()):
+                got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                torch.testing.assert_close(got, q.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_a_method_with_a_step_of_its_own_is_refused(process_group: None) -> None:
