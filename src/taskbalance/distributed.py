@@ -54,7 +54,8 @@ exact mode (:mod:`taskbalance.sharded`) each task's loss gets an ordinary backwa
 reduce-scatters, so each rank holds its shard of every task's global-batch gradient; the
 ranks' Gramians of their shards are summed (K×K and the K losses in one all-reduce, exact
 since the shards partition the parameters), and each rank writes its shard of ``wᵀJ``. The
-Jacobian methods are refused there (each rank holds only its columns of J).
+Jacobian methods all-gather the ranks' columns of J there instead, in the unsharded model's
+order.
 
 Collectives are issued from the calling thread in the same order on every rank, so every
 rank must make the same balancer calls (as with DDP's own collectives), with tensors of

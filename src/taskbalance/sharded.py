@@ -18,6 +18,26 @@ through FSDP's own path instead:
 3. Each rank adds its shard of ``d = wᵀJ_s`` to the sharded ``.grad`` (times ``1/N`` under
    ``accumulation_steps=N``), where the optimizer finds it as after any FSDP backward.
 
+**Methods that need J itself** (``needs == "jacobian"``: GradDrop, DB-MTL, MoCo,
+Excess-MTL, M-ConFIG, LR annealing, MetaBalance) get the full J instead of the Gramian: the
+K losses are all-reduced first (a non-finite one skips the step on every rank before
+anything else moves), then the ranks' ``J_s`` are **all-gathered** (one collective of K×P,
+each rank's block padded to the widest) and assembled on every rank in the column order of
+the unsharded model, which is the order of a single process's J: for each shared parameter
+in the order of ``shared=``, its flattened values. FSDP shards each parameter along one
+dimension (dim 0 by default) as ``torch.chunk`` does, so a rank's shard is a block of that
+dimension's rows, possibly shorter than the others' or empty; the layout comes from FSDP's
+parameter metadata, without a collective. ``bal.aggregate(J, losses)`` then runs as in one
+process: the same J, the same global losses, the same state (DB-MTL's EMA, MoCo's Y,
+M-ConFIG's momenta: K×P in that order, equal on every rank and to one process's), and
+GradDrop's uniforms, drawn per column from a generator broadcast from rank 0, are one
+process's draws. The per-tensor methods (LR annealing's ``"code"`` variant, MetaBalance)
+are given the numels of the unsharded tensors. The full direction is checked, the
+diagnostics come from the full J and that direction, and each rank writes the columns of
+its own shards. **Memory**: every rank holds the whole K×P J (twice, while it is assembled
+from the gathered blocks), which is the memory FSDP otherwise saves; the Gramian methods
+keep K×P/R.
+
 **Heads** (task-specific parameters, every parameter a loss reaches that is not in
 ``shared=``) must be outside ``fully_shard``: plain modules, replicated on every rank. Pass
 i gives head i its task's gradient (the others' losses do not reach it), which the engine
@@ -32,10 +52,8 @@ Refused, each with the fix: a parameter sharded by ``fully_shard`` that a loss r
 (HSDP, FSDP with tensor parallelism), gradient sync turned off on the body
 (``set_requires_gradient_sync(False)``: use ``accumulation_steps=``) or an unsharded
 gradient it left unreduced, a balancer whose process group is not the size of FSDP's,
-``distributed="local"`` on two or more ranks, the methods that need the Jacobian itself
-(GradDrop, DB-MTL, ...: each rank holds only its columns; use the features mode, which
-all-gathers the features' J), those with a step of their own (MoDo), and
-``jacobian_free=True``.
+``distributed="local"`` on two or more ranks, the methods with a step of their own
+(MoDo), and ``jacobian_free=True``.
 
 The diagnostics of a loss-weighting method (``diagnostics=``, ``shared=`` sharded) take the
 task Gramian the same way (:func:`fsdp_task_gramian`: the K passes with the graph kept, every
@@ -46,6 +64,9 @@ Cost per step, with P the body's parameters and R the ranks: K backward passes t
 body (the exact mode's K passes, as everywhere), each with FSDP's all-gather and
 reduce-scatter of P (K times those of a plain FSDP step), one all-reduce of K² + K numbers,
 and the heads' ``P_h`` averaged at the end of the step. The memory of J is K·P/R per rank.
+A method that needs J itself: the K losses all-reduced, then an all-gather of J (K·P
+numbers received per rank, K·P/R sent), instead of the K² + K all-reduce; K·P of J on every
+rank (2·K·P while it is assembled).
 """
 
 from __future__ import annotations

@@ -21,10 +21,11 @@ heads) and a loss that reaches a body parameter other than through the features 
 reading an inner activation) is refused; in the exact mode a ``shared=`` sharded by
 ``fully_shard`` is looked for on every call where FSDP could be in use and, if found, the
 step is :mod:`taskbalance.sharded`'s (one ordinary backward per task that FSDP
-reduce-scatters, the K×K Gramian of the shards all-reduced; Gramian methods with the heads
-outside FSDP), while FSDP1 and bare DTensors are refused; in the features mode a body sharded
-by ``fully_shard`` is backpropagated by one ordinary backward that FSDP reduces itself (looked
-for at the first call where FSDP could be in use; FSDP1, DTensors and sharded heads refused).
+reduce-scatters, the K×K Gramian of the shards all-reduced, or J all-gathered for a method
+that needs it; heads outside FSDP), while FSDP1 and bare DTensors are refused; in the
+features mode a body sharded by ``fully_shard`` is backpropagated by one ordinary backward
+that FSDP reduces itself (looked for at the first call where FSDP could be in use; FSDP1,
+DTensors and sharded heads refused).
 The features-mode checks share one walk of the body's graph.
 
 The step runs with autocast disabled for the losses' device type, so ``backward`` may be
