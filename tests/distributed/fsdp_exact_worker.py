@@ -16,8 +16,8 @@ alone), the heads are plain modules. Each rank saves to ``OUT_DIR/rank{r}.pt``:
   Jacobian methods (J all-gathered in the unsharded model's column order; the second
   Linear's 7 rows split 4 + 3, uneven): GradDrop (its uniforms drawn per column), DB-MTL,
   MoCo, LR annealing's ``"code"`` variant (per-tensor statistics) and M-ConFIG, GradDrop
-  on the body sharded alone, DB-MTL with ``accumulation_steps=2`` and GradDrop with
-  ``diagnostics=1``;
+  on the body sharded alone and with a weight sharded along its columns, DB-MTL with
+  ``accumulation_steps=2`` and GradDrop with ``diagnostics=1``;
 * ``weights``: the weights of the 4 steps of each configuration (compared across ranks);
 * ``diagnostics``: MGDA's, DWA's and GradDrop's ``last_diagnostics`` on two ranks and in
   the reference;
@@ -60,8 +60,14 @@ class Net(nn.Module):
 
 def make(sharding: str | None) -> Net:
     """``"layers"``: each Linear of the body, then the body; ``"body"``: the body alone;
-    ``"root"``: the layers, then the whole model (heads inside FSDP); ``None``: plain."""
+    ``"columns"``: the body alone, the second Linear's weight (7×8) sharded along its
+    columns (dim 1, FSDP's ``shard_placement_fn``); ``"root"``: the layers, then the whole
+    model (heads inside FSDP); ``None``: plain."""
     net = Net()
+    if sharding == "columns":
+        from torch.distributed.tensor import Shard
+
+        fully_shard(net.body, shard_placement_fn=lambda p: Shard(1) if p.shape == (7, 8) else None)
     if sharding in ("layers", "root"):
         fully_shard(net.body[0])
         fully_shard(net.body[2])
@@ -182,6 +188,7 @@ def main(out: Path) -> None:
         "lr_annealing": ("lr_annealing", {"variant": "code"}),
         "m_config": ("m_config", {}),
         "graddrop body": ("graddrop", {"sharding": "body"}),
+        "graddrop columns": ("graddrop", {"sharding": "columns"}),
         "db_mtl accumulated": ("db_mtl", {"accumulation_steps": 2}),
         "graddrop diagnostics": ("graddrop", {"diagnostics": 1}),
     }

@@ -35,6 +35,7 @@ VARIANTS = {
     "mgda diagnostics",
     "dwa diagnostics",
     "graddrop body",
+    "graddrop columns",
     "db_mtl accumulated",
     "graddrop diagnostics",
 }
