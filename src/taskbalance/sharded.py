@@ -424,9 +424,9 @@ class _Blocks:
 def _blocks(layout: ShardedShared, sync: Sync | None) -> _Blocks:
     """The layout of the ranks' shards of ``shared=`` in the unsharded model's columns, from
     FSDP's parameter metadata (no collective). The shards are all-gathered in the rank order
-    of the balancer's group, which :func:`_check_groups` has checked to be FSDP's size; that
-    this rank's shard is the one this layout gives it is checked here (an internal error
-    otherwise, never seen: the assembly would put J's columns in the wrong order)."""
+    of the balancer's group, whose size :func:`_check_groups` has checked to be FSDP's; that
+    FSDP gave this rank the shard this layout assigns it is checked here (else an internal
+    error, never seen: J's columns would be assembled in the wrong order)."""
     from torch.distributed.tensor import Shard
 
     world = 1 if sync is None else sync.world_size
