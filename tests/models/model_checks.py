@@ -97,12 +97,14 @@ def check_engine(
     expected = reference_grads(model, task_losses(model(x)))
     assert all(g is not None for g in expected)
     tasks = list(model(x))
-    balancer = OnesBalancer(tasks)
-    weights = balancer.backward(task_losses(model(x)), shared=model.shared_parameters())
-    assert weights is not None and torch.equal(weights, torch.ones(len(tasks)))
-    assert balancer.mode == "exact"
-    for p, g in zip(model.parameters(), expected):
-        assert p.grad is not None and torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+    for jacobian_free in (True, False):  # the exact mode without J, then with J stored
+        model.zero_grad(set_to_none=True)
+        balancer = OnesBalancer(tasks, jacobian_free=jacobian_free)
+        weights = balancer.backward(task_losses(model(x)), shared=model.shared_parameters())
+        assert weights is not None and torch.equal(weights, torch.ones(len(tasks)))
+        assert balancer.mode == "exact"
+        for p, g in zip(model.parameters(), expected):
+            assert p.grad is not None and torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
     if features is None or heads is None:
         return
     model.zero_grad(set_to_none=True)
