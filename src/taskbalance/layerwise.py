@@ -43,7 +43,7 @@ group's K gradients, against K×P for J.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,13 +185,42 @@ def first_non_finite(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> int 
     return None
 
 
-def linear_gramian(group: Group, delta: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """A Linear layer's share of G from its input x (B×in) and output gradients δ
-    (m×B×out), without its m weight gradients ``δ_iᵀ x``: ``g_i·g_j = ⟨δ_i, (x xᵀ) δ_j⟩``
-    for the weight and ``(Σ_b δ_i)·(Σ_b δ_j)`` for the bias. Used when the group is exactly
-    an ``addmm`` (or ``mm``) of its input with its weight's transpose (plus its bias) and
-    this costs less than the weight gradients, i.e. roughly when B < the layer's width;
-    ``None`` otherwise (the caller then takes the weight gradients)."""
+@dataclass
+class LinearLayer:
+    """A group that is exactly one Linear layer: its input x (B×in) and output gradients
+    δ (m×B×out), and whether it has a bias (:func:`linear_layer`)."""
+
+    x: Tensor
+    delta: Tensor
+    bias: bool
+
+    def cheaper(self, rows: int) -> bool:
+        """Whether, with ``rows`` batch rows in all, G from x and δ costs less than from the
+        m weight gradients (roughly: fewer rows than the layer is wide)."""
+        m, _, out = self.delta.shape
+        width = self.x.shape[1]
+        b = rows
+        return b * b * width + m * b * out * (b + m) < m * width * out * (b + m)
+
+    def gramian(self, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+        """``g_i·g_j = ⟨δ_i, (x xᵀ) δ_j⟩`` for the weight and ``(Σ_b δ_i)·(Σ_b δ_j)`` for
+        the bias, times ``scale²`` (the gradient being ``scale · δᵀx``)."""
+        m = self.delta.shape[0]
+        x = self.x.detach().to(dtype)
+        d = self.delta.to(dtype)
+        spread = torch.matmul(x @ x.T, d)  # (m, B, out): (x xᵀ) δ_j
+        gram = (d.reshape(m, -1) @ spread.reshape(m, -1).T).double()
+        if self.bias:
+            sums = d.sum(1)
+            gram += (sums @ sums.T).double()
+        return gram * (scale * scale) if scale != 1.0 else gram
+
+
+def linear_layer(group: Group, delta: Tensor) -> LinearLayer | None:
+    """The group as a :class:`LinearLayer` when it is exactly an ``addmm`` (or ``mm``) of
+    its input with its weight's transpose (plus its bias), on 2-D input (a 3-D input's
+    ``addmm`` has its rows flattened already); ``None`` otherwise. Shapes and graph only:
+    the same answer on every DDP rank for the same model."""
     if len(group.edges) != 1 or group.edges[0].output_nr != 0:
         return None
     node = group.edges[0].node
@@ -215,18 +244,41 @@ def linear_gramian(group: Group, delta: Tensor, dtype: torch.dtype) -> Tensor | 
     weight = params[id(getattr(weight_node, "variable", None))]
     if weight.dim() != 2 or x.dim() != 2 or delta.dim() != 3:
         return None
-    m, b, out = delta.shape
-    width = x.shape[1]
-    if b * b * width + m * b * out * (b + m) >= m * width * out * (b + m):
-        return None  # the weight gradients are cheaper to form
-    x = x.detach().to(dtype)
-    d = delta.to(dtype)
-    spread = torch.matmul(x @ x.T, d)  # (m, B, out): (x xᵀ) δ_j
-    gram = (d.reshape(m, -1) @ spread.reshape(m, -1).T).double()
-    if bias_node is not None:
-        sums = d.sum(1)
-        gram += (sums @ sums.T).double()
-    return gram
+    return LinearLayer(x, delta, bias_node is not None)
+
+
+def _gather_rows(sync: Any, t: Tensor) -> Tensor:
+    """``t`` (rows first) concatenated over the ranks along its first dimension."""
+    flat = t.reshape(t.shape[0], -1).T  # columns: the rows
+    full, _ = sync.all_gather_columns(flat)
+    return full.T.reshape(-1, *t.shape[1:])
+
+
+def _linear_gramians(
+    layers: dict[int, LinearLayer], dtype: torch.dtype, sync: Any
+) -> dict[int, Tensor]:
+    """The shares of G of the Linear layers (by group index) taken from x and δ where that is
+    cheaper. Under DDP (``sync``) the rows of every rank: the ranks' row counts in one
+    all-reduce (the same choice everywhere), then x and δ all-gathered for each layer taken,
+    and the global gradient ``(1/R) Σ_r δ_rᵀ x_r`` is that of the gathered rows over R."""
+    if not layers:
+        return {}
+    order = sorted(layers)
+    rows = torch.tensor([layers[i].x.shape[0] for i in order], dtype=torch.float64)
+    if sync is not None:
+        rows = sync.all_reduce([rows])[0]
+    out = {}
+    for i, total in zip(order, rows.tolist()):
+        layer = layers[i]
+        if not layer.cheaper(int(total)):
+            continue
+        if sync is None:
+            out[i] = layer.gramian(dtype)
+            continue
+        delta = _gather_rows(sync, layer.delta.transpose(0, 1)).transpose(0, 1)
+        whole = LinearLayer(_gather_rows(sync, layer.x.detach()), delta, layer.bias)
+        out[i] = whole.gramian(dtype, scale=1.0 / sync.world_size)
+    return out
 
 
 def _grad(*args: Any, **kwargs: Any) -> tuple[Tensor | None, ...]:
@@ -362,16 +414,19 @@ def layerwise_gradients(
     inputs: Sequence[Tensor],
     own_params: Sequence[Sequence[Tensor]],
     *,
-    reduce: Callable[[Tensor], object] | None = None,
+    sync: Any = None,
 ) -> LayerwiseGradients:
     """G, the groups and the heads' gradients of the m ``losses`` (see the module docstring).
 
     ``inputs`` are the shared parameters; ``own_params[i]`` the task-specific parameters of
     loss i (found and checked by the caller). The graph is kept for :meth:`direction`.
-    ``reduce`` (DDP: the mean over the ranks, in place) is applied to every block of the
-    shared parameters' per-task gradients before its product enters G, in the same order on
-    every rank (the order of the parameters, groups and graph being the same there).
+    Under DDP (``sync``, a :class:`taskbalance.distributed.Sync`) every block of the shared
+    parameters' per-task gradients is averaged over the ranks before its product enters G,
+    and a Linear layer's share is taken from the rows of every rank; the collectives run in
+    the same order on every rank (the order of the parameters, groups and graph being the
+    same there for the same model).
     """
+    reduce = None if sync is None else sync.mean_
     m = len(losses)
     roots = [loss.grad_fn for loss in losses]
     parents = _parents(roots)
@@ -418,7 +473,8 @@ def layerwise_gradients(
             reduce(direct_jac)
         gram += gramian(direct_jac).double()
     # step 3: each group's K gradients, one group at a time
-    shared = []
+    shared: list[Group] = []
+    linear: dict[int, LinearLayer] = {}
     for group in groups:
         live = [(e, d) for e, d in zip(group.edges, group.deltas) if d is not None]
         if group.task is not None:
@@ -434,11 +490,17 @@ def layerwise_gradients(
                 own[i].extend((p, g) for p, g in zip(group.params, grads) if g is not None)
             continue
         shared.append(group)
-        if reduce is None and len(live) == 1:
-            factored = linear_gramian(group, live[0][1], dtype)
-            if factored is not None:  # a Linear layer: G from its input and output gradients
-                gram += factored
-                continue
+        if len(live) == 1:
+            layer = linear_layer(group, live[0][1])
+            if layer is not None:
+                linear[len(shared) - 1] = layer
+    # a Linear layer's share from its input and output gradients, where that is cheaper
+    factored = _linear_gramians(linear, dtype, sync)
+    for index, group in enumerate(shared):
+        if index in factored:
+            gram += factored[index]
+            continue
+        live = [(e, d) for e, d in zip(group.edges, group.deltas) if d is not None]
         if live:
             grads = _grad(
                 [e for e, _ in live],

@@ -97,6 +97,8 @@ def configs() -> list[Config]:
         ("upgrad", "exact", 1, {"jacobian_free": True}),
         ("nash_mtl", "exact", 2, {"jacobian_free": True}),
         ("mgda", "exact", 1, {"jacobian_free": True, "diagnostics": True}),
+        ("upgrad", "exact", 1, {"jacobian_free": True, "wide": True}),
+        ("nash_mtl", "exact", 2, {"jacobian_free": True, "wide": True}),
         ("upgrad", "exact", 1, {"jacobian_free": True, "tasks_per_step": 2, "tasks_seed": "rank"}),
         # MoDo's double sampling: three independent batches per (micro-)step
         ("modo", "exact", 1, {"batches": 3, "gamma": 0.5}),
@@ -127,11 +129,17 @@ def key(config: Config) -> str:
 class Net(nn.Module):
     """A shared tanh layer and K linear heads; returns ``(features, outputs)``."""
 
-    def __init__(self, forked: bool) -> None:
+    def __init__(self, forked: bool, wide: bool = False) -> None:
         super().__init__()
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(7)
-        self.body = nn.Linear(5, 6)
+        # wide: a second layer with more weights than the global batch has rows, whose share
+        # of the Gramian the mode without J takes from its input and output gradients
+        self.body = (
+            nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 6))
+            if wide
+            else nn.Linear(5, 6)
+        )
         self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(K))
         torch.random.set_rng_state(gen_state)
         self.forked = forked
@@ -163,6 +171,7 @@ def run(config: Config, rank: int, world: int) -> dict[str, Tensor]:
     kw = dict(kw)
     wrap = kw.pop("ddp", "default")
     batches = kw.pop("batches", 1)  # MoDo: losses of 3 independent batches per call
+    wide = kw.pop("wide", False)  # a two-layer body (Net)
     if method == "static":
         kw["weights"] = [0.5, 1.0, 2.0]
     if kw.get("seed") == "rank":
@@ -170,7 +179,7 @@ def run(config: Config, rank: int, world: int) -> dict[str, Tensor]:
     if kw.get("tasks_seed") == "rank":
         kw["tasks_seed"] = rank  # the same: rank 0's seed draws the tasks_per_step subsets
     bal = tb.make(method, K, accumulation_steps=acc, **kw)
-    net = Net(forked=mode == "forked")
+    net = Net(forked=mode == "forked", wide=wide)
     model: Any = net
     if world > 1 and wrap == "body_only":
         body = nn.parallel.DistributedDataParallel(net.body, find_unused_parameters=True)

@@ -795,7 +795,7 @@ class GradientBalancer(Balancer):
             [items[i] for i in index],
             inputs,
             own_params,
-            reduce=None if sync is None else sync.mean_,
+            sync=sync,
         )
         if sync is not None:  # the heads' gradients of the global batch
             flat = [g for pairs in grads.own for _, g in pairs]
