@@ -99,6 +99,7 @@ def configs() -> list[Config]:
         ("mgda", "exact", 1, {"jacobian_free": True, "diagnostics": True}),
         ("upgrad", "exact", 1, {"jacobian_free": True, "wide": True}),
         ("nash_mtl", "exact", 2, {"jacobian_free": True, "wide": True}),
+        ("mgda", "exact", 1, {"jacobian_free": "auto", "wide": True}),
         ("upgrad", "exact", 1, {"jacobian_free": True, "tasks_per_step": 2, "tasks_seed": "rank"}),
         # MoDo's double sampling: three independent batches per (micro-)step
         ("modo", "exact", 1, {"batches": 3, "gamma": 0.5}),

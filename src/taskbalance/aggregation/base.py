@@ -847,8 +847,8 @@ class GradientBalancer(Balancer):
         """Whether this exact-mode call runs without J (``jacobian_free`` is set)."""
         if self.jacobian_free is True:
             return True
-        if sync is not None or shared is None:
-            return False  # DDP: the mode without J sends what J does, in many collectives
+        if shared is None:
+            return False
         if self.auto_jacobian_free is None:
             choice, why = False, ""
             reason = self.jacobian_free_refusal() or unsupported_reason()
@@ -862,6 +862,9 @@ class GradientBalancer(Balancer):
             else:
                 items = [t for t in self.split_separate(losses) if t.requires_grad]
                 held, total = held_per_task(items, inputs)
+                if sync is not None:  # every rank takes the same choice: the sums over ranks
+                    sizes = torch.tensor([held, total], dtype=torch.float64)
+                    held, total = (int(v) for v in sync.all_reduce([sizes])[0].tolist())
                 choice = held < total
                 why = f"the layers' outputs hold {held} numbers per task, J {total}"
             self.auto_jacobian_free = choice
