@@ -195,8 +195,9 @@ class GradientBalancer(Balancer):
             itself); ``False``: J stored; ``"auto"``: decided at the first exact-mode call
             from the shapes, the mode without J when the layers' outputs are fewer than
             their parameters (Linear layers on a batch with fewer rows than their width,
-            where it is also faster; measured in docs/jacobian_free.md), and never under
-            DDP or FSDP or for a method that needs J; the choice is kept and logged.
+            where it is also faster; measured in docs/jacobian_free.md; under DDP from
+            the sizes summed over the ranks), never under FSDP, for a method that needs J
+            or for parameters with gradient hooks; the choice is kept and logged.
         **kw: see :class:`~taskbalance.balancer.Balancer` (``nonfinite``, ``record``).
 
     Task sampling (``tasks_per_step=m < K``), for the methods that compute their weights
