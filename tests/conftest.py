@@ -4,11 +4,13 @@ save/load helper that goes through ``torch.save`` / ``torch.load(weights_only=Tr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +234,32 @@ def memory_logger() -> Any:
             return torch.tensor([m[key] for _, m in self.rows if key in m], dtype=torch.float64)
 
     return MemoryLogger()
+
+
+# ---------------------------------------------------------------- FSDP in one process
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A one-rank gloo process group (FSDP needs one), torn down after the module."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
+        pytest.skip("torch.distributed with gloo is not available")
+    if dist.is_initialized():  # pragma: no cover - another test left one behind
+        pytest.skip("a process group is already initialised")
+    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def plain_failure() -> Iterator[None]:
+    """A failure re-raised as a bare AssertionError. pytest's report of the original would
+    print the arguments of every frame it went through, and printing a parameter whose
+    storage FSDP has freed crashes the interpreter (and with it the whole run)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):  # pragma: no cover
+        raise
+    except BaseException as err:  # pytest.fail's outcome included
+        raise AssertionError(f"{type(err).__name__}: {err}") from None

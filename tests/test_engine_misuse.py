@@ -4,7 +4,6 @@ what was meant: heads passed as shared, features the losses were not computed fr
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import warnings
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import taskbalance as tb
-from conftest import torchrun_command
+from conftest import plain_failure, torchrun_command
 
 TASKS = ["cls", "depth", "seg"]
 X = torch.randn(12, 5, generator=torch.Generator().manual_seed(1))
@@ -250,32 +249,6 @@ def test_gradnorm_last_shared_and_features_together_are_refused() -> None:
 # ---------------------------------------------------------------------- FSDP
 dist = pytest.importorskip("torch.distributed")
 FSDP_WORKER = Path(__file__).parent / "distributed" / "fsdp_worker.py"
-
-
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A one-rank gloo process group (FSDP needs one), torn down after this module."""
-    if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
-        pytest.skip("torch.distributed with gloo is not available")
-    if dist.is_initialized():  # pragma: no cover - another test left one behind
-        pytest.skip("a process group is already initialised")
-    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def plain_failure() -> Iterator[None]:
-    """A failure re-raised as a bare AssertionError. pytest's report of the original would
-    print the arguments of every frame it went through, and printing a parameter whose
-    storage FSDP has freed crashes the interpreter (and with it the whole run)."""
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit):  # pragma: no cover
-        raise
-    except BaseException as err:  # pytest.fail's outcome included
-        raise AssertionError(f"{type(err).__name__}: {err}") from None
 
 
 def sharded(how: str) -> Net:

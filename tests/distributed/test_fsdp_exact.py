@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import taskbalance as tb
-from conftest import torchrun_command
+from conftest import plain_failure, torchrun_command
 
 dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
@@ -127,29 +127,6 @@ class Net(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.body(x)
         return {t: h(z).pow(2).mean() for t, h in zip(TASKS, self.heads)}
-
-
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A one-rank gloo process group (FSDP needs one), torn down after this module."""
-    if dist.is_initialized():  # pragma: no cover - another test left one behind
-        pytest.skip("a process group is already initialised")
-    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def plain_failure() -> Iterator[None]:
-    """A failure re-raised as a bare AssertionError: pytest's report would print the frames'
-    arguments, and printing a parameter whose storage FSDP has freed crashes the run."""
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit):  # pragma: no cover
-        raise
-    except BaseException as err:
-        raise AssertionError(f"{type(err).__name__}: {err}") from None
 
 
 def sharded(layers: bool = True) -> Net:
