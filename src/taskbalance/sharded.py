@@ -83,7 +83,7 @@ from torch import Tensor
 
 from taskbalance.balancer import Losses, _SkipStepError
 from taskbalance.distributed import Sync, check_fsdp_setting
-from taskbalance.errors import BalancerUsageError, warn
+from taskbalance.errors import BalancerUsageError
 from taskbalance.gradients import (
     TaskGradients,
     _reachable_leaves,
@@ -528,13 +528,8 @@ def fsdp_exact_backward(
         subset = bal._draw_subset()
         rows = list(range(k)) if subset is None else subset
         plan = _plan(layout, [items[i] for i in rows], [bal.tasks[i] for i in rows])
-        if plan.single and not bal._warned_heads:
-            bal._warned_heads = True
-            single = [(j, rows[i]) for j, i in plan.single]
-            inputs = [p.sharded_param for p in layout.params]
-            probe = TaskGradients(local.new_zeros(k, 0), inputs, [], single)
-            warn(bal._heads_message(probe, layout.shared))
         sharded = [p.sharded_param for p in layout.params]
+        bal.warn_heads_once([(sharded[j], rows[i]) for j, i in plan.single], layout.shared)
         heads = [h for own in plan.own for h in own]
         saved = _set_aside(sharded + heads)
         dtype = jacobian_dtype(sharded)

@@ -675,9 +675,7 @@ class GradientBalancer(Balancer):
             grads = _full_task_gradients(grads, subset, self.num_tasks)
         if body is not None:
             self._check_no_bypass(grads, body, shared)
-        if grads.single and not self._warned_heads:
-            self._warned_heads = True
-            warn(self._heads_message(grads, shared))
+        self.warn_heads_once([(grads.inputs[j], task) for j, task in grads.single], shared)
         return grads, use_features
 
     def _check_no_bypass(self, grads: TaskGradients, body: list[Tensor], shared: Any) -> None:
@@ -733,18 +731,23 @@ class GradientBalancer(Balancer):
                 )
         return None if self._bypass_checked else leaves
 
-    def _heads_message(self, grads: TaskGradients, shared: Any) -> str:
-        """The warning about shared tensors that one task alone reaches, by task."""
+    def warn_heads_once(self, single: Sequence[tuple[Tensor, int]], shared: Any) -> None:
+        """Warn, once per balancer, about shared tensors that one task alone reaches
+        (``(tensor, task index)`` pairs; nothing when there are none): they look like a
+        head passed in ``shared=``."""
+        if not single or self._warned_heads:
+            return
+        self._warned_heads = True
         names = parameter_names(shared)
         by_task: dict[int, list[Tensor]] = {}
-        for j, task in grads.single:
-            by_task.setdefault(task, []).append(grads.inputs[j])
+        for tensor, task in single:
+            by_task.setdefault(task, []).append(tensor)
         listed = "; ".join(
             f"task {self.tasks[task]!r}: {describe_tensors(tensors, names, limit=4)}"
             for task, tensors in by_task.items()
         )
-        return (
-            f"shared= holds {len(grads.single)} tensor(s) that only one task's loss reaches "
+        warn(
+            f"shared= holds {len(single)} tensor(s) that only one task's loss reaches "
             f"({listed}); they look like a head. In shared= a head enters the Gramian and "
             "gets the combined, weighted update instead of its own task's gradient, which "
             "changes both the heads' updates and the weights: pass only the trunk as "
@@ -780,7 +783,7 @@ class GradientBalancer(Balancer):
         own_params, reached = task_parameters(
             [items[i] for i in index], inputs, names, features=False
         )
-        self._warn_single(reached, index, inputs, shared)
+        self._warn_single(reached, index, shared)
         hooked = hooked_parameters([*inputs, *(p for own in own_params for p in own)])
         if hooked:
             raise BalancerUsageError(
@@ -877,23 +880,16 @@ class GradientBalancer(Balancer):
             )
         return self.auto_jacobian_free
 
-    def _warn_single(
-        self, reached: list[list[Tensor]], index: list[int], inputs: list[Tensor], shared: Any
-    ) -> None:
+    def _warn_single(self, reached: list[list[Tensor]], index: list[int], shared: Any) -> None:
         """The jacobian-free mode's check for a head passed in ``shared=``: a shared tensor
         that exactly one task's loss reaches (warned once, as in the exact mode)."""
         if self._warned_heads or len(index) < 2:
             return
-        by: dict[int, list[int]] = {}
+        by: dict[int, tuple[Tensor, list[int]]] = {}
         for row, tensors in enumerate(reached):
             for t in tensors:
-                by.setdefault(id(t), []).append(index[row])
-        position = {id(t): j for j, t in enumerate(inputs)}
-        single = [(position[i], tasks[0]) for i, tasks in by.items() if len(tasks) == 1]
-        if single:
-            self._warned_heads = True
-            fake = TaskGradients(torch.empty(0), inputs, [], sorted(single))
-            warn(self._heads_message(fake, shared))
+                by.setdefault(id(t), (t, []))[1].append(index[row])
+        self.warn_heads_once([(t, tasks[0]) for t, tasks in by.values() if len(tasks) == 1], shared)
 
     # ------------------------------------------------------------------ DDP and accumulation
     def open_call(self, losses: Losses) -> tuple[bool, list[Tensor], Tensor]:
