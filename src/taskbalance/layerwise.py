@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from taskbalance.errors import BalancerUsageError
-from taskbalance.gradients import DONATED_BUFFERS, gramian, jacobian_dtype
+from taskbalance.gradients import DONATED_BUFFERS, gramian, jacobian_dtype, split_direction
 
 #: autograd nodes that only rearrange or convert one tensor: followed from a parameter up to
 #: the first node that combines it with something else (the boundary). Any other node with a
@@ -88,6 +88,10 @@ class Group:
     #: the task owning every parameter of the group (a head), ``None`` for shared ones
     task: int | None = None
 
+    def live(self) -> list[tuple[GradientEdge, Tensor]]:
+        """``(edge, output gradients)`` of the boundaries some task reaches."""
+        return [(e, d) for e, d in zip(self.edges, self.deltas) if d is not None]
+
 
 @dataclass
 class LayerwiseGradients:
@@ -95,7 +99,6 @@ class LayerwiseGradients:
     update through, the directly differentiated parameters and the heads' gradients."""
 
     gram: Tensor  # (m, m) float64, m the tasks back-propagated
-    inputs: list[Tensor]  # the shared parameters, in the caller's order
     groups: list[Group]  # shared groups (their update goes through their boundaries)
     direct: list[Tensor]  # shared parameters differentiated directly
     direct_jacobian: Tensor  # (m, sum of their sizes)
@@ -107,23 +110,17 @@ class LayerwiseGradients:
         those of the m tasks back-propagated. Frees the boundaries' graphs."""
         out: list[tuple[Tensor, Tensor]] = []
         for group in self.groups:
-            edges, outs = [], []
-            for edge, delta in zip(group.edges, group.deltas):
-                if delta is not None:
-                    w = weights.to(delta.dtype)
-                    edges.append(edge)
-                    outs.append(torch.tensordot(w, delta, dims=1))
+            live = group.live()
             group.deltas = []  # the K output gradients are no longer needed
-            grads = _grad(edges, group.params, outs, allow_unused=True)
+            grads: Sequence[Tensor | None] = [None] * len(group.params)
+            if live:  # no task reaching the group: a zero update, as with J stored
+                outs = [torch.tensordot(weights.to(d.dtype), d, dims=1) for _, d in live]
+                grads = _grad([e for e, _ in live], group.params, outs, allow_unused=True)
             for p, g in zip(group.params, grads):
                 out.append((p, g if g is not None else torch.zeros_like(p)))
         if self.direct:
             flat = weights.to(self.direct_jacobian.dtype) @ self.direct_jacobian
-            offset = 0
-            for p in self.direct:
-                n = p.numel()
-                out.append((p, flat[offset : offset + n].view_as(p).to(p.dtype)))
-                offset += n
+            out.extend(zip(self.direct, split_direction(flat, self.direct)))
         out.extend((p, torch.zeros_like(p)) for p in self.unreached)
         return out
 
@@ -467,7 +464,9 @@ def layerwise_gradients(
         (g.reshape(m, -1) if g is not None else torch.zeros(m, p.numel(), device=device)).to(dtype)
         for p, g in zip(direct, direct_rows)
     ]
-    direct_jac = torch.cat(pieces, dim=1) if pieces else torch.zeros(m, 0, dtype=dtype)
+    direct_jac = (
+        torch.cat(pieces, dim=1) if pieces else torch.zeros(m, 0, dtype=dtype, device=device)
+    )
     if pieces:
         if reduce is not None:
             reduce(direct_jac)
@@ -476,7 +475,7 @@ def layerwise_gradients(
     shared: list[Group] = []
     linear: dict[int, LinearLayer] = {}
     for group in groups:
-        live = [(e, d) for e, d in zip(group.edges, group.deltas) if d is not None]
+        live = group.live()
         if group.task is not None:
             i = group.task
             if live:
@@ -500,7 +499,7 @@ def layerwise_gradients(
         if index in factored:
             gram += factored[index]
             continue
-        live = [(e, d) for e, d in zip(group.edges, group.deltas) if d is not None]
+        live = group.live()
         if live:
             grads = _grad(
                 [e for e, _ in live],
@@ -525,7 +524,6 @@ def layerwise_gradients(
             gram += gramian(rows).double()
     return LayerwiseGradients(
         gram=gram,
-        inputs=list(inputs),
         groups=shared,
         direct=direct,
         direct_jacobian=direct_jac,
