@@ -164,6 +164,23 @@ def sample_tasks(k: int, m: int, generator: torch.Generator) -> list[int]:
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
+def embed_gramian(sub: Tensor, subset: list[int], k: int) -> Tensor:
+    """The K×K Gramian of a step on the tasks ``subset`` from theirs (m×m): zero rows and
+    columns for the tasks not sampled."""
+    index = torch.tensor(subset, device=sub.device)
+    gram = sub.new_zeros(k, k)
+    gram[index.unsqueeze(1), index] = sub
+    return gram
+
+
+def no_shared_error(balancer: Balancer) -> BalancerUsageError:
+    """The error for a gradient step given neither ``shared=`` nor ``features=``."""
+    return BalancerUsageError(
+        f"{type(balancer).__name__} needs shared= (the shared parameters) or "
+        "features= (the shared representation)"
+    )
+
+
 def _full_task_gradients(grads: TaskGradients, subset: list[int], k: int) -> TaskGradients:
     """The gradients of the sampled tasks ``subset`` as those of all ``k`` tasks: zero rows
     of J and no task-specific gradients for the others (:meth:`GradientBalancer.task_subset`)."""
@@ -384,11 +401,9 @@ class GradientBalancer(Balancer):
             weights = self.scaled_weights(compute_gramian(jacobian).double(), losses)
             weights = weights.to(jacobian.dtype)
             return weights @ jacobian, weights
-        k = self.num_tasks
         index = torch.tensor(subset, device=jacobian.device)
         rows = jacobian.index_select(0, index)
-        gram = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
-        gram[index.unsqueeze(1), index] = compute_gramian(rows).double()
+        gram = embed_gramian(compute_gramian(rows).double(), subset, self.num_tasks)
         weights = self.scaled_weights(gram, losses).to(jacobian.dtype)
         return weights.index_select(0, index) @ rows, weights
 
@@ -647,10 +662,7 @@ class GradientBalancer(Balancer):
             check_not_wrapped(inputs)
         else:
             if shared is None:
-                raise BalancerUsageError(
-                    f"{type(self).__name__} needs shared= (the shared parameters) or "
-                    "features= (the shared representation)"
-                )
+                raise no_shared_error(self)
             inputs = resolve_tensors(shared)
         forked = isinstance(features, ForkedFeatures)
         where = f"{type(self).__name__}, {'forked features' if forked else mode} mode"
@@ -762,10 +774,7 @@ class GradientBalancer(Balancer):
         time), the heads' gradients with them; each rank writes its own ``wᵀJ^r``, averaged
         when the step closes (:meth:`touch`)."""
         if shared is None:
-            raise BalancerUsageError(
-                f"{type(self).__name__} needs shared= (the shared parameters) or "
-                "features= (the shared representation)"
-            )
+            raise no_shared_error(self)
         boundary, items, local = self.open_call(losses)
         try:  # under DDP the global losses: every rank skips together
             stacked = self._check_finite(local if sync is None else sync.mean([local])[0])
@@ -805,11 +814,7 @@ class GradientBalancer(Balancer):
             flat = [g for pairs in grads.own for _, g in pairs]
             rest = iter(sync.mean(flat) if flat else [])
             grads.own = [[(p, next(rest)) for p, _ in pairs] for pairs in grads.own]
-        gram = grads.gram
-        if subset is not None:
-            where = torch.tensor(index, device=gram.device)
-            gram = gram.new_zeros(k, k)
-            gram[where.unsqueeze(1), where] = grads.gram
+        gram = grads.gram if subset is None else embed_gramian(grads.gram, subset, k)
         with self._state_restored_on_error():
             self._restore_micro()
             try:
@@ -825,9 +830,9 @@ class GradientBalancer(Balancer):
                     f"the gradient of task {task!r} is not finite; no weights can be computed",
                     task=task,
                 ) from err
-            self._check_result(weights, weights)
+            self._check_result(weights, weights)  # a Gramian method: no direction to check
         if self._diag_due:
-            self._diagnose(None, weights, weights)
+            self._diagnose(None, weights, weights)  # from the Gramian and the weights alone
             self._commit_diagnostics()
         scale = self.micro_scale()
         sampled = weights[torch.tensor(index, device=weights.device)]
@@ -835,10 +840,9 @@ class GradientBalancer(Balancer):
             accumulate_grad(param, piece if scale is None else piece * scale, owned=True)
             if sync is not None:
                 self.touch([param])  # this rank's wᵀJ^r: averaged when the step closes
-        own: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(k)]
-        for row, task in enumerate(index):
-            own[task] = grads.own[row]
-        heads = TaskGradients(grads.direct_jacobian, inputs, own)
+        heads = TaskGradients(grads.direct_jacobian, inputs, grads.own)
+        if subset is not None:  # the sampled tasks' heads at their places among the K
+            heads = _full_task_gradients(heads, subset, k)
         apply_task_specific(heads, weights if self.task_specific == "weighted" else None, scale)
         self._end_call(stacked, weights, boundary, sync)
         return self.last_weights

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from taskbalance.aggregation.base import embed_gramian
 from taskbalance.aggregation.sdmgrad import SDMGrad
 from taskbalance.balancer import Tasks
 from taskbalance.errors import SolverError
@@ -95,11 +96,9 @@ class SDMGradOS(SDMGrad):
         subset = self.current_subset
         if subset is None:
             return super().aggregate(jacobian, losses)
-        k = self.num_tasks
         index = torch.tensor(subset, device=jacobian.device)
         rows = jacobian.index_select(0, index)  # the Gramian of the sampled rows only
-        gram = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
-        gram[index.unsqueeze(1), index] = compute_gramian(rows).double()
+        gram = embed_gramian(compute_gramian(rows).double(), subset, self.num_tasks)
         weights = self.scaled_weights(gram, losses).to(jacobian.dtype)
         return weights.index_select(0, index) @ rows, weights
 
